@@ -1,0 +1,28 @@
+"""Helpers shared by the tests."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from visattn.attention import _RecordableAttention
+
+
+@contextlib.contextmanager
+def explicit_attention(model: torch.nn.Module):
+    """Make every visattn attention module in ``model`` take the explicit-weights path."""
+    modules = [m for m in model.modules() if isinstance(m, _RecordableAttention)]
+    assert modules, "model has no visattn attention modules"
+    for m in modules:
+        m.recorder = lambda module, record: None
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.recorder = None
+
+
+def assert_every_parameter_gets_gradient(model: torch.nn.Module) -> None:
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing, f"parameters without gradient: {missing}"

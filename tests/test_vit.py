@@ -1,0 +1,123 @@
+"""VisionTransformer: timm oracle, every registered model through the same checks, sizes, errors."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import visattn
+from visattn import VisionTransformer, create_model, list_models
+from visattn.pos_embed import sincos_2d
+
+from .helpers import assert_every_parameter_gets_gradient, explicit_attention
+
+
+def test_matches_timm_vit_tiny_with_copied_weights():
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).eval()
+    ours = create_model("vit_tiny_patch16_224", num_classes=10).eval()
+    ours.load_state_dict(theirs.state_dict())  # strict: every name maps one to one
+    x = torch.randn(2, 3, 224, 224)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x), atol=1e-4, rtol=1e-4)
+
+
+def test_matches_timm_with_mean_pool_fc_norm_registers_and_layer_scale():
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)
+    theirs = timm.models.VisionTransformer(**kw, global_pool="avg", reg_tokens=2, init_values=0.1, qk_norm=True).eval()
+    ours = VisionTransformer(**kw, pool="mean", class_token=True, fc_norm=True, reg_tokens=2, layer_scale=0.1, qk_norm=True).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-4)
+
+
+SMALL_INPUT = {"vit_base_patch16_224": (3, 64, 96), "vit_small_patch16_224": (3, 96, 64)}
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if n.startswith("vit_")])
+def test_every_registered_vit(name):
+    """Shape, no NaN, a gradient for every parameter, fused == explicit-weights attention."""
+    model = create_model(name, num_classes=7)
+    c, h, w = SMALL_INPUT.get(name, (model.patch_embed.in_chans, *model.img_size))
+    x = torch.randn(2, c, h, w)
+    model.eval()
+    fused = model(x)
+    with explicit_attention(model):
+        explicit = model(x)
+    assert fused.shape == (2, 7) and torch.isfinite(fused).all()
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-4)
+    model.train()
+    model(x).logsumexp(-1).sum().backward()
+    assert_every_parameter_gets_gradient(model)
+
+
+@pytest.mark.parametrize("pos_embed", ["learned", "sincos"])
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_variants_any_size_and_channels(pos_embed, pool, norm):
+    model = VisionTransformer(
+        img_size=32, patch_size=8, in_chans=2, num_classes=3, embed_dim=32, depth=2, num_heads=2,
+        pos_embed=pos_embed, pool=pool, norm=norm,
+    ).eval()
+    for h, w in [(32, 32), (16, 40), (64, 24)]:
+        x = torch.randn(2, 2, h, w)
+        assert model(x).shape == (2, 3)
+        tokens = model.forward_features(x)
+        assert tokens.shape == (2, model.num_prefix_tokens + (h // 8) * (w // 8), 32)
+        assert model.forward_head(tokens, pre_logits=True).shape == (2, 32)
+
+
+def test_learned_positions_resampled_and_untouched_at_native_size():
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2).eval()
+    native = model._positions((4, 4), torch.zeros(1))
+    assert native is model.pos_embed
+    resampled = model._positions((2, 6), torch.zeros(1))
+    assert resampled.shape == (1, 1 + 12, 32)
+    torch.testing.assert_close(resampled[:, :1], model.pos_embed[:, :1])  # class token kept apart
+
+
+def test_sincos_positions_are_the_grid_embedding():
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, pos_embed="sincos")
+    pos = model._positions((3, 5), torch.zeros(1))
+    assert pos.shape == (1, 16, 32) and torch.equal(pos[0, 0], torch.zeros(32))
+    torch.testing.assert_close(pos[0, 1:], sincos_2d(3, 5, 32))
+    emb = sincos_2d(3, 5, 32)
+    torch.testing.assert_close(emb[5 * 2 + 3, 0], torch.sin(torch.tensor(2.0)))  # row y=2, channel 0: sin(y)
+    torch.testing.assert_close(emb[5 * 2 + 3, 16], torch.sin(torch.tensor(3.0)))  # column x=3
+    assert len({tuple(r.tolist()) for r in emb}) == 15  # every cell distinct
+
+
+def test_translation_of_patch_grid_matters_only_through_positions():
+    """With positions removed, a ViT with mean pooling is invariant to permuting patches."""
+    model = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=4, embed_dim=32, depth=2, num_heads=2, pool="mean").eval()
+    x = torch.randn(1, 1, 16, 16)
+    rolled = torch.roll(x, shifts=(4, 8), dims=(2, 3))  # move whole patches
+    assert not torch.allclose(model(x), model(rolled), atol=1e-4)
+    with torch.no_grad():
+        model.pos_embed.zero_()
+    torch.testing.assert_close(model(x), model(rolled), atol=1e-5, rtol=1e-4)
+
+
+def test_reset_classifier():
+    model = create_model("vit_digits_patch4_16")
+    model.reset_classifier(3)
+    assert model(torch.randn(1, 1, 16, 16)).shape == (1, 3)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 1, 16, 16)).shape == (1, model.embed_dim)
+
+
+def test_clear_errors():
+    model = create_model("vit_digits_patch4_16")
+    with pytest.raises(ValueError, match=r"18×16 is not a multiple of the patch size 4×4.*16 or 20"):
+        model(torch.randn(1, 1, 18, 16))
+    with pytest.raises(ValueError, match="in_chans=3"):
+        model(torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="did you mean vit_tiny_patch16_224"):
+        create_model("vit_tiny_patch16_244")
+    with pytest.raises(ValueError, match="pool"):
+        VisionTransformer(pool="max")
+
+
+def test_public_api_is_exported():
+    for name in visattn.__all__:
+        assert hasattr(visattn, name), name

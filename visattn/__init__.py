@@ -1,0 +1,25 @@
+"""visattn: vision self-attention modules and Vision Transformers around one attention core."""
+
+from . import functional
+from .attention import AttentionRecord, MultiHeadAttention, SelfAttention2d
+from .blocks import EncoderBlock
+from .pos_embed import resample_pos_embed, sincos_2d
+from .registry import create_model, list_models, register_model
+from .vit import PatchEmbed, VisionTransformer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionRecord",
+    "EncoderBlock",
+    "MultiHeadAttention",
+    "PatchEmbed",
+    "SelfAttention2d",
+    "VisionTransformer",
+    "create_model",
+    "functional",
+    "list_models",
+    "register_model",
+    "resample_pos_embed",
+    "sincos_2d",
+]

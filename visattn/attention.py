@@ -1,0 +1,355 @@
+"""Attention modules: token attention for Transformers and grid attention for CNNs.
+
+Both call :func:`visattn.functional.attention`; neither writes the softmax itself.
+While :func:`visattn.record_attention` is open, each module computes its weights explicitly
+and hands them to its ``recorder``; otherwise the fused kernel runs and nothing is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .functional import attention
+from .pos_embed import sincos_2d
+
+__all__ = ["AttentionRecord", "MultiHeadAttention", "SelfAttention2d"]
+
+
+class AttentionRecord(dict):
+    """What one attention call produced for a recorder (a ``dict`` with fixed keys).
+
+    Keys:
+        weights: ``(B, heads, Nq, Nk)`` attention weights (rows sum to one).
+        query_grid: ``(gh, gw)`` of the query tokens after the prefix, or ``None``.
+        key_grid: ``(gh, gw)`` of the key tokens after the prefix (a pooled key grid has its
+            own size), or ``None``.
+        num_prefix_tokens: class/register tokens in front of the grid tokens.
+        query_index: indices of the recorded query cells (``None`` = all of them).
+    """
+
+
+Recorder = Callable[[nn.Module, AttentionRecord], None]
+
+
+class _RecordableAttention(nn.Module):
+    """Base of the modules :func:`visattn.record_attention` knows about.
+
+    ``recorder`` is ``None`` except while a recording is open; then the module also computes its
+    weights and passes an :class:`AttentionRecord` to it. ``query_subset`` (``SelfAttention2d``
+    only) limits the recorded rows to chosen query cells.
+    """
+
+    recorder: Recorder | None
+    query_subset: Tensor | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recorder = None
+        self.query_subset = None
+
+
+class MultiHeadAttention(_RecordableAttention):
+    """Multi-head attention over tokens (self-attention, or cross-attention with ``context``).
+
+    Parameter names follow timm's ``Attention`` (``qkv``, ``q_norm``, ``k_norm``, ``proj``), so
+    its weights load as they are.
+
+    Args:
+        dim: token width ``D``; must be a multiple of ``num_heads``.
+        num_heads: number of heads; each has width ``D / num_heads``.
+        qkv_bias: bias in the query/key/value projection.
+        qk_norm: LayerNorm on each head's queries and keys (ViT-22B, timm ``qk_norm``).
+        attn_drop: dropout on the attention weights.
+        proj_drop: dropout after the output projection.
+        norm_layer: the norm used by ``qk_norm``.
+
+    Shapes:
+        ``x`` ``(B, N, D)``, optional ``context`` ``(B, M, D)`` → ``(B, N, D)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim {dim} must be a multiple of num_heads {num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.num_prefix_tokens = 0  # set by the owning model (class/register tokens)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        if context is None:
+            qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+            return qkv[0], qkv[1], qkv[2]
+        w_q, w_kv = self.qkv.weight.split([self.dim, 2 * self.dim])
+        b_q, b_kv = (None, None) if self.qkv.bias is None else self.qkv.bias.split([self.dim, 2 * self.dim])
+        q = rearrange(F.linear(x, w_q, b_q), "b n (h d) -> b h n d", h=self.num_heads)
+        kv = rearrange(F.linear(context, w_kv, b_kv), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)
+        return q, kv[0], kv[1]
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        mask: Tensor | None = None,
+        grid_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """Attend from ``x`` ``(B, N, D)`` to itself, or to ``context`` ``(B, M, D)``.
+
+        ``mask`` (boolean, True = attend, or additive float) broadcasts to ``(B, heads, N, M)``.
+        ``grid_size`` ``(gh, gw)`` says how the tokens after the prefix lie on an image grid; it
+        only describes recorded weights and changes nothing in the arithmetic.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"MultiHeadAttention expects tokens (B, N, {self.dim}), got {tuple(x.shape)}")
+        if context is not None and (context.dim() != 3 or context.shape[-1] != self.dim or context.shape[0] != x.shape[0]):
+            raise ValueError(
+                f"context must be (B={x.shape[0]}, M, {self.dim}), got {tuple(context.shape)}"
+            )
+        q, k, v = self._project(x, context)
+        q, k = self.q_norm(q), self.k_norm(k)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if self.recorder is None:
+            out = attention(q, k, v, mask=mask, dropout_p=dropout_p)
+        else:
+            out, weights = attention(q, k, v, mask=mask, dropout_p=dropout_p, need_weights=True)
+            self.recorder(self, AttentionRecord(
+                weights=weights, query_grid=grid_size,
+                key_grid=grid_size if context is None else None,
+                num_prefix_tokens=self.num_prefix_tokens, query_index=None,
+            ))
+        out = rearrange(out, "b h n d -> b n (h d)")
+        return self.proj_drop(self.proj(out))
+
+
+GateKind = Literal["scalar", "channel"]
+
+
+class SelfAttention2d(_RecordableAttention):
+    """Spatial self-attention over a CNN feature map, with a gated residual.
+
+    Three 1×1 convolutions turn the grid ``x`` ``(B, C, H, W)`` into queries, keys and values;
+    the ``H·W`` positions attend to each other (per head) through
+    :func:`visattn.functional.attention`; the result goes through a 1×1 output convolution
+    (and an optional BatchNorm) and is added back: ``x + γ·y``. The gate ``γ`` starts at zero
+    (or, with ``gate=None``, the output BatchNorm's weight does), so **the block is exactly the
+    identity when it is created** and a pretrained network's predictions do not change.
+
+    Args:
+        channels: ``C`` of the input grid.
+        num_heads: heads; ``qk_channels`` and ``v_channels`` must be multiples of it.
+        qk_channels: total query/key width (default ``C // 8``, rounded up to the heads).
+        v_channels: total value width (default: ``qk_channels``, so all heads share one size
+            and the CPU flash kernel needs no padding).
+        kv_pool: pool keys and values by this factor (``ceil`` mode, any ``H, W``), cutting the
+            cost by ``kv_pool²`` (SAGAN, non-local sub-sampling).
+        kv_pool_mode: ``"max"`` (SAGAN, non-local) or ``"avg"``.
+        pos: ``None`` (permutation-equivariant over positions) or ``"sincos"``: a fixed 2D
+            sin-cos map of the grid is added to the input of the query and key convolutions.
+        scale: multiplies ``q kᵀ``; ``None`` is ``1/sqrt(head width)``; SAGAN and the non-local
+            block use ``1.0`` (unscaled).
+        qkv_bias: bias in the query/key/value convolutions.
+        out_bias: bias in the output convolution.
+        out_norm: ``"batchnorm"`` puts a BatchNorm after the output convolution.
+        gate: ``"scalar"`` (one ``γ``), ``"channel"`` (one ``γ`` per channel), or ``None``
+            (no gate; requires ``out_norm="batchnorm"``, whose weight starts at zero instead).
+        attn_drop: dropout on the attention weights.
+
+    Shapes:
+        ``(B, C, H, W)`` → ``(B, C, H, W)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        num_heads: int = 1,
+        qk_channels: int | None = None,
+        v_channels: int | None = None,
+        kv_pool: int = 1,
+        kv_pool_mode: Literal["max", "avg"] = "max",
+        pos: Literal["sincos"] | None = None,
+        scale: float | None = None,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        out_norm: Literal["batchnorm"] | None = None,
+        gate: GateKind | None = "scalar",
+        attn_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be positive, got {channels}")
+        if qk_channels is None:
+            qk_channels = max(1, channels // 8)
+            qk_channels = math.ceil(qk_channels / num_heads) * num_heads
+        v_channels = qk_channels if v_channels is None else v_channels
+        for name, width in (("qk_channels", qk_channels), ("v_channels", v_channels)):
+            if width % num_heads != 0:
+                raise ValueError(f"{name}={width} must be a multiple of num_heads={num_heads}")
+        if kv_pool < 1:
+            raise ValueError(f"kv_pool must be >= 1, got {kv_pool}")
+        if kv_pool_mode not in ("max", "avg"):
+            raise ValueError(f"kv_pool_mode must be 'max' or 'avg', got {kv_pool_mode!r}")
+        if pos not in (None, "sincos"):
+            raise ValueError(f"pos must be None or 'sincos', got {pos!r}")
+        if out_norm not in (None, "batchnorm"):
+            raise ValueError(f"out_norm must be None or 'batchnorm', got {out_norm!r}")
+        if gate not in (None, "scalar", "channel"):
+            raise ValueError(f"gate must be 'scalar', 'channel' or None, got {gate!r}")
+        if gate is None and out_norm is None:
+            raise ValueError(
+                "gate=None needs out_norm='batchnorm' (its zero-initialized weight keeps the block "
+                "the identity at insertion); use gate='scalar' otherwise"
+            )
+        self.channels = channels
+        self.num_heads = num_heads
+        self.qk_channels = qk_channels
+        self.v_channels = v_channels
+        self.kv_pool = kv_pool
+        self.kv_pool_mode = kv_pool_mode
+        self.pos = pos
+        self.scale = scale
+        self.attn_drop = attn_drop
+        self.num_prefix_tokens = 0
+
+        self.query = nn.Conv2d(channels, qk_channels, 1, bias=qkv_bias)
+        self.key = nn.Conv2d(channels, qk_channels, 1, bias=qkv_bias)
+        self.value = nn.Conv2d(channels, v_channels, 1, bias=qkv_bias)
+        self.out = nn.Conv2d(v_channels, channels, 1, bias=out_bias)
+        self.out_norm = nn.BatchNorm2d(channels) if out_norm == "batchnorm" else nn.Identity()
+        if out_norm == "batchnorm":
+            nn.init.zeros_(self.out_norm.weight)
+        if gate is None:
+            self.gamma = None
+        else:
+            self.gamma = nn.Parameter(torch.zeros(channels if gate == "channel" else 1))
+
+    # --- presets from the literature -------------------------------------------------------
+
+    @classmethod
+    def sagan(cls, channels: int, **overrides) -> SelfAttention2d:
+        """SAGAN / BigGAN self-attention (Zhang et al. 2019).
+
+        Query/key width ``C/8``, value width ``C/2``, keys and values max-pooled 2×2, unscaled
+        ``softmax(qᵀk)``, bias-free 1×1 convolutions, scalar ``γ = 0``. (Spectral norm, a GAN
+        training device, is left to the user.)
+        """
+        kwargs = dict(
+            num_heads=1, qk_channels=max(1, channels // 8), v_channels=max(1, channels // 2),
+            kv_pool=2, kv_pool_mode="max", scale=1.0, qkv_bias=False, out_bias=False,
+            gate="scalar",
+        )
+        return cls(channels, **{**kwargs, **overrides})
+
+    @classmethod
+    def non_local(cls, channels: int, sub_sample: bool = False, **overrides) -> SelfAttention2d:
+        """Embedded-Gaussian non-local block (Wang et al. 2018).
+
+        θ/φ/g 1×1 convolutions at ``C/2`` with bias, unscaled ``softmax(θᵀφ)``, optional 2×2
+        max-pool sub-sampling of φ and g, output convolution ``W_z`` followed by BatchNorm whose
+        weight starts at zero (the paper's identity initialization; no ``γ``).
+        """
+        half = max(1, channels // 2)
+        kwargs = dict(
+            num_heads=1, qk_channels=half, v_channels=half, kv_pool=2 if sub_sample else 1,
+            kv_pool_mode="max", scale=1.0, qkv_bias=True, out_bias=True,
+            out_norm="batchnorm", gate=None,
+        )
+        return cls(channels, **{**kwargs, **overrides})
+
+    # --- forward -----------------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(
+                f"SelfAttention2d expects a feature map (B, C={self.channels}, H, W), got a "
+                f"{x.dim()}-D tensor of shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.channels:
+            raise ValueError(
+                f"SelfAttention2d was built for C={self.channels} channels, got input "
+                f"{tuple(x.shape)} with C={x.shape[1]}; build it with channels={x.shape[1]}"
+            )
+
+    def key_grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """The key/value grid ``(h, w)`` for a query grid ``(height, width)`` (pooling, ceil mode)."""
+        return math.ceil(height / self.kv_pool), math.ceil(width / self.kv_pool)
+
+    def _pool(self, t: Tensor) -> Tensor:
+        if self.kv_pool == 1:
+            return t
+        pool = F.max_pool2d if self.kv_pool_mode == "max" else F.avg_pool2d
+        return pool(t, self.kv_pool, self.kv_pool, ceil_mode=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        height, width = x.shape[-2:]
+        qk_input = x
+        if self.pos == "sincos":
+            grid_pos = sincos_2d(height, width, self.channels, device=x.device, dtype=x.dtype)
+            qk_input = x + rearrange(grid_pos, "(y x) c -> c y x", y=height)
+        q = self.query(qk_input)
+        k = self._pool(self.key(qk_input))
+        v = self._pool(self.value(x))
+        key_height, key_width = k.shape[-2:]
+        to_tokens = "b (h d) y x -> b h (y x) d"
+        q, k, v = (rearrange(t, to_tokens, h=self.num_heads) for t in (q, k, v))
+        dropout_p = self.attn_drop if self.training else 0.0
+        if self.recorder is None:
+            y = attention(q, k, v, scale=self.scale, dropout_p=dropout_p)
+        else:
+            y = self._attend_and_record(q, k, v, dropout_p, (height, width), (key_height, key_width))
+        y = rearrange(y, "b h (y x) d -> b (h d) y x", y=height)
+        y = self.out_norm(self.out(y))
+        if self.gamma is None:
+            return x + y
+        gamma = self.gamma.view(1, -1, 1, 1).to(y.dtype)
+        return x + gamma * y
+
+    def _attend_and_record(
+        self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float,
+        query_grid: tuple[int, int], key_grid: tuple[int, int],
+    ) -> Tensor:
+        """The forward's attention while recording: weights for all or only the chosen queries."""
+        assert self.recorder is not None
+        subset = self.query_subset
+        if subset is None:
+            y, weights = attention(q, k, v, scale=self.scale, dropout_p=dropout_p, need_weights=True)
+        else:
+            # the output still comes from the fused kernel; only the asked-for rows are explicit
+            y = attention(q, k, v, scale=self.scale, dropout_p=dropout_p)
+            subset = subset.to(q.device)
+            _, weights = attention(q[:, :, subset], k, v, scale=self.scale, need_weights=True)
+        self.recorder(self, AttentionRecord(
+            weights=weights, query_grid=query_grid, key_grid=key_grid,
+            num_prefix_tokens=0, query_index=subset,
+        ))
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, num_heads={self.num_heads}, qk_channels={self.qk_channels}, "
+            f"v_channels={self.v_channels}, kv_pool={self.kv_pool}, pos={self.pos}, scale={self.scale}"
+        )

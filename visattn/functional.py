@@ -1,0 +1,164 @@
+"""The attention arithmetic, written once: ``softmax(q kᵀ · scale + mask) v``.
+
+Every visattn module (the ViT's :class:`~visattn.MultiHeadAttention`, the CNN block
+:class:`~visattn.SelfAttention2d`) calls :func:`attention`. Without weights it runs
+:func:`torch.nn.functional.scaled_dot_product_attention` on inputs laid out for the fused
+(flash) kernel; with ``need_weights=True`` it computes the weights explicitly, in the same
+arithmetic, and returns them too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["attention", "attention_weights"]
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+    if q.dim() < 2 or k.dim() < 2 or v.dim() < 2:
+        raise ValueError(
+            "attention expects q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv) with at least 2 dims; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q and k must share their last dim d: q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"k and v must have the same number of tokens Nk (dim -2): k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
+        raise ValueError(
+            "q, k and v must have the same leading (batch/head) dims: "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if mask is not None:
+        target = (*q.shape[:-1], k.shape[-2])
+        try:
+            fits = torch.broadcast_shapes(mask.shape, target) == target
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to the weights' shape "
+                f"(..., Nq, Nk) = {target}"
+            )
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise ValueError(
+                f"mask must be boolean (True = attend) or an additive float tensor, got {mask.dtype}"
+            )
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    """The fused kernels need stride 1 on the last dim; copy only when a view lacks it."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _as_4d(t: Tensor) -> Tensor:
+    """Fold any leading dims into a (batch, heads, N, d) layout, the rank the fused kernels take."""
+    if t.dim() == 4:
+        return t
+    if t.dim() == 2:
+        return t[None, None]
+    if t.dim() == 3:
+        return t[None]
+    return t.reshape(-1, t.shape[-3], t.shape[-2], t.shape[-1])
+
+
+def _mask_for_kernel(mask: Tensor, q: Tensor, nk: int) -> Tensor:
+    """The mask in the form the fused kernel takes: folded like q, float masks in q's dtype."""
+    if q.dim() != 4:
+        mask = _as_4d(mask.expand(*q.shape[:-1], nk))
+    elif mask.dim() < 2:
+        mask = mask.expand(q.shape[-2], nk)
+    return mask if mask.dtype == torch.bool else mask.to(q.dtype)
+
+
+def attention_weights(
+    q: Tensor, k: Tensor, *, mask: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """The attention weights ``softmax(q kᵀ · scale + mask)`` explicitly.
+
+    Args:
+        q: queries ``(..., Nq, d)``.
+        k: keys ``(..., Nk, d)``.
+        mask: boolean (True = attend) or additive float, broadcastable to ``(..., Nq, Nk)``.
+        scale: multiplies ``q kᵀ``; defaults to ``1 / sqrt(d)``.
+
+    Returns:
+        ``(..., Nq, Nk)`` weights whose rows sum to one (a row with every key masked is zero).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+    # half-precision scores are normalized in float32, as the fused kernels do
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    # a row whose keys are all masked gives NaN from softmax; it attends to nothing instead
+    if mask is not None and mask.dtype == torch.bool:
+        weights = weights.nan_to_num(0.0)
+    return weights.to(scores.dtype)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    scale: float | None = None,
+    need_weights: bool = False,
+    dropout_p: float = 0.0,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Scaled dot-product attention ``softmax(q kᵀ · scale + mask) v``.
+
+    Args:
+        q: queries ``(..., Nq, d)``.
+        k: keys ``(..., Nk, d)``.
+        v: values ``(..., Nk, dv)``; ``dv`` may differ from ``d``.
+        mask: boolean (True = attend) or additive float tensor, broadcastable to
+            ``(..., Nq, Nk)``.
+        scale: multiplies ``q kᵀ``; defaults to ``1 / sqrt(d)``.
+        need_weights: also return the weights ``(..., Nq, Nk)`` (rows sum to one). This
+            computes the full matrix (``Nq·Nk`` numbers per head); without it the fused kernel
+            never stores it.
+        dropout_p: dropout on the weights (training only; the returned weights are before it).
+
+    Returns:
+        ``out`` of shape ``(..., Nq, dv)``, or ``(out, weights)`` when ``need_weights``.
+
+    The fast path feeds ``scaled_dot_product_attention`` 4-D inputs whose last dim is
+    contiguous, so the fused flash kernel is selected on CPU and GPU; when ``dv != d`` on CPU
+    (whose flash kernel needs one head size) the narrower of q/k and v is zero-padded, which
+    leaves the result unchanged and is far cheaper than the unfused kernel.
+    """
+    _check_inputs(q, k, v, mask)
+    d, dv = q.shape[-1], v.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+    if need_weights:
+        weights = attention_weights(q, k, mask=mask, scale=scale)
+        dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
+        out = torch.matmul(dropped.to(v.dtype), v)
+        return out, weights
+
+    lead = q.shape[:-2]
+    q4, k4, v4 = (_last_dim_contiguous(_as_4d(t)) for t in (q, k, v))
+    mask4 = None if mask is None else _mask_for_kernel(mask, q, k.shape[-2])
+    if dv != d and q.device.type == "cpu":
+        width = max(d, dv)
+        q4, k4, v4 = (F.pad(t, (0, width - t.shape[-1])) for t in (q4, k4, v4))
+    out = F.scaled_dot_product_attention(
+        q4, k4, v4, attn_mask=mask4, dropout_p=dropout_p, scale=scale
+    )
+    if out.shape[-1] != dv:
+        out = out[..., :dv]
+    return out.reshape(*lead, q.shape[-2], dv)
