@@ -4,7 +4,7 @@ from . import functional
 from .attention import AttentionRecord, MultiHeadAttention, SelfAttention2d
 from .blocks import EncoderBlock
 from .pos_embed import resample_pos_embed, sincos_2d
-from .registry import create_model, list_models, register_model
+from .registry import create_model, list_models, register_model, register_source
 from .vit import PatchEmbed, VisionTransformer
 
 __version__ = "0.1.0"
@@ -20,6 +20,7 @@ __all__ = [
     "functional",
     "list_models",
     "register_model",
+    "register_source",
     "resample_pos_embed",
     "sincos_2d",
 ]

@@ -1,0 +1,117 @@
+"""Checkpoints: written atomically, loaded without running pickled code.
+
+A visattn checkpoint is a ``dict`` saved with :func:`torch.save` holding only tensors and plain
+Python values (so ``torch.load(weights_only=True)`` reads it)::
+
+    {
+        "format": "visattn-checkpoint",
+        "version": 1,
+        "model_config": {"name": "vit_digits_patch4_16", "num_classes": 10, ...},  # create_model(**)
+        "model": state_dict,
+        "data_config": {...},      # optional: how inputs were prepared (size, mean, std, channels)
+        ...                        # optional training state (optimizer, scheduler, epoch, RNG, ...)
+    }
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .registry import create_model
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "atomic_torch_save",
+    "load_checkpoint",
+    "model_from_checkpoint",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "visattn-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file is missing, truncated, unsafe, or not a visattn checkpoint."""
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
+
+    A kill at any moment leaves either the old file or the new one, never a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    model_config: dict[str, Any],
+    **extra: Any,
+) -> None:
+    """Write a visattn checkpoint atomically. ``model_config`` rebuilds the model through
+    :func:`visattn.create_model` (``{"name": ..., **kwargs}``); ``extra`` adds fields."""
+    if "name" not in model_config:
+        raise ValueError("model_config needs a 'name' for create_model")
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model_config": dict(model_config),
+        "model": model.state_dict(),
+        **extra,
+    }
+    atomic_torch_save(state, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a visattn checkpoint with ``weights_only=True``; clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"{path} is not a loadable visattn checkpoint (truncated, corrupt, or it holds objects "
+            f"other than tensors and plain values, which are refused for safety): {reason}"
+        ) from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a visattn checkpoint (no 'format': '{CHECKPOINT_FORMAT}' entry); "
+            "pretrained timm/torchvision weights load with visattn.from_timm / from_torchvision"
+        )
+    if state.get("version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer visattn (version {state['version']})")
+    return state
+
+
+def model_from_checkpoint(
+    path_or_state: str | os.PathLike | dict[str, Any], map_location: str | torch.device = "cpu"
+) -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights (in eval mode)."""
+    state = path_or_state if isinstance(path_or_state, dict) else load_checkpoint(path_or_state, map_location)
+    config = dict(state["model_config"])
+    model = create_model(config.pop("name"), **config)
+    model.load_state_dict(state["model"])
+    return model.eval()
