@@ -15,7 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["attention", "attention_weights"]
+__all__ = ["attention", "attention_matrix_bytes", "attention_weights"]
+
+
+def attention_matrix_bytes(
+    batch: int, heads: int, num_queries: int, num_keys: int, dtype: torch.dtype = torch.float32
+) -> int:
+    """Bytes of a materialized ``(batch, heads, Nq, Nk)`` weight matrix of ``dtype``.
+
+    This is what ``need_weights=True`` (and every unfused implementation) stores; the fused kernel
+    stores none of it.
+    """
+    return batch * heads * num_queries * num_keys * torch.empty((), dtype=dtype).element_size()
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
