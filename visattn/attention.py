@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .functional import attention
+from .functional import attention, attention_matrix_bytes
 from .pos_embed import sincos_2d
 
 __all__ = ["AttentionRecord", "MultiHeadAttention", "SelfAttention2d"]
@@ -30,8 +30,15 @@ class AttentionRecord(dict):
         query_grid: ``(gh, gw)`` of the query tokens after the prefix, or ``None``.
         key_grid: ``(gh, gw)`` of the key tokens after the prefix (a pooled key grid has its
             own size), or ``None``.
+        key_stride: ``(sh, sw)`` query cells per key cell (``kv_pool`` of a ``SelfAttention2d``,
+            ``(1, 1)`` otherwise); the key grid spans ``query_grid / key_stride`` of its cells.
         num_prefix_tokens: class/register tokens in front of the grid tokens.
-        query_index: indices of the recorded query cells (``None`` = all of them).
+        query_index: flat indices (row-major) into the query grid of the recorded query rows
+            (``None`` = all of them, prefix included).
+
+    :func:`visattn.record_attention` adds ``image_size`` ``(H, W)`` of the model input (or
+    ``None``), ``class_token`` (whether prefix token 0 is a class token) and ``pool``
+    (``"cls"`` or ``"mean"``: how the owning model reads its tokens out).
     """
 
 
@@ -43,16 +50,36 @@ class _RecordableAttention(nn.Module):
 
     ``recorder`` is ``None`` except while a recording is open; then the module also computes its
     weights and passes an :class:`AttentionRecord` to it. ``query_subset`` (``SelfAttention2d``
-    only) limits the recorded rows to chosen query cells.
+    only) limits the recorded rows to chosen query cells. ``record_max_bytes`` refuses, before
+    anything is computed, weights that would need more memory than that.
     """
 
     recorder: Recorder | None
     query_subset: Tensor | None
+    record_max_bytes: int | None
 
     def __init__(self) -> None:
         super().__init__()
         self.recorder = None
         self.query_subset = None
+        self.record_max_bytes = None
+
+    def _check_record_size(self, batch: int, heads: int, num_queries: int, num_keys: int, dtype: torch.dtype) -> None:
+        """Raise before materializing ``(batch, heads, Nq, Nk)`` weights over ``record_max_bytes``."""
+        limit = self.record_max_bytes
+        if limit is None:
+            return
+        need = attention_matrix_bytes(batch, heads, num_queries, num_keys, dtype)
+        if need > limit:
+            hint = (
+                "pass record_attention(..., queries=[(x, y), ...]) to record only some query cells, "
+                if isinstance(self, SelfAttention2d) else ""
+            )
+            raise ValueError(
+                f"recording {type(self).__name__} weights (B={batch}, heads={heads}, Nq={num_queries}, "
+                f"Nk={num_keys}, {dtype}) would need {need} bytes ({need / 2**20:.1f} MiB), over the "
+                f"limit of {limit} bytes; {hint}record a smaller batch, or raise max_bytes"
+            )
 
 
 class MultiHeadAttention(_RecordableAttention):
@@ -134,10 +161,11 @@ class MultiHeadAttention(_RecordableAttention):
         if self.recorder is None:
             out = attention(q, k, v, mask=mask, dropout_p=dropout_p)
         else:
+            self._check_record_size(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype)
             out, weights = attention(q, k, v, mask=mask, dropout_p=dropout_p, need_weights=True)
             self.recorder(self, AttentionRecord(
                 weights=weights, query_grid=grid_size,
-                key_grid=grid_size if context is None else None,
+                key_grid=grid_size if context is None else None, key_stride=(1, 1),
                 num_prefix_tokens=self.num_prefix_tokens, query_index=None,
             ))
         out = rearrange(out, "b h n d -> b n (h d)")
@@ -335,6 +363,8 @@ class SelfAttention2d(_RecordableAttention):
         """The forward's attention while recording: weights for all or only the chosen queries."""
         assert self.recorder is not None
         subset = self.query_subset
+        num_queries = query_grid[0] * query_grid[1] if subset is None else subset.numel()
+        self._check_record_size(q.shape[0], q.shape[1], num_queries, k.shape[2], q.dtype)
         if subset is None:
             y, weights = attention(q, k, v, scale=self.scale, dropout_p=dropout_p, need_weights=True)
         else:
@@ -344,7 +374,7 @@ class SelfAttention2d(_RecordableAttention):
             _, weights = attention(q[:, :, subset], k, v, scale=self.scale, need_weights=True)
         self.recorder(self, AttentionRecord(
             weights=weights, query_grid=query_grid, key_grid=key_grid,
-            num_prefix_tokens=0, query_index=subset,
+            key_stride=(self.kv_pool, self.kv_pool), num_prefix_tokens=0, query_index=subset,
         ))
         return y
 
