@@ -323,7 +323,7 @@ def test_rollout_errors_name_the_alternative():
     model = VisionTransformer(**VIT_KW, pool="mean").eval()
     with record_attention(model) as rec:
         model(torch.randn(IMAGES))
-    with pytest.raises(ValueError, match="has none.*rollout.*grad_rollout"):
+    with pytest.raises(ValueError, match="has none.*use rollout or grad_rollout"):
         cls_attention(rec)
     with pytest.raises(ValueError, match="readout='mean'"):
         rollout(rec, readout="cls")

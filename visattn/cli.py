@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +30,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pair(text: str, kind: type = float) -> tuple:
+    try:
+        first, second = (kind(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers like 12,34, got {text!r}") from None
+    return first, second
+
+
+def _cmd_overlay(args: argparse.Namespace) -> int:
+    """Draw an attention map of one picture (see visattn.overlay.attention_overlay)."""
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .overlay import Preprocess, attention_overlay, default_data_config, load_image
+
+    try:
+        image = load_image(args.image)
+        if args.checkpoint:
+            state = load_checkpoint(args.checkpoint)
+            model = model_from_checkpoint(state)
+            data_config = state.get("data_config")
+            if data_config is None:
+                data_config = default_data_config(model)
+                print(f"note: {args.checkpoint} has no data_config; using {data_config}", file=sys.stderr)
+        else:
+            model = create_model(args.model).eval()
+            data_config = default_data_config(model, args.img_size)
+        layer = int(args.layer) if args.layer.lstrip("-").isdigit() else args.layer
+        attention_overlay(
+            model, image, args.method, preprocess=Preprocess.from_data_config(data_config),
+            query=args.query, layer=layer, target=args.target, head_fusion=args.head_fusion,
+            discard_ratio=args.discard_ratio, class_names=data_config.get("class_names"),
+            cmap=args.cmap, alpha=args.alpha, out=args.out,
+        )
+    except (ValueError, RuntimeError, KeyError, IndexError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"visattn overlay: error: {message}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="vit_digits_patch4_16", help="a name from `visattn models`")
     demo.add_argument("--batch", type=int, default=2)
     demo.set_defaults(func=_cmd_demo)
+    overlay = sub.add_parser("overlay", help="an attention map of one picture, drawn on it, as a PNG")
+    source = overlay.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a visattn checkpoint (RUN/best.pt)")
+    source.add_argument("--model", help="a name from `visattn models` (untrained weights)")
+    overlay.add_argument("--image", required=True, help="the picture (any size, RGB or gray)")
+    overlay.add_argument("--method", required=True, choices=["cls", "rollout", "grad_rollout", "query", "received"])
+    overlay.add_argument("--query", type=_pair, metavar="X,Y", help="pixel of the picture (column,row) for --method query")
+    overlay.add_argument("--layer", default="-1", help="attention module path or position (default -1: the last)")
+    overlay.add_argument("--target", type=int, help="class for grad_rollout (default: the predicted one)")
+    overlay.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout head fusion")
+    overlay.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links")
+    overlay.add_argument("--img-size", type=lambda t: _pair(t, int), metavar="H,W", help="input size for --model without its own")
+    overlay.add_argument("--cmap", default="inferno", help="matplotlib colormap")
+    overlay.add_argument("--alpha", type=float, default=0.5, help="opacity of the map")
+    overlay.add_argument("--out", required=True, help="PNG to write")
+    overlay.set_defaults(func=_cmd_overlay)
     return parser
 
 

@@ -312,8 +312,8 @@ def _token_layers(recording: AttentionRecording, method: str) -> list[tuple[str,
         raise ValueError(
             f"{method} follows attention through the token layers of a Transformer "
             "(MultiHeadAttention), and none was recorded here (recorded: "
-            f"{', '.join(recording)}); for a SelfAttention2d use query_map(rec, path, point) or "
-            "received(rec, path)"
+            f"{', '.join(recording)}); for a SelfAttention2d use query_map (where a point attends) "
+            "or received (attention each position receives)"
         )
     first = layers[0][1]
     for path, r in layers:
@@ -350,8 +350,7 @@ def cls_attention(recording: AttentionRecording, layer: int | str = -1) -> Tenso
     if not rec["class_token"]:
         raise ValueError(
             f"cls_attention reads the class token, and the model of {path} has none (it pools the "
-            "mean of its patch tokens); use rollout(rec) or grad_rollout(model, x), which read "
-            "mean-pooled models"
+            "mean of its patch tokens); use rollout or grad_rollout, which read mean-pooled models"
         )
     prefix, (gh, gw) = _grid_tokens(rec, path)
     return rearrange(rec["weights"][:, :, 0, prefix:], "b h (y x) -> b h y x", y=gh, x=gw)

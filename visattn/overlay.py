@@ -1,0 +1,383 @@
+"""Heatmaps on the original picture: preprocessing that can be undone, overlays, grids of panels.
+
+A model sees a preprocessed copy of a picture (resized, maybe gray, normalized). A map made on
+that copy covers a ``box`` of the original picture (all of it for a plain resize); :func:`overlay`
+puts the map back on exactly those pixels, at the picture's own size.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import matplotlib
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor, nn
+
+from . import maps
+from .attention import SelfAttention2d
+from .maps import Point, to_image
+
+__all__ = [
+    "METHODS",
+    "Preprocess",
+    "attention_overlay",
+    "default_data_config",
+    "load_image",
+    "normalize_map",
+    "overlay",
+    "overlay_grid",
+]
+
+Box = tuple[float, float, float, float]
+Heatmap = Tensor | np.ndarray
+Normalize = Literal["minmax", "max", "none"]
+DATA_CONFIG_KEYS = ("img_size", "in_chans", "mean", "std")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open a picture file (EXIF orientation applied); clear errors for a missing or non-image file."""
+    if not os.path.exists(path):
+        raise ValueError(f"image {path} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"image {path} is a folder; give one picture file (PNG, JPEG, ...)")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(
+            f"{path} is not an image that PIL can read ({type(err).__name__}); give a PNG, JPEG or "
+            "another format PIL opens"
+        ) from err
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The model's view of a picture: resize to ``img_size``, gray if ``in_chans == 1``, normalize.
+
+    Built from a checkpoint's ``data_config`` with :meth:`from_data_config`; :meth:`box` says
+    which part of the original the model input covers, so maps can be put back on it.
+    """
+
+    img_size: tuple[int, int]
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_data_config(cls, config: Mapping[str, Any]) -> Preprocess:
+        """From ``{"img_size": [H, W], "in_chans", "mean", "std", ...}`` (other keys ignored)."""
+        missing = [k for k in DATA_CONFIG_KEYS if k not in config]
+        if missing:
+            raise ValueError(f"data_config lacks {', '.join(missing)}; it needs {', '.join(DATA_CONFIG_KEYS)}")
+        size = config["img_size"]
+        size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        in_chans = int(config["in_chans"])
+        if in_chans not in (1, 3):
+            raise ValueError(f"data_config in_chans must be 1 (gray) or 3 (RGB), got {in_chans}")
+        mean, std = tuple(float(m) for m in config["mean"]), tuple(float(s) for s in config["std"])
+        if len(mean) != in_chans or len(std) != in_chans:
+            raise ValueError(f"data_config mean {mean} and std {std} need {in_chans} value(s) each (in_chans)")
+        return cls(size, in_chans, mean, std)
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        """PIL picture (any size and mode) → model input ``(in_chans, H, W)``, float32, normalized."""
+        image = image.convert("L" if self.in_chans == 1 else "RGB")
+        x = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
+        x = TF.resize(x, list(self.img_size), antialias=True)
+        return TF.normalize(x, list(self.mean), list(self.std))
+
+    def box(self, image_size: tuple[int, int]) -> Box:
+        """``(left, top, right, bottom)`` of the original ``(W, H)`` picture the input covers."""
+        return (0.0, 0.0, float(image_size[0]), float(image_size[1]))
+
+    def to_input(self, point: Point, image_size: tuple[int, int]) -> Point:
+        """An ``(x, y)`` pixel of the original ``(W, H)`` picture → the same point of the model input."""
+        left, top, right, bottom = self.box(image_size)
+        x, y = float(point[0]), float(point[1])
+        if not (left <= x < right and top <= y < bottom):
+            raise ValueError(
+                f"point (x={x:g}, y={y:g}) lies outside the {image_size[0]}×{image_size[1]} (W×H) picture; "
+                f"x must be in [0, {image_size[0]}), y in [0, {image_size[1]})"
+            )
+        height, width = self.img_size
+        return (x - left) * width / (right - left), (y - top) * height / (bottom - top)
+
+
+def default_data_config(model: nn.Module, img_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """A data_config for a model without one: its own ``img_size`` and channels, ImageNet
+    statistics for RGB and ``0.5`` for gray."""
+    size = img_size or getattr(model, "img_size", None) or (224, 224)
+    in_chans = getattr(getattr(model, "patch_embed", None), "in_chans", 3)
+    mean, std = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if in_chans == 3 else ((0.5,), (0.5,))
+    return {"img_size": list(size), "in_chans": in_chans, "mean": list(mean), "std": list(std)}
+
+
+def _as_tensor(heatmap: Heatmap) -> Tensor:
+    heatmap = torch.as_tensor(np.asarray(heatmap) if not isinstance(heatmap, Tensor) else heatmap)
+    heatmap = heatmap.detach().cpu().double()
+    if heatmap.dim() != 2:
+        raise ValueError(f"a heatmap is one (h, w) grid, got shape {tuple(heatmap.shape)}; pick one image and head")
+    return heatmap
+
+
+def normalize_map(heatmap: Tensor, how: Normalize = "minmax") -> Tensor:
+    """Scale a map to ``[0, 1]``: ``minmax`` (a constant map becomes 0), ``max`` (zero stays
+    zero; for non-negative maps), or ``none`` (values are clipped)."""
+    if how == "minmax":
+        low, high = heatmap.min(), heatmap.max()
+        return (heatmap - low) / (high - low) if high > low else torch.zeros_like(heatmap)
+    if how == "max":
+        high = heatmap.abs().max()
+        return (heatmap / high).clamp(0, 1) if high > 0 else torch.zeros_like(heatmap)
+    if how == "none":
+        return heatmap.clamp(0, 1)
+    raise ValueError(f"normalize must be 'minmax', 'max' or 'none', got {how!r}")
+
+
+def _colormap(name: str):
+    try:
+        return matplotlib.colormaps[name]
+    except KeyError as err:
+        raise ValueError(f"unknown matplotlib colormap {name!r}; try 'inferno', 'viridis', 'jet' or 'gray'") from err
+
+
+def _draw_marker(image: Image.Image, point: Point) -> None:
+    draw = ImageDraw.Draw(image)
+    x, y = point
+    r = max(3, round(min(image.size) / 16))
+    w = max(1, round(min(image.size) / 150))
+    for color, width in (("black", 3 * w), ("white", w)):
+        draw.line([(x - r, y), (x + r, y)], fill=color, width=width)
+        draw.line([(x, y - r), (x, y + r)], fill=color, width=width)
+
+
+def overlay(
+    image: Image.Image,
+    heatmap: Heatmap,
+    *,
+    cmap: str = "inferno",
+    alpha: float = 0.5,
+    resample: Literal["bilinear", "nearest", "bicubic"] = "bilinear",
+    normalize: Normalize = "minmax",
+    box: Box | None = None,
+    extent: tuple[float, float] | None = None,
+    marker: Point | None = None,
+) -> Image.Image:
+    """Colour a grid map onto a picture, at the picture's own size.
+
+    Args:
+        image: the original PIL picture (any size; RGB, gray, with alpha...).
+        heatmap: ``(h, w)`` map made on the model input (tensor or array).
+        cmap: a matplotlib colormap name.
+        alpha: opacity of the colours (0 = picture only, 1 = map only).
+        resample: how the grid is upsampled to pixels.
+        normalize: see :func:`normalize_map`.
+        box: ``(left, top, right, bottom)`` of the picture that the model input covered
+            (:meth:`Preprocess.box`); default the whole picture. Outside it the picture stays.
+        extent: cells of the map's grid the input spans (pooled key grids; :func:`visattn.maps.key_extent`).
+        marker: an ``(x, y)`` pixel of the picture to mark with a cross (a query point).
+
+    Returns:
+        an RGB PIL image of ``image.size``.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    colormap = _colormap(cmap)
+    heat = normalize_map(_as_tensor(heatmap), normalize)
+    base = image.convert("RGB")
+    left, top, right, bottom = (round(v) for v in (box or (0, 0, *base.size)))
+    if not (0 <= left < right <= base.width and 0 <= top < bottom <= base.height):
+        raise ValueError(f"box {box} does not lie inside the {base.width}×{base.height} picture")
+    pixels = to_image(heat, (bottom - top, right - left), extent=extent, mode=resample).clamp(0, 1).numpy()
+    colours = colormap(pixels)[..., :3]
+    region = np.asarray(base, dtype=np.float64)[top:bottom, left:right] / 255.0
+    blended = (1.0 - alpha) * region + alpha * colours
+    out = np.asarray(base).copy()
+    out[top:bottom, left:right] = np.round(blended * 255.0).astype(np.uint8)
+    result = Image.fromarray(out, mode="RGB")
+    if marker is not None:
+        _draw_marker(result, marker)
+    return result
+
+
+def _rows(heatmaps: Heatmap | Sequence, titles: Sequence | None) -> list[list[tuple[str, Heatmap]]]:
+    """Panels as rows of (title, map): a (h, w), (n, h, w) or (r, n, h, w) array, a list of
+    maps (one row) or a list of lists of maps (rows)."""
+    if isinstance(heatmaps, Tensor | np.ndarray):
+        array = heatmaps.detach().cpu() if isinstance(heatmaps, Tensor) else torch.as_tensor(heatmaps)
+        if not 2 <= array.dim() <= 4:
+            raise ValueError(f"heatmaps must be (h, w), (n, h, w) or (rows, n, h, w), got {tuple(array.shape)}")
+        while array.dim() < 4:
+            array = array[None]
+        maps = [list(row) for row in array]
+    elif all(isinstance(h, Tensor | np.ndarray) for h in heatmaps):
+        maps = [list(heatmaps)]
+    else:
+        maps = [list(row) for row in heatmaps]
+    if titles is None:
+        names = [["" for _ in row] for row in maps]
+    elif all(isinstance(t, str) for t in titles):
+        names = [list(titles)]
+    else:
+        names = [list(row) for row in titles]
+    if [len(r) for r in names] != [len(r) for r in maps]:
+        raise ValueError(f"titles {titles} do not match the panels ({[len(r) for r in maps]} per row)")
+    return [list(zip(n, m, strict=True)) for n, m in zip(names, maps, strict=True)]
+
+
+def overlay_grid(
+    image: Image.Image,
+    heatmaps: Heatmap | Sequence,
+    *,
+    titles: Sequence | None = None,
+    row_labels: Sequence[str] | None = None,
+    suptitle: str | None = None,
+    panel_size: float = 2.4,
+    out: str | os.PathLike | None = None,
+    **overlay_kwargs: Any,
+) -> Image.Image:
+    """Panels of overlays with titles, the original picture on the left of each row, as one image.
+
+    Args:
+        image: the original PIL picture.
+        heatmaps: one map ``(h, w)``, a row ``(n, h, w)`` (e.g. heads), rows ``(r, n, h, w)``
+            (e.g. layers × heads), or nested lists of maps (rows may differ in length and grid).
+        titles: one per panel, nested like ``heatmaps`` (a flat list for a single row).
+        row_labels: one per row, written above its original picture.
+        suptitle: a title over the whole grid.
+        panel_size: inches per panel (at 100 dpi).
+        out: also save the grid there as a PNG.
+        overlay_kwargs: ``cmap``, ``alpha``, ``resample``, ``normalize``, ``box``, ``extent``,
+            ``marker`` as in :func:`overlay` (the marker is drawn on every panel).
+
+    Returns:
+        the grid as an RGB PIL image.
+    """
+    from matplotlib.figure import Figure
+
+    rows = _rows(heatmaps, titles)
+    if row_labels is not None and len(row_labels) != len(rows):
+        raise ValueError(f"{len(row_labels)} row_labels for {len(rows)} rows")
+    cols = 1 + max(len(r) for r in rows)
+    aspect = image.height / image.width
+    fig = Figure(figsize=(panel_size * cols, panel_size * aspect * len(rows) + 0.4 * len(rows) + (0.4 if suptitle else 0)))
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    original = image.convert("RGB")
+    if overlay_kwargs.get("marker") is not None:
+        _draw_marker(original, overlay_kwargs["marker"])
+    for r, row in enumerate(rows):
+        axes[r, 0].imshow(original)
+        axes[r, 0].set_title(row_labels[r] if row_labels else "image", fontsize=9)
+        for c, (title, heat) in enumerate(row, start=1):
+            axes[r, c].imshow(overlay(image, heat, **overlay_kwargs))
+            axes[r, c].set_title(title, fontsize=9)
+        for ax in axes[r]:
+            ax.set_axis_off()
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    buffer.seek(0)
+    grid = Image.open(buffer).convert("RGB")
+    if out is not None:
+        grid.save(out)
+    return grid
+
+
+#: the maps :func:`attention_overlay` draws
+METHODS = ("cls", "rollout", "grad_rollout", "query", "received")
+
+
+def _prediction(logits: Tensor, class_names: Sequence[str] | None) -> str:
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        return ""
+    probs = logits.softmax(dim=-1)[0]
+    index = int(probs.argmax())
+    name = class_names[index] if class_names and index < len(class_names) else str(index)
+    return f"predicted {name} (p={probs[index]:.2g})"
+
+
+def attention_overlay(
+    model: nn.Module,
+    image: Image.Image,
+    method: str,
+    *,
+    preprocess: Preprocess,
+    query: Point | None = None,
+    layer: int | str = -1,
+    target: int | None = None,
+    head_fusion: Literal["mean", "max", "min"] = "mean",
+    discard_ratio: float = 0.0,
+    class_names: Sequence[str] | None = None,
+    out: str | os.PathLike | None = None,
+    **overlay_kwargs: Any,
+) -> Image.Image:
+    """One picture through ``model`` and one of :data:`METHODS` as a grid of overlays on it.
+
+    Args:
+        model: a model with visattn attention modules (in eval mode).
+        image: the original picture; the map is put back on its pixels.
+        method: ``"cls"`` (class token → patches, per head, of ``layer``), ``"rollout"``,
+            ``"grad_rollout"`` (for ``target``, default the predicted class), ``"query"``
+            (where the query at ``query`` attends, per head, in ``layer``) or ``"received"``
+            (attention each position of ``layer`` receives, per head).
+        preprocess: how the model sees the picture.
+        query: ``(x, y)`` pixel of the original picture (``method="query"``).
+        layer: a recorded module's path or position (``-1``: the last one).
+        out: also save the PNG there.
+        overlay_kwargs: ``cmap``, ``alpha``, ``resample``, ``normalize`` (see :func:`overlay`).
+
+    Returns:
+        the grid as a PIL image: the picture, then one panel per head (and their mean) or one map.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if (method == "query") != (query is not None):
+        raise ValueError("method 'query' needs a query point (x, y) and the other methods take none")
+    x = preprocess(image)[None]
+    box = preprocess.box(image.size)
+    point = None if query is None else preprocess.to_input(query, image.size)
+    has_grid_blocks = any(isinstance(m, SelfAttention2d) for m in model.modules())
+    queries = [point] if point is not None and has_grid_blocks else None
+    with torch.no_grad(), maps.record_attention(model, queries=queries) as rec:
+        logits = model(x)
+    caption = _prediction(logits, class_names)
+    extent = None
+    if method == "cls":
+        heads = maps.cls_attention(rec, layer)[0]
+        panels = [*heads, heads.mean(dim=0)]
+        titles = [f"head {h}" for h in range(len(heads))] + ["mean of heads"]
+        name = "class-token attention"
+    elif method == "rollout":
+        panels, titles = [maps.rollout(rec, head_fusion, discard_ratio)[0]], [f"rollout ({head_fusion})"]
+        name = f"attention rollout, discard {discard_ratio:g}"
+    elif method == "grad_rollout":
+        wanted = int(logits.argmax(dim=-1)[0]) if target is None else target
+        label = class_names[wanted] if class_names and 0 <= wanted < len(class_names) else str(wanted)
+        panels, titles = [maps.grad_rollout(model, x, wanted)[0]], [f"class {label}"]
+        name = "gradient-weighted rollout"
+    else:
+        if method == "query":
+            heads = maps.query_map(rec, layer, point)[0]
+            name = f"where ({query[0]:g}, {query[1]:g}) attends"
+        else:
+            heads = maps.received(rec, layer)[0]
+            name = "attention received"
+        extent = rec.extent(layer)
+        panels = list(heads) + ([heads.mean(dim=0)] if len(heads) > 1 else [])
+        titles = [f"head {h}" for h in range(len(heads))] + (["mean of heads"] if len(heads) > 1 else [])
+    where = "" if method in ("rollout", "grad_rollout") else f", {rec.path_of(layer)}"
+    return overlay_grid(
+        image, panels, titles=titles, suptitle=f"{name}{where}" + (f"; {caption}" if caption else ""),
+        box=box, extent=extent, marker=query, out=out, **overlay_kwargs,
+    )
