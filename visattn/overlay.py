@@ -27,8 +27,10 @@ from .maps import Point, to_image
 
 __all__ = [
     "METHODS",
+    "AttentionPanels",
     "Preprocess",
     "attention_overlay",
+    "attention_panels",
     "default_data_config",
     "load_image",
     "normalize_map",
@@ -307,7 +309,21 @@ def _prediction(logits: Tensor, class_names: Sequence[str] | None) -> str:
     return f"predicted {name} (p={probs[index]:.2g})"
 
 
-def attention_overlay(
+@dataclass
+class AttentionPanels:
+    """Maps of one picture ready to draw: ``panels`` (``(h, w)`` maps on the model input) with
+    ``titles``, the ``box`` of the picture they cover, the grid ``extent``, and the query
+    ``marker`` (pixels of the picture)."""
+
+    panels: list[Tensor]
+    titles: list[str]
+    suptitle: str
+    box: Box
+    extent: tuple[float, float] | None = None
+    marker: Point | None = None
+
+
+def attention_panels(
     model: nn.Module,
     image: Image.Image,
     method: str,
@@ -319,14 +335,12 @@ def attention_overlay(
     head_fusion: Literal["mean", "max", "min"] = "mean",
     discard_ratio: float = 0.0,
     class_names: Sequence[str] | None = None,
-    out: str | os.PathLike | None = None,
-    **overlay_kwargs: Any,
-) -> Image.Image:
-    """One picture through ``model`` and one of :data:`METHODS` as a grid of overlays on it.
+) -> AttentionPanels:
+    """One picture through ``model`` and one of :data:`METHODS`, as maps to draw on it.
 
     Args:
         model: a model with visattn attention modules (in eval mode).
-        image: the original picture; the map is put back on its pixels.
+        image: the original picture; :class:`AttentionPanels` says where on it the maps lie.
         method: ``"cls"`` (class token → patches, per head, of ``layer``), ``"rollout"``,
             ``"grad_rollout"`` (for ``target``, default the predicted class), ``"query"``
             (where the query at ``query`` attends, per head, in ``layer``) or ``"received"``
@@ -334,18 +348,16 @@ def attention_overlay(
         preprocess: how the model sees the picture.
         query: ``(x, y)`` pixel of the original picture (``method="query"``).
         layer: a recorded module's path or position (``-1``: the last one).
-        out: also save the PNG there.
-        overlay_kwargs: ``cmap``, ``alpha``, ``resample``, ``normalize`` (see :func:`overlay`).
+        head_fusion, discard_ratio: see :func:`visattn.maps.rollout`.
+        class_names: names for the predicted class in the title.
 
-    Returns:
-        the grid as a PIL image: the picture, then one panel per head (and their mean) or one map.
+    Per-head methods give one panel per head and, with several heads, their mean.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if (method == "query") != (query is not None):
         raise ValueError("method 'query' needs a query point (x, y) and the other methods take none")
     x = preprocess(image)[None]
-    box = preprocess.box(image.size)
     point = None if query is None else preprocess.to_input(query, image.size)
     has_grid_blocks = any(isinstance(m, SelfAttention2d) for m in model.modules())
     queries = [point] if point is not None and has_grid_blocks else None
@@ -353,12 +365,7 @@ def attention_overlay(
         logits = model(x)
     caption = _prediction(logits, class_names)
     extent = None
-    if method == "cls":
-        heads = maps.cls_attention(rec, layer)[0]
-        panels = [*heads, heads.mean(dim=0)]
-        titles = [f"head {h}" for h in range(len(heads))] + ["mean of heads"]
-        name = "class-token attention"
-    elif method == "rollout":
+    if method == "rollout":
         panels, titles = [maps.rollout(rec, head_fusion, discard_ratio)[0]], [f"rollout ({head_fusion})"]
         name = f"attention rollout, discard {discard_ratio:g}"
     elif method == "grad_rollout":
@@ -367,17 +374,43 @@ def attention_overlay(
         panels, titles = [maps.grad_rollout(model, x, wanted)[0]], [f"class {label}"]
         name = "gradient-weighted rollout"
     else:
-        if method == "query":
+        if method == "cls":
+            heads = maps.cls_attention(rec, layer)[0]
+            name = "class-token attention"
+        elif method == "query":
             heads = maps.query_map(rec, layer, point)[0]
             name = f"where ({query[0]:g}, {query[1]:g}) attends"
+            extent = rec.extent(layer)
         else:
             heads = maps.received(rec, layer)[0]
             name = "attention received"
-        extent = rec.extent(layer)
-        panels = list(heads) + ([heads.mean(dim=0)] if len(heads) > 1 else [])
-        titles = [f"head {h}" for h in range(len(heads))] + (["mean of heads"] if len(heads) > 1 else [])
-    where = "" if method in ("rollout", "grad_rollout") else f", {rec.path_of(layer)}"
+            extent = rec.extent(layer)
+        name = f"{name}, {rec.path_of(layer)}"
+        several = len(heads) > 1
+        panels = list(heads) + ([heads.mean(dim=0)] if several else [])
+        titles = [f"head {h}" for h in range(len(heads))] + (["mean of heads"] if several else [])
+    return AttentionPanels(
+        panels, titles, name + (f"; {caption}" if caption else ""), preprocess.box(image.size), extent, query
+    )
+
+
+def attention_overlay(
+    model: nn.Module,
+    image: Image.Image,
+    method: str,
+    *,
+    preprocess: Preprocess,
+    out: str | os.PathLike | None = None,
+    cmap: str = "inferno",
+    alpha: float = 0.5,
+    **panel_kwargs: Any,
+) -> Image.Image:
+    """:func:`attention_panels` drawn with :func:`overlay_grid`: the picture, then its maps.
+
+    ``panel_kwargs`` are those of :func:`attention_panels`; ``out`` also saves the PNG.
+    """
+    p = attention_panels(model, image, method, preprocess=preprocess, **panel_kwargs)
     return overlay_grid(
-        image, panels, titles=titles, suptitle=f"{name}{where}" + (f"; {caption}" if caption else ""),
-        box=box, extent=extent, marker=query, out=out, **overlay_kwargs,
+        image, p.panels, titles=p.titles, suptitle=p.suptitle, box=p.box, extent=p.extent,
+        marker=p.marker, out=out, cmap=cmap, alpha=alpha,
     )
