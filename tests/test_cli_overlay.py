@@ -1,0 +1,112 @@
+"""`visattn overlay`: checkpoints with a data_config (a ViT and a CNN with SelfAttention2d),
+untrained named models, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from visattn import SelfAttention2d, registry
+from visattn.checkpoint import save_checkpoint
+from visattn.cli import main
+from visattn.vit import VisionTransformer
+
+DATA_CONFIG = {"name": "digits_canvas", "img_size": [16, 24], "in_chans": 1, "mean": [0.1], "std": [0.3],
+               "num_classes": 4, "class_names": ["zero", "one", "two", "three"]}
+VIT_CONFIG = {"name": "vit_digits_patch4_16", "img_size": [16, 24], "num_classes": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+class SmallCNNWithAttention(nn.Module):
+    """conv stem (stride 2) → SelfAttention2d with pooled keys → classifier."""
+
+    def __init__(self, num_classes: int = 4, in_chans: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.attn = SelfAttention2d(16, num_heads=2, kv_pool=2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.head(self.attn(self.stem(x)))
+
+
+@pytest.fixture
+def registered_cnn(monkeypatch):
+    """The CNN under a model name, for this test only (the registry is left as it was)."""
+    monkeypatch.setitem(registry._MODELS, "cnn_with_attention_for_tests", SmallCNNWithAttention)
+    return "cnn_with_attention_for_tests"
+
+
+@pytest.fixture
+def cat(tmp_path):
+    from skimage import data
+
+    path = tmp_path / "chelsea.png"
+    Image.fromarray(data.chelsea()).resize((113, 75)).save(path)
+    return path
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    code = main(["overlay", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("pool,method", [("cls", "cls"), ("cls", "rollout"), ("mean", "grad_rollout"), ("mean", "query")])
+def test_vit_checkpoint(tmp_path, cat, capsys, pool, method):
+    config = {**VIT_CONFIG, "pool": pool}
+    model = VisionTransformer(**{k: v for k, v in config.items() if k != "name"}, in_chans=1, patch_size=4, mlp_ratio=2.0)
+    save_checkpoint(tmp_path / "best.pt", model, config, data_config=DATA_CONFIG)
+    out = tmp_path / "out.png"
+    query = ["--query", "100,70"] if method == "query" else []
+    code, stdout, err = run(capsys, "--checkpoint", tmp_path / "best.pt", "--image", cat, "--method", method, *query, "--out", out)
+    assert code == 0, err
+    assert f"wrote {out}" in stdout
+    columns = {"cls": 4, "rollout": 2, "grad_rollout": 2, "query": 4}[method]  # picture, 2 heads, mean
+    grid = Image.open(out)
+    assert abs(grid.width / grid.height - columns) < 0.5  # one row of panels as wide as they are tall
+
+
+def test_cnn_checkpoint_query_and_received(tmp_path, cat, capsys, registered_cnn):
+    model = SmallCNNWithAttention()
+    nn.init.ones_(model.attn.gamma)
+    data_config = {**DATA_CONFIG, "img_size": [40, 60], "in_chans": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+    save_checkpoint(tmp_path / "cnn.pt", model, {"name": registered_cnn}, data_config=data_config)
+    for method, extra in (("query", ["--query", "112,0"]), ("received", ["--layer", "attn"])):
+        code, _, err = run(capsys, "--checkpoint", tmp_path / "cnn.pt", "--image", cat, "--method", method, *extra, "--out", tmp_path / f"{method}.png")
+        assert code == 0, err
+        assert Image.open(tmp_path / f"{method}.png").size[0] > 0
+    code, _, err = run(capsys, "--checkpoint", tmp_path / "cnn.pt", "--image", cat, "--method", "rollout", "--out", tmp_path / "r.png")
+    assert code == 2 and err.count("\n") == 1
+    assert "Transformer" in err and "query_map" in err and "received" in err
+
+
+def test_untrained_named_model(tmp_path, cat, capsys):
+    code, _, err = run(capsys, "--model", "vit_digits_patch4_16", "--image", cat, "--method", "rollout", "--out", tmp_path / "u.png")
+    assert code == 0, err
+    assert Image.open(tmp_path / "u.png").mode == "RGB"
+
+
+def test_bad_input_gets_one_line_errors(tmp_path, cat, capsys):
+    model = VisionTransformer(**{k: v for k, v in VIT_CONFIG.items() if k != "name"}, in_chans=1, patch_size=4, mlp_ratio=2.0, pool="mean")
+    save_checkpoint(tmp_path / "best.pt", model, {**VIT_CONFIG, "pool": "mean"}, data_config=DATA_CONFIG)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "foreign.pt")
+    (tmp_path / "notes.txt").write_text("hello")
+    good = ["--checkpoint", tmp_path / "best.pt", "--out", tmp_path / "x.png"]
+    cases = [
+        ([*good, "--image", tmp_path / "missing.png", "--method", "rollout"], "does not exist"),
+        ([*good, "--image", tmp_path / "notes.txt", "--method", "rollout"], "not an image"),
+        (["--checkpoint", tmp_path / "foreign.pt", "--image", cat, "--method", "rollout", "--out", tmp_path / "x.png"], "not a visattn checkpoint"),
+        ([*good, "--image", cat, "--method", "query", "--query", "113,10"], "outside the 113×75"),
+        ([*good, "--image", cat, "--method", "query"], "needs a query point"),
+        ([*good, "--image", cat, "--method", "cls"], "has none.*rollout or grad_rollout"),
+    ]
+    for args, message in cases:
+        code, _, err = run(capsys, *args)
+        assert code == 2, (args, err)
+        assert err.startswith("visattn overlay: error: ") and err.count("\n") == 1, err
+        assert re.search(message, err), (message, err)
+    assert not (tmp_path / "x.png").exists()
