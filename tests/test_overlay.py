@@ -162,3 +162,26 @@ def test_attention_panels_land_on_the_bright_square(method):
     assert square[1] <= hot[0] < square[3] and square[0] <= hot[1] < square[2]
     with pytest.raises(ValueError, match="Transformer.*query_map"):
         attention_panels(BrightnessAttention().eval(), image, "rollout", preprocess=prep)
+
+
+def test_readme_similarity_example_heads_are_gaussian_kernels():
+    """The hand-set block of assets/similarity_attention.py does what the README says."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "assets" / "similarity_attention.py"
+    spec = importlib.util.spec_from_file_location("similarity_attention", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    from visattn.maps import record_attention
+
+    features = example.PixelFeatures(stride=2)(torch.rand(2, 3, 12, 16) * 2 - 1)  # (2, 7, 6, 8)
+    block = example.similarity_block().eval()
+    with record_attention(block) as rec:
+        block(features)
+    tokens = features.flatten(2).transpose(1, 2).double()  # (2, 48, 7)
+    colour, position = tokens[..., :3], tokens[..., 4:6]
+    for head, (s_colour, s_position) in enumerate(example.HEADS.values()):
+        distance = s_colour * torch.cdist(colour, colour) ** 2 + s_position * torch.cdist(position, position) ** 2
+        want = torch.softmax(-distance / 2, dim=-1)
+        torch.testing.assert_close(rec[""]["weights"][:, head].double(), want, atol=1e-5, rtol=1e-4)

@@ -53,6 +53,7 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
                 data_config = default_data_config(model)
                 print(f"note: {args.checkpoint} has no data_config; using {data_config}", file=sys.stderr)
         else:
+            torch.manual_seed(args.seed)
             model = create_model(args.model).eval()
             data_config = default_data_config(model, args.img_size)
         layer = int(args.layer) if args.layer.lstrip("-").isdigit() else args.layer
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     overlay.add_argument("--target", type=int, help="class for grad_rollout (default: the predicted one)")
     overlay.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout head fusion")
     overlay.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links")
+    overlay.add_argument("--seed", type=int, default=0, help="random seed of --model's untrained weights")
     overlay.add_argument("--img-size", type=lambda t: _pair(t, int), metavar="H,W", help="input size for --model without its own")
     overlay.add_argument("--cmap", default="inferno", help="matplotlib colormap")
     overlay.add_argument("--alpha", type=float, default=0.5, help="opacity of the map")

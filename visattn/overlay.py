@@ -155,7 +155,7 @@ def _colormap(name: str):
 def _draw_marker(image: Image.Image, point: Point) -> None:
     draw = ImageDraw.Draw(image)
     x, y = point
-    r = max(3, round(min(image.size) / 16))
+    r = max(3, round(min(image.size) / 24))
     w = max(1, round(min(image.size) / 150))
     for color, width in (("black", 3 * w), ("white", w)):
         draw.line([(x - r, y), (x + r, y)], fill=color, width=width)
