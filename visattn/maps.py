@@ -356,6 +356,11 @@ def cls_attention(recording: AttentionRecording, layer: int | str = -1) -> Tenso
     return rearrange(rec["weights"][:, :, 0, prefix:], "b h (y x) -> b h y x", y=gh, x=gw)
 
 
+def _product_dtype(weights: Tensor) -> torch.dtype:
+    """Products through many layers are taken in at least float32 (weights may be half precision)."""
+    return torch.promote_types(weights.dtype, torch.float32)
+
+
 def _fuse_heads(weights: Tensor, head_fusion: str) -> Tensor:
     if head_fusion == "mean":
         return weights.mean(dim=1)
@@ -418,11 +423,12 @@ def rollout(
         raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     layers = _token_layers(recording, "rollout")
     path, last = layers[-1]
-    tokens = last["weights"].shape[-1]
-    eye = torch.eye(tokens, dtype=last["weights"].dtype, device=last["weights"].device)
-    relevance = eye.expand(last["weights"].shape[0], tokens, tokens)
+    batch, _, tokens, _ = last["weights"].shape
+    dtype = _product_dtype(last["weights"])
+    eye = torch.eye(tokens, dtype=dtype, device=last["weights"].device)
+    relevance = eye.expand(batch, tokens, tokens)
     for _, rec in layers:
-        fused = _fuse_heads(rec["weights"], head_fusion)
+        fused = _fuse_heads(rec["weights"].to(dtype), head_fusion)
         if discard_ratio > 0.0:
             fused = _discard_weakest(fused, discard_ratio, rec["num_prefix_tokens"])
         fused = fused + eye
@@ -469,11 +475,11 @@ def grad_rollout(
         score = logits.gather(1, target[:, None]).sum()
         grads = torch.autograd.grad(score, [rec["weights"] for _, rec in token_layers])
     path, last = token_layers[-1]
-    weights = last["weights"]
-    tokens = weights.shape[-1]
-    relevance = torch.eye(tokens, dtype=weights.dtype, device=weights.device).expand(weights.shape[0], tokens, tokens)
+    batch, _, tokens, _ = last["weights"].shape
+    dtype = _product_dtype(last["weights"])
+    relevance = torch.eye(tokens, dtype=dtype, device=last["weights"].device).expand(batch, tokens, tokens)
     for (_, rec), grad in zip(token_layers, grads, strict=True):
-        cam = (grad * rec["weights"].detach()).clamp(min=0).mean(dim=1)
+        cam = (grad.to(dtype) * rec["weights"].detach().to(dtype)).clamp(min=0).mean(dim=1)
         relevance = relevance + cam @ relevance
     return _read_out(relevance, last, readout, path)
 
