@@ -249,21 +249,28 @@ def test_queries_record_only_the_asked_cells(cnn):
         cnn(x)
 
 
-def test_self_attention_inside_a_torchvision_resnet():
-    resnet = torchvision.models.resnet18(num_classes=3)
+@pytest.mark.parametrize("make", [
+    lambda: torchvision.models.resnet18(num_classes=3),
+    lambda: timm.create_model("resnet18", pretrained=False, num_classes=3),
+], ids=["torchvision", "timm"])
+def test_self_attention_inside_a_resnet(make):
+    resnet = make()
     block = SelfAttention2d(256, num_heads=4)
     nn.init.ones_(block.gamma)
     resnet.layer3 = nn.Sequential(resnet.layer3, block)
     resnet.eval()
+    seen = []
+    block.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     x = torch.randn(2, 3, 64, 96)
     with record_attention(resnet) as rec:
         resnet(x)
     assert list(rec) == ["layer3.1"]
     r = rec["layer3.1"]
     assert r["weights"].shape == (2, 4, 4 * 6, 4 * 6) and r["query_grid"] == (4, 6)
-    feats = resnet.layer3[0](resnet.layer2(resnet.layer1(resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x)))))))
-    torch.testing.assert_close(r["weights"], block_weights(copy.deepcopy(block).double(), feats.double()).float(), atol=1e-5, rtol=1e-4)
-    assert query_map(rec, "layer3.1", (95, 63)).shape == (2, 4, 4, 6)
+    assert r["image_size"] == (64, 96)
+    expected = block_weights(copy.deepcopy(block).double(), seen[0].double()).float()
+    torch.testing.assert_close(r["weights"], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(query_map(rec, "layer3.1", (95, 63)), expected[:, :, 23].reshape(2, 4, 4, 6), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="Transformer.*query_map.*received"):
         rollout(rec)
     with pytest.raises(ValueError, match="Transformer.*query_map.*received"):

@@ -44,6 +44,8 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
     from .overlay import Preprocess, attention_overlay, default_data_config, load_image
 
     try:
+        if args.checkpoint and args.img_size:
+            raise ValueError("--img-size is for --model; a checkpoint's data_config sets the input size")
         image = load_image(args.image)
         if args.checkpoint:
             state = load_checkpoint(args.checkpoint)
