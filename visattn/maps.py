@@ -78,10 +78,9 @@ class AttentionRecording(Mapping[str, AttentionRecord]):
         return self._records
 
     def __getitem__(self, path: str) -> AttentionRecord:
-        records = self._require()
-        if path not in records:
-            raise KeyError(f"no attention recorded for {path!r}; recorded: {', '.join(records)}")
-        return records[path]
+        if not isinstance(path, str):
+            raise KeyError(f"records are keyed by module path; for a position use rec.path_of({path!r})")
+        return self._records[self.path_of(path)]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._require())
@@ -90,10 +89,13 @@ class AttentionRecording(Mapping[str, AttentionRecord]):
         return len(self._require())
 
     def path_of(self, module: str | int | nn.Module) -> str:
-        """The recorded path for a path, a position in forward order (``-1`` = last) or a module."""
+        """The recorded path for a path, a position in forward order (``-1`` = last) or a module.
+
+        Raises an error listing the recorded paths when there is no such record."""
         records = self._require()
         if isinstance(module, str):
-            self[module]
+            if module not in records:
+                raise KeyError(f"no attention recorded for {module!r}; recorded: {', '.join(records)}")
             return module
         if isinstance(module, int):
             paths = list(records)
@@ -107,7 +109,7 @@ class AttentionRecording(Mapping[str, AttentionRecord]):
 
     def extent(self, module: str | int | nn.Module) -> tuple[float, float]:
         """How many key cells of ``module``'s key grid the input image spans (see :func:`key_extent`)."""
-        return key_extent(self[self.path_of(module)])
+        return key_extent(self._records[self.path_of(module)])
 
     def _add(self, path: str, record: AttentionRecord) -> None:
         self._records.pop(path, None)  # keep forward order when a module runs again
@@ -338,8 +340,7 @@ def cls_attention(recording: AttentionRecording, layer: int | str = -1) -> Tenso
     """
     layers = _token_layers(recording, "cls_attention")
     if isinstance(layer, str):
-        recording[layer]
-        matches = [entry for entry in layers if entry[0] == layer]
+        matches = [entry for entry in layers if entry[0] == recording.path_of(layer)]
         if not matches:
             raise ValueError(f"{layer} is not a Transformer layer; cls_attention reads one of: {', '.join(p for p, _ in layers)}")
         path, rec = matches[0]
