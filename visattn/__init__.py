@@ -3,6 +3,8 @@
 from . import functional
 from .attention import AttentionRecord, MultiHeadAttention, SelfAttention2d
 from .blocks import EncoderBlock
+from .convert import from_timm, from_torchvision
+from .hub import load_pretrained, save_pretrained
 from .pos_embed import resample_pos_embed, sincos_2d
 from .registry import create_model, list_models, register_model, register_source
 from .vit import PatchEmbed, VisionTransformer
@@ -17,10 +19,14 @@ __all__ = [
     "SelfAttention2d",
     "VisionTransformer",
     "create_model",
+    "from_timm",
+    "from_torchvision",
     "functional",
     "list_models",
+    "load_pretrained",
     "register_model",
     "register_source",
     "resample_pos_embed",
+    "save_pretrained",
     "sincos_2d",
 ]
