@@ -470,10 +470,12 @@ def from_torchvision(model_or_state_dict: nn.Module | StateDict) -> VisionTransf
         config = _torchvision_config_from_state(state)
         training = True
     model = _build(config, state, "the torchvision ViT")
-    size = list(model.img_size)
-    model.pretrained_cfg = {**_IMAGENET, "input_size": [3, *size], "interpolation": "bilinear",
-                            "source": "torchvision"}
+    model.pretrained_cfg = _torchvision_pretrained_cfg(model)
     return model.train(training)
+
+
+def _torchvision_pretrained_cfg(model: VisionTransformer) -> dict[str, Any]:
+    return {**_IMAGENET, "input_size": [3, *model.img_size], "interpolation": "bilinear", "source": "torchvision"}
 
 
 # --- named pretrained models (create_model) ----------------------------------------------------
@@ -509,9 +511,12 @@ def _from_file(name: str, path: str | os.PathLike, kwargs: dict[str, Any]) -> Vi
             raise ValueError(f"a torchvision weights file takes only num_classes, not {sorted(kwargs)}")
         model = from_torchvision(state)
     else:
-        if is_torchvision_state_dict(state):
+        torchvision_weights = is_torchvision_state_dict(state)
+        if torchvision_weights:
             state = torchvision_to_timm_names(state)
         model = from_timm(state, name=name, **kwargs)
+        if torchvision_weights:
+            model.pretrained_cfg = _torchvision_pretrained_cfg(model)
     if model.pretrained_cfg is not None:
         model.pretrained_cfg["file"] = str(path)
     return _reset_head(model, num_classes)
@@ -556,6 +561,6 @@ def pretrained_model(
         peer = timm.create_model(name, pretrained=True, **kwargs)
     except OSError as err:
         cfg = timm.models.get_pretrained_cfg(name)
-        url = f"https://huggingface.co/{cfg.hf_hub_id}" if cfg and cfg.hf_hub_id else (cfg.url if cfg else None)
+        url = f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors" if cfg and cfg.hf_hub_id else (cfg.url if cfg else None)
         raise _unavailable(name, url, err) from err
     return from_timm(peer)

@@ -114,6 +114,11 @@ def load_pretrained(directory: str | os.PathLike, device: str = "cpu") -> Vision
             config, or weights whose names/shapes do not match the config (tampered files).
     """
     directory = Path(directory)
+    if directory.is_file():
+        raise CheckpointError(
+            f"{directory} is a file; load_pretrained reads the folder written by save_pretrained "
+            "(timm/torchvision weight files load with create_model(NAME, pretrained_file=PATH))"
+        )
     meta = _read_config(directory / CONFIG_NAME)
     try:
         model = VisionTransformer(**meta["config"])
