@@ -94,6 +94,16 @@ def test_timm_peer_logits_features_and_attention(name, kwargs):
 
 
 @torch.no_grad()
+def test_dynamic_size_peer_matches_at_other_input_sizes():
+    """Both resample the learned positions for other grids the same way (timm's resampler)."""
+    peer = _perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True, img_size=64, reg_tokens=1))
+    ours = from_timm(peer).eval()
+    for size in [(48, 80), (96, 64)]:
+        x = torch.randn(1, 3, *size)
+        torch.testing.assert_close(ours(x), peer(x), **TOL)
+
+
+@torch.no_grad()
 def test_timm_state_dict_needs_a_name_and_matches_the_model():
     peer = _perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=5))
     x = torch.randn(2, 3, 64, 64)
@@ -206,6 +216,19 @@ def test_pretrained_file_then_new_head(tmp_path, suffix):
     assert torch.count_nonzero(tuned.head.bias) == 0  # a fresh head, as timm does
     resampled = create_model("vit_tiny_patch16_224", pretrained_file=path)  # 64 → 224: positions resampled by timm
     assert resampled.pos_embed.shape == (1, 1 + 14 * 14, 192)
+
+
+@torch.no_grad()
+def test_headless_file_like_dino(tmp_path):
+    """A backbone-only file (DINO's has no head): no head unless num_classes asks for one."""
+    peer = _perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0))
+    torch.save(peer.state_dict(), tmp_path / "backbone.pth")
+    x = torch.randn(1, 3, 32, 32)
+    features = create_model("vit_tiny_patch16_224", pretrained_file=tmp_path / "backbone.pth", img_size=32).eval()
+    assert features.num_classes == 0
+    torch.testing.assert_close(features(x), peer(x), **TOL)
+    tuned = create_model("vit_tiny_patch16_224", pretrained_file=tmp_path / "backbone.pth", img_size=32, num_classes=10)
+    assert tuned.eval()(x).shape == (1, 10)
 
 
 def test_pretrained_file_errors(tmp_path):

@@ -237,7 +237,8 @@ def _timm_config(model: nn.Module) -> dict[str, Any]:
             isinstance(block.ls1, LayerScale), act,
         ))
     norms = [model.norm, model.fc_norm] + [
-        m for block in model.blocks for m in (block.norm1, block.norm2, block.attn.q_norm, block.attn.k_norm)
+        m for block in model.blocks if type(block) is TimmBlock and type(block.attn) is TimmAttention
+        for m in (block.norm1, block.norm2, block.attn.q_norm, block.attn.k_norm)
     ]
     norms = [m for m in norms if not _is_plain(m)]
     not_layer_norm = {type(m).__name__ for m in norms if not (isinstance(m, nn.LayerNorm) and m.bias is not None)}
