@@ -75,6 +75,7 @@ def _edit_config(directory, **changes) -> None:
     (dict(version=99), "format version 99"),
     (dict(architecture="ResNet"), "architecture 'ResNet'"),
     (dict(config={"hidden_size": 8}), "does not build a VisionTransformer.*hidden_size"),
+    (dict(config={"act_layer": "swish2"}), "does not build a VisionTransformer.*unknown activation 'swish2'"),
     (dict(config={"depth": 3}), "missing: blocks.2"),
     (dict(config={"embed_dim": 64, "num_heads": 4}), "wrong shape: cls_token"),
 ])

@@ -105,6 +105,13 @@ def _build(config: dict[str, Any], state: StateDict, source: str) -> VisionTrans
     return model
 
 
+def _reset_head(model: VisionTransformer, num_classes: int | None) -> VisionTransformer:
+    """A fresh head for ``num_classes`` when it differs from the weights' (timm's behaviour)."""
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+    return model
+
+
 def _unwrap(state: Mapping[str, Any]) -> dict[str, Tensor]:
     """A bare ``{name: tensor}`` dict from common checkpoint wrappers (``model``, ``state_dict``,
     DDP's ``module.`` prefix)."""
@@ -317,12 +324,14 @@ def from_timm(
 
     Args:
         model_or_state_dict: a timm model (its configuration is read from it), or a state dict
-            under timm's names (``{"model": ...}`` wrappers are accepted; other checkpoint layouts
-            timm knows, e.g. OpenAI CLIP or DINOv2, go through timm's ``checkpoint_filter_fn``).
+            under timm's names (``{"model": ...}`` wrappers are accepted; torchvision names are
+            renamed; other layouts timm knows, e.g. DINOv2's, go through timm's
+            ``checkpoint_filter_fn``).
         name: the timm name the state dict belongs to (``"vit_small_patch16_224.dino"``); needed
             for a state dict, which does not record e.g. the number of heads.
         timm_kwargs: for a state dict, extra arguments of the timm model (``img_size=384``
-            resamples the learned positions as timm does).
+            resamples the learned positions as timm does; ``num_classes`` other than the
+            weights' puts a fresh head on the converted backbone).
 
     Returns:
         A :class:`VisionTransformer` whose logits and ``forward_features`` equal the peer's, in
@@ -346,13 +355,18 @@ def from_timm(
                 "pass the timm name it was trained as, e.g. from_timm(state, name='vit_small_patch16_224')"
             )
         raw = _unwrap(model_or_state_dict)
-        peer = _timm_peer(name, **{"num_classes": _head_classes(raw), **timm_kwargs})
+        if is_torchvision_state_dict(raw):
+            raw = torchvision_to_timm_names(raw)
+        num_classes = timm_kwargs.pop("num_classes", None)
+        peer = _timm_peer(name, num_classes=_head_classes(raw), **timm_kwargs)
         _timm_config(peer)  # refuse unsupported architectures before touching the weights
         state = checkpoint_filter_fn(raw, peer)
         source = f"a state dict for timm's {name!r}"
     model = _build(_timm_config(peer), state, source)
     model.pretrained_cfg = _timm_pretrained_cfg(peer)
-    return model.train(peer.training)
+    if isinstance(model_or_state_dict, nn.Module):
+        return model.train(peer.training)
+    return _reset_head(model, num_classes).train()
 
 
 # --- torchvision -------------------------------------------------------------------------------
@@ -435,6 +449,10 @@ def _torchvision_config(model: nn.Module) -> dict[str, Any]:
 
 def _torchvision_config_from_state(state: StateDict) -> dict[str, Any]:
     """The configuration of a torchvision ViT from its (timm-named) weights' shapes."""
+    required = ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"not a complete torchvision ViT state dict: no {missing}")
     width, _, patch, _ = state["patch_embed.proj.weight"].shape
     if width not in _TORCHVISION_HEADS:
         raise ValueError(
@@ -498,29 +516,20 @@ def _unavailable(name: str, url: str | None, err: Exception) -> PretrainedUnavai
     )
 
 
-def _reset_head(model: VisionTransformer, num_classes: int | None) -> VisionTransformer:
-    if num_classes is not None and num_classes != model.num_classes:
-        model.reset_classifier(num_classes)
-    return model
-
-
 def _from_file(name: str, path: str | os.PathLike, kwargs: dict[str, Any]) -> VisionTransformer:
-    num_classes = kwargs.pop("num_classes", None)
     state = load_weights_file(path)
     if name in TORCHVISION_VITS:
+        num_classes = kwargs.pop("num_classes", None)
         if kwargs:
             raise ValueError(f"a torchvision weights file takes only num_classes, not {sorted(kwargs)}")
-        model = from_torchvision(state)
+        model = _reset_head(from_torchvision(state), num_classes)
     else:
-        torchvision_weights = is_torchvision_state_dict(state)
-        if torchvision_weights:
-            state = torchvision_to_timm_names(state)
         model = from_timm(state, name=name, **kwargs)
-        if torchvision_weights:
+        if is_torchvision_state_dict(state):
             model.pretrained_cfg = _torchvision_pretrained_cfg(model)
     if model.pretrained_cfg is not None:
         model.pretrained_cfg["file"] = str(path)
-    return _reset_head(model, num_classes)
+    return model
 
 
 def pretrained_model(

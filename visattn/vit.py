@@ -149,7 +149,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.config = self_config
         self.pretrained_cfg: dict[str, Any] | None = None
-        act_layer = get_act_layer(act_layer) if isinstance(act_layer, str) else act_layer
+        act_layer = _activation(act_layer)
         norm_layer = partial(nn.LayerNorm, eps=norm_eps) if norm_layer is None else norm_layer
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
@@ -288,6 +288,18 @@ class VisionTransformer(nn.Module):
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         """Token grid ``(gh, gw)`` for an input ``height × width`` (raises a clear error if it does not tile)."""
         return self.patch_embed.grid_size(height, width)
+
+
+def _activation(act_layer: str | Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """A module class from a timm activation name (``"gelu"``, ``"gelu_tanh"``, ...), or as given."""
+    if not isinstance(act_layer, str):
+        return act_layer
+    try:
+        return get_act_layer(act_layer)
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {act_layer!r}; use a timm activation name such as 'gelu', 'gelu_tanh' or 'silu'"
+        ) from None
 
 
 def _json_config(arguments: dict[str, Any]) -> dict[str, Any]:
