@@ -231,6 +231,22 @@ def test_headless_file_like_dino(tmp_path):
     assert tuned.eval()(x).shape == (1, 10)
 
 
+@torch.no_grad()
+def test_grayscale_small_patch_fine_tuning_setup(tmp_path):
+    """What train.py asks for the digits (in_chans=1, 16×16, 4×4 patches, 10 classes) from an RGB file:
+    summed RGB filters make a gray image's logits those of the same image repeated on three channels."""
+    peer = _perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2))
+    torch.save(peer.state_dict(), tmp_path / "rgb.pth")
+    gray = create_model("vit_tiny_patch16_224", pretrained_file=tmp_path / "rgb.pth", img_size=32, depth=2, in_chans=1).eval()
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(gray(x), peer(x.expand(-1, 3, -1, -1)), **TOL)
+    digits = create_model(
+        "vit_tiny_patch16_224", pretrained_file=tmp_path / "rgb.pth", depth=2, in_chans=1, img_size=16, patch_size=4, num_classes=10
+    )
+    assert digits.patch_embed.proj.weight.shape == (192, 1, 4, 4) and digits.pos_embed.shape == (1, 1 + 16, 192)
+    assert digits(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
 def test_pretrained_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         create_model("vit_tiny_patch16_224", pretrained_file=tmp_path / "missing.pth")

@@ -32,6 +32,7 @@ from timm.layers import LayerScale, Mlp
 from timm.layers import PatchEmbed as TimmPatchEmbed
 from timm.layers.activations import GELU as TimmGELU
 from timm.layers.activations import GELUTanh as TimmGELUTanh
+from timm.models import adapt_input_conv
 from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn
@@ -311,6 +312,15 @@ def _head_classes(state: StateDict) -> int:
     return 0 if head is None else head.shape[0]
 
 
+def _adapt_input_channels(state: dict[str, Tensor], in_chans: int) -> dict[str, Tensor]:
+    """Fit the patch embedding to ``in_chans`` as timm's pretrained loading does (``in_chans=1``
+    sums the RGB filters; more channels repeat them, rescaled)."""
+    weight = state.get("patch_embed.proj.weight")
+    if weight is not None and weight.shape[1] != in_chans:
+        state = {**state, "patch_embed.proj.weight": adapt_input_conv(in_chans, weight, base_chans=weight.shape[1])}
+    return state
+
+
 def _timm_peer(name: str, **kwargs: Any) -> nn.Module:
     """A timm model of ``name`` on the meta device: its configuration without allocating weights."""
     with torch.device("meta"):
@@ -330,8 +340,9 @@ def from_timm(
         name: the timm name the state dict belongs to (``"vit_small_patch16_224.dino"``); needed
             for a state dict, which does not record e.g. the number of heads.
         timm_kwargs: for a state dict, extra arguments of the timm model (``img_size=384``
-            resamples the learned positions as timm does; ``num_classes`` other than the
-            weights' puts a fresh head on the converted backbone).
+            resamples the learned positions and ``patch_size=8`` the patch filters as timm
+            does, ``in_chans=1`` sums the RGB filters; ``num_classes`` other than the weights'
+            puts a fresh head on the converted backbone).
 
     Returns:
         A :class:`VisionTransformer` whose logits and ``forward_features`` equal the peer's, in
@@ -360,7 +371,7 @@ def from_timm(
         num_classes = timm_kwargs.pop("num_classes", None)
         peer = _timm_peer(name, num_classes=_head_classes(raw), **timm_kwargs)
         _timm_config(peer)  # refuse unsupported architectures before touching the weights
-        state = checkpoint_filter_fn(raw, peer)
+        state = _adapt_input_channels(checkpoint_filter_fn(raw, peer), peer.patch_embed.proj.in_channels)
         source = f"a state dict for timm's {name!r}"
     model = _build(_timm_config(peer), state, source)
     model.pretrained_cfg = _timm_pretrained_cfg(peer)
