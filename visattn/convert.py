@@ -50,6 +50,7 @@ __all__ = [
     "load_state_dict_exactly",
     "load_weights_file",
     "pretrained_model",
+    "timm_config",
     "torchvision_to_timm_names",
 ]
 
@@ -176,8 +177,9 @@ def _is_plain(module: nn.Module) -> bool:
     return isinstance(module, nn.Identity)
 
 
-def _timm_config(model: nn.Module) -> dict[str, Any]:
-    """The :class:`VisionTransformer` arguments equivalent to a timm ViT (on any device, meta too).
+def timm_config(model: nn.Module) -> dict[str, Any]:
+    """The :class:`VisionTransformer` arguments equivalent to a timm ViT (on any device, meta too):
+    ``VisionTransformer(**timm_config(model))`` has the same architecture and parameter names.
 
     Raises:
         UnsupportedModelError: naming every feature of ``model`` visattn does not implement.
@@ -370,10 +372,10 @@ def from_timm(
             raw = torchvision_to_timm_names(raw)
         num_classes = timm_kwargs.pop("num_classes", None)
         peer = _timm_peer(name, num_classes=_head_classes(raw), **timm_kwargs)
-        _timm_config(peer)  # refuse unsupported architectures before touching the weights
+        timm_config(peer)  # refuse unsupported architectures before touching the weights
         state = _adapt_input_channels(checkpoint_filter_fn(raw, peer), peer.patch_embed.proj.in_channels)
         source = f"a state dict for timm's {name!r}"
-    model = _build(_timm_config(peer), state, source)
+    model = _build(timm_config(peer), state, source)
     model.pretrained_cfg = _timm_pretrained_cfg(peer)
     if isinstance(model_or_state_dict, nn.Module):
         return model.train(peer.training)
