@@ -6,6 +6,8 @@ to the wrong place (e.g. norm1 ↔ norm2, both all-ones at init) changes the out
 
 from __future__ import annotations
 
+import urllib.error
+
 import huggingface_hub.constants
 import pytest
 import timm
@@ -268,6 +270,15 @@ def test_offline_without_cache_says_how_to_pass_a_file(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(PretrainedUnavailableError, match=r"pretrained_file=.*huggingface.co/timm/vit_small_patch16_224\.dino|huggingface.co/timm/vit_small_patch16_224\.dino.*pretrained_file="):
         create_model("vit_small_patch16_224.dino", pretrained=True)
+
+
+def test_torchvision_offline_error(monkeypatch):
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_network)
+    with pytest.raises(PretrainedUnavailableError, match=r"download.pytorch.org/models/vit_b_32.*pretrained_file="):
+        create_model("vit_b_32", pretrained=True)
 
 
 def test_create_model_names():
