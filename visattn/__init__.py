@@ -3,6 +3,8 @@
 from . import functional, maps
 from .attention import AttentionRecord, MultiHeadAttention, SelfAttention2d
 from .blocks import EncoderBlock
+from .convert import from_timm, from_torchvision
+from .hub import load_pretrained, save_pretrained
 from .maps import AttentionRecording, record_attention
 from .overlay import overlay, overlay_grid
 from .pos_embed import resample_pos_embed, sincos_2d
@@ -20,14 +22,18 @@ __all__ = [
     "SelfAttention2d",
     "VisionTransformer",
     "create_model",
+    "from_timm",
+    "from_torchvision",
     "functional",
     "list_models",
     "maps",
     "overlay",
     "overlay_grid",
     "record_attention",
+    "load_pretrained",
     "register_model",
     "register_source",
     "resample_pos_embed",
+    "save_pretrained",
     "sincos_2d",
 ]

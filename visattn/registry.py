@@ -8,6 +8,7 @@ prefix with :func:`register_source`.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable
 
 from torch import nn
@@ -40,18 +41,44 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
+def create_model(
+    name: str,
+    *,
+    pretrained: bool = False,
+    pretrained_file: str | os.PathLike | None = None,
+    **kwargs,
+) -> nn.Module:
     """Build a registered model by name; ``kwargs`` override its defaults.
 
     Example: ``create_model("vit_tiny_patch4_32", num_classes=100, drop_path_rate=0.1)``.
+
+    A timm name (tags too: ``"vit_small_patch16_224.dino"``) or a torchvision ViT name
+    (``"vit_b_16"``) that visattn does not register, or any such name with ``pretrained=True``
+    (fetched by timm/torchvision: network or local cache) or ``pretrained_file=PATH`` (a local
+    ``.safetensors``/``.pth``/``.bin`` state dict), builds the peer and converts it exactly
+    (:func:`visattn.convert.pretrained_model`; ``kwargs`` are then the peer's arguments, and a
+    ``num_classes`` other than the weights' gets a fresh head).
     """
     if ":" in name:
         prefix, rest = name.split(":", 1)
         if prefix not in _SOURCES:
             known = ", ".join(f"{p}:" for p in sorted(_SOURCES)) or "none"
             raise ValueError(f"unknown model source {prefix!r} in {name!r}; known sources: {known}")
+        if pretrained:
+            kwargs["pretrained"] = True
+        if pretrained_file is not None:
+            kwargs["pretrained_file"] = pretrained_file
         return _SOURCES[prefix](rest, **kwargs)
-    if name not in _MODELS:
+    if pretrained or pretrained_file is not None or name not in _MODELS:
+        from .convert import is_convertible_name, pretrained_model
+
+        if is_convertible_name(name):
+            return pretrained_model(name, pretrained=pretrained, pretrained_file=pretrained_file, **kwargs)
+        if name in _MODELS:
+            raise ValueError(
+                f"{name!r} is visattn's own model with no published weights (not a timm or "
+                "torchvision name); load a visattn checkpoint with visattn.checkpoint.model_from_checkpoint"
+            )
         close = difflib.get_close_matches(name, _MODELS, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(list_models())}")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from einops import rearrange
-from timm.layers import trunc_normal_
+from timm.layers import get_act_layer, trunc_normal_
 from torch import Tensor, nn
 
 from .blocks import EncoderBlock
@@ -21,9 +22,6 @@ from .pos_embed import resample_pos_embed, sincos_2d
 from .registry import register_model
 
 __all__ = ["PatchEmbed", "VisionTransformer"]
-
-LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
-
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
@@ -99,7 +97,18 @@ class VisionTransformer(nn.Module):
         pos_drop_rate: dropout after adding positions.
         proj_drop_rate, attn_drop_rate: dropout in blocks.
         drop_path_rate: stochastic depth, rising linearly from 0 to this over the blocks.
-        act_layer, norm_layer: MLP activation and normalization (LayerNorm, eps 1e-6).
+        act_layer: MLP activation: a timm activation name (``"gelu"``, ``"gelu_tanh"``, ...)
+            or a module class (a class other than ``nn.GELU`` cannot be saved by name).
+        norm_eps: epsilon of the default LayerNorm (timm and torchvision ViTs use 1e-6).
+        norm_layer: normalization layer; ``None`` is ``LayerNorm(eps=norm_eps)``. A custom one
+            works but cannot be written by :meth:`save_pretrained`.
+
+    Attributes:
+        config: the constructor arguments as JSON values (``VisionTransformer(**config)``
+            rebuilds the architecture); kept up to date by :meth:`reset_classifier`.
+        pretrained_cfg: where converted weights came from and how their inputs are prepared
+            (``mean``, ``std``, ``input_size``, ``interpolation``, ``crop_pct``, ``source``),
+            or ``None``; timm's ``resolve_model_data_config`` reads it.
 
     Shapes:
         ``forward``: images ``(B, in_chans, H, W)`` → logits ``(B, num_classes)``.
@@ -132,10 +141,16 @@ class VisionTransformer(nn.Module):
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        act_layer: Callable[..., nn.Module] = nn.GELU,
-        norm_layer: Callable[[int], nn.Module] = LayerNorm6,
+        act_layer: str | Callable[..., nn.Module] = nn.GELU,
+        norm_eps: float = 1e-6,
+        norm_layer: Callable[[int], nn.Module] | None = None,
     ) -> None:
+        self_config = _json_config(locals())  # first statement: the arguments exactly as given
         super().__init__()
+        self.config = self_config
+        self.pretrained_cfg: dict[str, Any] | None = None
+        act_layer = _activation(act_layer)
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps) if norm_layer is None else norm_layer
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
         if pos_embed not in ("learned", "sincos"):
@@ -164,7 +179,7 @@ class VisionTransformer(nn.Module):
             self.pos_embed = None
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
-        drop_paths = [rate.item() for rate in torch.linspace(0, drop_path_rate, depth)]
+        drop_paths = [rate.item() for rate in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         self.blocks = nn.Sequential(*[
             EncoderBlock(
                 embed_dim, num_heads, mlp_ratio, norm=norm, qkv_bias=qkv_bias, qk_norm=qk_norm,
@@ -254,11 +269,17 @@ class VisionTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a fresh one for ``num_classes`` (0 removes it)."""
-        self.num_classes = num_classes
+        self.num_classes = self.config["num_classes"] = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (see :mod:`visattn.hub`)."""
+        from .hub import save_pretrained
+
+        save_pretrained(self, directory)
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -267,6 +288,33 @@ class VisionTransformer(nn.Module):
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         """Token grid ``(gh, gw)`` for an input ``height × width`` (raises a clear error if it does not tile)."""
         return self.patch_embed.grid_size(height, width)
+
+
+def _activation(act_layer: str | Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """A module class from a timm activation name (``"gelu"``, ``"gelu_tanh"``, ...), or as given."""
+    if not isinstance(act_layer, str):
+        return act_layer
+    try:
+        return get_act_layer(act_layer)
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {act_layer!r}; use a timm activation name such as 'gelu', 'gelu_tanh' or 'silu'"
+        ) from None
+
+
+def _json_config(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Constructor ``arguments`` (``locals()``) as JSON values; ``nn.GELU`` becomes ``"gelu"``.
+
+    Other callables stay as they are: the model works, and :meth:`VisionTransformer.save_pretrained`
+    says which argument it cannot write.
+    """
+    config = {k: v for k, v in arguments.items() if k not in ("self", "__class__")}
+    if config["act_layer"] is nn.GELU:
+        config["act_layer"] = "gelu"
+    for key in ("img_size", "patch_size"):
+        if isinstance(config[key], tuple):
+            config[key] = list(config[key])
+    return config
 
 
 # --- named configurations -------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""Save and load a :class:`~visattn.VisionTransformer` as a folder: weights + JSON, no pickle.
+
+Layout of ``DIR``::
+
+    DIR/config.json          {"format": "visattn-pretrained", "version": 1,
+                              "architecture": "VisionTransformer",
+                              "config": {...VisionTransformer arguments...},
+                              "pretrained_cfg": {...mean, std, input_size, source...} or null}
+    DIR/model.safetensors    the state dict under visattn's (= timm's) names
+
+Each file is written to a temporary name and renamed, so a crash leaves the old file or the new
+one. Loading rebuilds the model from the JSON and checks every tensor name and shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import CheckpointError
+from .convert import load_state_dict_exactly
+from .vit import VisionTransformer
+
+__all__ = ["CONFIG_NAME", "PRETRAINED_FORMAT", "WEIGHTS_NAME", "load_pretrained", "save_pretrained"]
+
+PRETRAINED_FORMAT = "visattn-pretrained"
+PRETRAINED_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(temporary_path)`` in ``path``'s folder, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(obj: Any, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def save_pretrained(model: VisionTransformer, directory: str | os.PathLike) -> None:
+    """Write ``model`` to ``directory`` (created if needed) as ``config.json`` + ``model.safetensors``.
+
+    Raises:
+        TypeError: ``model`` is not a :class:`VisionTransformer`.
+        ValueError: a constructor argument cannot be written to JSON (a custom ``act_layer`` or
+            ``norm_layer`` callable); the message names it and the by-name alternative.
+    """
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"save_pretrained writes a visattn VisionTransformer, got {type(model).__name__}")
+    for key, value in model.config.items():
+        try:
+            json.dumps(value)
+        except TypeError:
+            raise ValueError(
+                f"{key}={value!r} cannot be written to JSON; build the model with {key} by name "
+                "(act_layer='gelu' or 'gelu_tanh', norm_layer=None with norm_eps) to save it"
+            ) from None
+    meta = {
+        "format": PRETRAINED_FORMAT,
+        "version": PRETRAINED_VERSION,
+        "architecture": "VisionTransformer",
+        "config": model.config,
+        "pretrained_cfg": model.pretrained_cfg,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: _write_json(meta, tmp))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; a folder written by save_pretrained has {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != PRETRAINED_FORMAT:
+        raise CheckpointError(f"{path} is not a visattn pretrained config (no 'format': '{PRETRAINED_FORMAT}')")
+    version = meta.get("version")
+    if not isinstance(version, int) or version > PRETRAINED_VERSION or version < 1:
+        raise CheckpointError(f"{path} has format version {version!r}; this visattn reads version {PRETRAINED_VERSION}")
+    if meta.get("architecture") != "VisionTransformer":
+        raise CheckpointError(f"{path} describes architecture {meta.get('architecture')!r}; visattn loads 'VisionTransformer'")
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path} has no 'config' object")
+    return meta
+
+
+def load_pretrained(directory: str | os.PathLike, device: str = "cpu") -> VisionTransformer:
+    """Rebuild the :class:`VisionTransformer` saved in ``directory``; returned in eval mode.
+
+    Raises:
+        CheckpointError: missing files, a foreign or newer format, an unknown argument in the
+            config, or weights whose names/shapes do not match the config (tampered files).
+    """
+    directory = Path(directory)
+    if directory.is_file():
+        raise CheckpointError(
+            f"{directory} is a file; load_pretrained reads the folder written by save_pretrained "
+            "(timm/torchvision weight files load with create_model(NAME, pretrained_file=PATH))"
+        )
+    meta = _read_config(directory / CONFIG_NAME)
+    try:
+        model = VisionTransformer(**meta["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: the config does not build a VisionTransformer: {err}") from err
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} does not exist")
+    try:
+        state = load_file(weights, device=device)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights} is not a readable safetensors file (truncated or corrupt): {err}") from err
+    try:
+        load_state_dict_exactly(model, state, str(weights))
+    except ValueError as err:
+        raise CheckpointError(f"{err} (the files in {directory} do not belong together)") from err
+    model.pretrained_cfg = meta.get("pretrained_cfg")
+    return model.to(device).eval()
