@@ -14,6 +14,7 @@ from torchvision.models.resnet import BasicBlock, conv1x1
 
 import visattn
 from visattn import SelfAttention2d, attention_sites, create_model, format_sites, insert_attention
+from visattn.cli import main
 
 # model name → sites (one top-level stage, one nested block or inner index)
 MODELS = {
@@ -270,6 +271,14 @@ def test_sites_match_a_real_forward_and_the_costs():
     assert {"conv1", "layer1.0.conv1", "maxpool"} <= leaves
     table = format_sites(list(sites.values()))
     assert "| `layer3` | Sequential | 256 × 4 × 6 | 24 |" in table
+
+
+def test_sites_depth_and_the_cli(capsys):
+    model = create_model("resnet18_small", in_chans=1)
+    assert [s.path for s in attention_sites(model, (1, 32, 32), max_depth=1)] == [f"layer{i}" for i in range(1, 5)]
+    assert main(["sites", "resnet18_small", "--input-size", "1", "32", "40", "--depth", "1", "--kv-pool", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| `layer2` | Sequential | 128 × 16 × 20 | 320 | 80 | 100.0 KiB |" in out
 
 
 def test_sites_skip_inserted_blocks_and_package_exports():

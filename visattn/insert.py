@@ -249,11 +249,12 @@ def attention_sites(
     kv_pool: int = 1,
     dtype: torch.dtype = torch.float32,
     leaves: bool = False,
+    max_depth: int | None = None,
 ) -> list[AttentionSite]:
     """List where a :class:`~visattn.SelfAttention2d` could go and what it would cost.
 
     One dry forward pass of a ``(1, *input_size)`` input records every submodule's output; those
-    with a 4-D output are candidates, in the order they ran. Costs use the block's defaults
+    with a 4-D output are candidates, in the model's module order. Costs use the block's defaults
     (query/key/value width ``C/8``) with ``num_heads`` heads and keys pooled by ``kv_pool``.
 
     Args:
@@ -264,19 +265,23 @@ def attention_sites(
         dtype: element type for the byte counts.
         leaves: also list leaf modules (single convolutions, norms, activations); by default
             only containers (stages, blocks) are listed.
+        max_depth: only paths with at most this many parts (``1``: ``"layer3"``; ``2``:
+            ``"layer3.1"``); ``None`` lists all.
 
     Returns:
-        :class:`AttentionSite` rows in execution order.
+        :class:`AttentionSite` rows in module order.
     """
     element = torch.empty((), dtype=dtype).element_size()
     modules = {
         path: module for path, module in model.named_modules()
         if path and (leaves or next(module.children(), None) is not None)
+        and (max_depth is None or path.count(".") < max_depth)
         and not isinstance(module, SelfAttention2d)
     }
     shapes = _output_shapes(model, modules, input_size)
     rows = []
-    for path, shape in shapes.items():
+    for path in modules:
+        shape = shapes.get(path)
         if not isinstance(shape, tuple) or len(shape) != 4:
             continue
         _, channels, height, width = shape
