@@ -177,6 +177,10 @@ def test_state_dict_round_trip_deepcopy_and_presets():
     rebuilt.load_state_dict(model.state_dict())  # strict
     assert torch.equal(rebuilt(x), expected)
 
+    doubled = copy.deepcopy(model).double()  # .to() carries the blocks along
+    assert doubled.layer1_attn.gamma.dtype == torch.float64
+    torch.testing.assert_close(doubled(x.double()), expected.double(), atol=1e-5, rtol=1e-5)
+
     twin = copy.deepcopy(model)
     assert torch.equal(twin(x), expected)
     with torch.no_grad():
@@ -246,6 +250,8 @@ def test_attention_config_forms():
     for config in ({"at": "layer3", "num_heads": 2}, OmegaConf.create({"at": ["layer3"], "num_heads": 2})):
         model = create_model("torchvision:resnet18", num_classes=3, attention=config)
         assert model.layer3_attn.num_heads == 2
+    model = create_model("torchvision:resnet18", attention={"at": "layer4", "input_size": [3, 40, 40]})
+    assert model.layer4_attn.channels == 512
     with pytest.raises(ValueError, match="needs 'at'"):
         create_model("torchvision:resnet18", attention={"num_heads": 2})
 

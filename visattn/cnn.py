@@ -28,7 +28,9 @@ def apply_attention_config(
 ) -> nn.Module:
     """Insert the blocks an ``attention`` config asks for: ``{"at": [...], "preset": ..., **block_kwargs}``.
 
-    Accepts a plain dict or an OmegaConf ``DictConfig``. Returns ``model`` (changed in place).
+    Accepts a plain dict or an OmegaConf ``DictConfig``; an ``input_size`` entry overrides the
+    dry run's ``(C, H, W)`` (for models that need larger inputs). Returns ``model`` (changed in
+    place).
     """
     if not attention:
         return model
@@ -40,6 +42,7 @@ def apply_attention_config(
         )
     at = options.pop("at")
     at = [at] if isinstance(at, str) else [str(p) for p in at]
+    input_size = tuple(options.pop("input_size", input_size))  # the dry run's (C, H, W)
     insert_attention(model, at, input_size=input_size, **options)
     return model
 

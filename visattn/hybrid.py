@@ -83,7 +83,11 @@ def cnn_trunk(model: nn.Module, out_layer: str, input_size: tuple[int, int, int]
                 cut = None
     finally:
         handle.remove()
-    if cut is None or not seen or not isinstance(seen[0], Tensor) or seen[0].shape != cut.shape or not torch.equal(seen[0], cut):
+    same = (
+        cut is not None and seen and isinstance(seen[0], Tensor) and seen[0].shape == cut.shape
+        and torch.allclose(seen[0], cut, rtol=1e-3, atol=1e-4)  # tolerant of nondeterministic kernels
+    )
+    if not same:
         raise ValueError(
             f"{type(model).__name__}'s forward does not simply run its children in order up to "
             f"{out_layer!r}, so its first stages cannot be cut out by name; pick an earlier stage "
