@@ -299,12 +299,15 @@ def attention_sites(
     return rows
 
 
-def _human(n: float, unit: str = "B") -> str:
-    for prefix in ("", "Ki", "Mi", "Gi", "Ti"):
-        if abs(n) < 1024 or prefix == "Ti":
-            return f"{n:.0f} {prefix}{unit}" if prefix == "" else f"{n:.1f} {prefix}{unit}"
+def _human(n: float) -> str:
+    """Bytes with a binary prefix: ``150.1 KiB``."""
+    if n < 1024:
+        return f"{n:.0f} B"
+    for prefix in ("Ki", "Mi", "Gi", "Ti"):
         n /= 1024
-    raise AssertionError("unreachable")
+        if n < 1024 or prefix == "Ti":
+            break
+    return f"{n:.1f} {prefix}B"
 
 
 def format_sites(sites: Sequence[AttentionSite]) -> str:
