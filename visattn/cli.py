@@ -73,6 +73,19 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sites(args: argparse.Namespace) -> int:
+    """Where attention could go in a CNN and what it would cost there (a Markdown table)."""
+    from .insert import attention_sites, format_sites
+
+    model = create_model(args.model, in_chans=args.input_size[0]).eval()
+    sites = attention_sites(
+        model, tuple(args.input_size), num_heads=args.heads, kv_pool=args.kv_pool,
+        leaves=args.leaves, max_depth=args.depth,
+    )
+    print(format_sites(sites))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     overlay.add_argument("--alpha", type=float, default=0.5, help="opacity of the map")
     overlay.add_argument("--out", required=True, help="PNG to write")
     overlay.set_defaults(func=_cmd_overlay)
+    sites = sub.add_parser("sites", help="candidate places for attention in a CNN, with their costs")
+    sites.add_argument("model", help="e.g. torchvision:resnet50, timm:convnext_atto, resnet18_small")
+    sites.add_argument("--input-size", type=int, nargs=3, default=[3, 224, 224], metavar=("C", "H", "W"))
+    sites.add_argument("--heads", type=int, default=1)
+    sites.add_argument("--kv-pool", type=int, default=1)
+    sites.add_argument("--depth", type=int, default=None, help="only paths with at most this many parts")
+    sites.add_argument("--leaves", action="store_true", help="also list single layers")
+    sites.set_defaults(func=_cmd_sites)
     return parser
 
 

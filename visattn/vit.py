@@ -41,6 +41,10 @@ class PatchEmbed(nn.Module):
         self.in_chans = in_chans
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
 
+    def tokenize(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Images → tokens ``(B, gh·gw, D)`` and their grid ``(gh, gw)`` (the token-stem interface)."""
+        return self(x), self.grid_size(*x.shape[-2:])
+
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """The token grid ``(gh, gw)`` for an input of ``height × width``; raises if it does not tile."""
         ph, pw = self.patch_size
@@ -102,6 +106,10 @@ class VisionTransformer(nn.Module):
         norm_eps: epsilon of the default LayerNorm (timm and torchvision ViTs use 1e-6).
         norm_layer: normalization layer; ``None`` is ``LayerNorm(eps=norm_eps)``. A custom one
             works but cannot be written by :meth:`save_pretrained`.
+        embed_layer: a token stem to use instead of ``PatchEmbed(patch_size, in_chans,
+            embed_dim)`` (then ``patch_size`` and ``in_chans`` are unused). It must have
+            ``tokenize(x) -> (tokens (B, gh·gw, D), (gh, gw))``, ``grid_size(H, W) -> (gh, gw)``
+            and ``in_chans``, like :class:`PatchEmbed`; :class:`~visattn.HybridViT` passes a CNN.
 
     Attributes:
         config: the constructor arguments as JSON values (``VisionTransformer(**config)``
@@ -144,6 +152,7 @@ class VisionTransformer(nn.Module):
         act_layer: str | Callable[..., nn.Module] = nn.GELU,
         norm_eps: float = 1e-6,
         norm_layer: Callable[[int], nn.Module] | None = None,
+        embed_layer: nn.Module | None = None,
     ) -> None:
         self_config = _json_config(locals())  # first statement: the arguments exactly as given
         super().__init__()
@@ -167,7 +176,7 @@ class VisionTransformer(nn.Module):
         self.num_reg_tokens = reg_tokens
         self.num_prefix_tokens = int(class_token) + reg_tokens
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim) if embed_layer is None else embed_layer
         self.grid_size = self.patch_embed.grid_size(*self.img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
@@ -206,8 +215,9 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.cls_token, std=1e-6)
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=1e-6)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
+        for name, module in self.named_modules():
+            # a custom token stem (a CNN for HybridViT) keeps its own initialization or weights
+            if isinstance(module, nn.Linear) and not name.startswith("patch_embed."):
                 trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -235,8 +245,7 @@ class VisionTransformer(nn.Module):
 
     def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Images ``(B, C, H, W)`` → tokens with prefix and positions ``(B, prefix + gh·gw, D)``, and the grid."""
-        tokens = self.patch_embed(x)
-        grid = self.patch_embed.grid_size(*x.shape[-2:])
+        tokens, grid = self.patch_embed.tokenize(x)
         pos = self._positions(grid, tokens)
         prefix = self._prefix_tokens(tokens.shape[0])
         if self.no_embed_class:
