@@ -17,6 +17,7 @@ parameters requiring gradients (the block sits inside a network), ``out.sum().ba
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -235,7 +236,7 @@ def run(config: Config) -> Part:
                     row[f"{mode}_peak_bytes"] = memory_estimate(row["contender"], mode, row["grid"], rows)
     _finish_rows(rows)
     part.rows = rows
-    part.notes += _goal_notes(rows)
+    part.notes += _growth_notes(rows) + _goal_notes(rows)
     if not measure_memory:
         part.notes.append("peak memory not measured: needs Linux /proc/self/clear_refs or CUDA")
     if config.plots:
@@ -261,6 +262,21 @@ def _finish_rows(rows: list[dict]) -> None:
             row["memory_vs_timm"] = row["forward_backward_peak_bytes"] / timm_row["forward_backward_peak_bytes"]
     for row in rows:
         row["grid"], row["grid_side"] = f"{row['grid']}x{row['grid']}", row["grid"]
+
+
+def _growth_notes(rows: list[dict]) -> list[str]:
+    """How each cost grows with the number of cells: the exponent p of cost ∝ (H·W)^p between
+    the two largest grids measured (time: 2 for every contender; memory: 1 fused, 2 materialized)."""
+    notes = []
+    for name in CONTENDERS:
+        for key, label in (("forward_backward_ms", "fwd+bwd time"), ("forward_backward_peak_bytes", "fwd+bwd memory")):
+            pts = [(r["grid_side"] ** 2, r[key]) for r in rows
+                   if r["contender"] == name and r.get(key) and not (key.endswith("bytes") and r.get("memory_estimated"))]
+            if len(pts) >= 2:
+                (n1, v1), (n2, v2) = sorted(pts)[-2:]
+                notes.append(f"{name} {label} grows as (HW)^{math.log(v2 / v1) / math.log(n2 / n1):.2f} "
+                             f"(from {int(n1 ** 0.5)}² to {int(n2 ** 0.5)}²)")
+    return notes
 
 
 def _goal_notes(rows: list[dict]) -> list[str]:
@@ -298,7 +314,8 @@ def _plot(rows: list[dict], config: Config) -> str:
                 continue
             line, = ax.plot([p[0] for p in pts if not p[2]], [p[1] for p in pts if not p[2]], "o-", label=name)
             est = [p for p in pts if p[2]]
-            if est:
+            if est:  # dashed from the last measured point to the estimates
+                est = [p for p in pts if not p[2]][-1:] + est
                 ax.plot([p[0] for p in est], [p[1] for p in est], "x--", color=line.get_color(),
                         label=f"{name} (estimated, not run)")
         ax.set_xscale("log", base=2)
