@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from visattn import SelfAttention2d
 from visattn.functional import attention_matrix_bytes
+from visattn.profiling import FUSED_KERNELS, attention_kernels
 
 from .common import (
     Config,
@@ -160,9 +161,8 @@ def memory_estimate(contender: str, mode: str, grid: int, measured: list[dict]) 
 
 def child(case: dict, device: str) -> dict:
     """(In a fresh process) peak memory of one contender at one grid, for each mode."""
-    module = make_contenders(case.get("channels", CHANNELS), device)[case["contender"]]
-    x = make_input(case["grid"], device, case.get("batch", BATCH), case.get("channels", CHANNELS))
-    warm = make_input(8, device, case.get("batch", BATCH), case.get("channels", CHANNELS))
+    module = make_contenders(CHANNELS, device)[case["contender"]]
+    x, warm = make_input(case["grid"], device), make_input(8, device)
     result = {}
     for mode in MODES:
         step(module, warm, mode)()  # libraries initialize their pools and caches outside the peak
@@ -205,6 +205,10 @@ def run(config: Config) -> Part:
         "scale C^-1/2, z conv + BatchNorm + residual); outputs agree to "
         f"{part.extra['max_abs_difference_between_contenders']:.1e}"
     )
+    kernels = attention_kernels(step(contenders["visattn"], make_input(16, config.device), "forward_backward"))
+    part.extra["visattn_attention_kernels"] = sorted(kernels)
+    part.notes.append(f"attention kernel run by visattn (training forward): {', '.join(sorted(kernels))}"
+                      + ("" if kernels and kernels <= FUSED_KERNELS else "  <-- NOT the fused kernel"))
     rows: list[dict] = []
     for grid in grids:
         x = make_input(grid, config.device)
