@@ -177,6 +177,7 @@ def _cpu_model() -> str:
 
 
 def free_memory() -> None:
+    """Collect garbage so tensors of a finished case are gone before the next one starts."""
     gc.collect()
 
 
@@ -196,7 +197,9 @@ class PeakMemory:
     CPU (Linux): writing ``5`` to ``/proc/self/clear_refs`` resets the resident-set high-water
     mark ``VmHWM`` to the current ``VmRSS``; the peak is ``VmHWM`` after the block minus that
     baseline. (``getrusage``'s ``ru_maxrss`` cannot be reset and is inherited across
-    fork+exec, so it is not used.) CUDA: ``torch.cuda`` peak statistics, reset the same way.
+    fork+exec, so it is not used.) The kernel folds the current RSS into ``VmHWM`` when memory is
+    unmapped, which is why :func:`run_in_fresh_processes` makes every block over 1 MiB a mapping
+    of its own. CUDA: ``torch.cuda`` peak statistics, reset the same way.
     """
 
     def __init__(self, device: str) -> None:
