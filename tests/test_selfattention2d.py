@@ -171,6 +171,23 @@ def test_fused_kernel_is_taken(make):
     assert used & FUSED_KERNELS and not used & UNFUSED_KERNELS, used
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fused_kernels_forward_and_backward_at_64x64(memory_format):
+    """The benchmark's configuration (q/k/v 32 wide, BatchNorm, no gate) at a 64×64 grid, training:
+    the fused kernel runs forward and backward and no (HW)×(HW) softmax is ever formed."""
+    block = SelfAttention2d(64, qk_channels=32, v_channels=32, scale=64**-0.5, out_norm="batchnorm", gate=None)
+    nn.init.ones_(block.out_norm.weight)  # let gradients reach the attention
+    x = torch.randn(1, 64, 64, 64).to(memory_format=memory_format).requires_grad_(True)
+    with torch.profiler.profile() as prof:
+        block.train()(x).sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names, names
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in names, names
+    materializing = UNFUSED_KERNELS | {"aten::_softmax", "aten::bmm"}
+    assert not names & materializing, names & materializing
+    assert block.query.weight.grad.abs().sum() > 0
+
+
 def test_clear_errors():
     block = SelfAttention2d(16)
     with pytest.raises(ValueError, match=r"C=16.*C=8"):

@@ -128,13 +128,16 @@ class MultiHeadAttention(_RecordableAttention):
 
     def _project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         if context is None:
-            qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-            return qkv[0], qkv[1], qkv[2]
+            # unbind, not qkv[0], qkv[1], qkv[2]: its backward stacks the three gradients once
+            # instead of zero-filling three full-size buffers and adding them
+            q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
+            return q, k, v
         w_q, w_kv = self.qkv.weight.split([self.dim, 2 * self.dim])
         b_q, b_kv = (None, None) if self.qkv.bias is None else self.qkv.bias.split([self.dim, 2 * self.dim])
         q = rearrange(F.linear(x, w_q, b_q), "b n (h d) -> b h n d", h=self.num_heads)
         kv = rearrange(F.linear(context, w_kv, b_kv), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)
-        return q, kv[0], kv[1]
+        k, v = kv.unbind(0)
+        return q, k, v
 
     def forward(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -86,6 +87,19 @@ def _cmd_sites(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark suite of a source checkout (``benchmarks/`` next to ``visattn/``)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        print(f"visattn bench needs a source checkout: no benchmarks/ folder in {root}", file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.__main__ import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,11 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     sites.add_argument("--depth", type=int, default=None, help="only paths with at most this many parts")
     sites.add_argument("--leaves", action="store_true", help="also list single layers")
     sites.set_defaults(func=_cmd_sites)
+    bench = sub.add_parser("bench", add_help=False,
+                           help="the benchmark suite (options: visattn bench --help)")
+    bench.set_defaults(func=_cmd_bench, bench_args=[])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 
