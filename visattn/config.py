@@ -88,14 +88,14 @@ class DataConfig:
 class TrainConfig:
     """The recipe: optimizer, schedule, regularization, precision, seed."""
 
-    epochs: int = 100
-    batch_size: int = 128  # global: split evenly over the processes of a multi-process run
+    epochs: int = 60
+    batch_size: int = 64  # global: split evenly over the processes of a multi-process run
     opt: str = "adamw"  # any timm optimizer name (timm.optim.create_optimizer_v2)
     lr: float = 2e-3
     weight_decay: float = 0.05  # not applied to norms, biases, positional embeddings, class token
     momentum: float = 0.9  # for SGD-style optimizers
     sched: str = "cosine"  # any timm scheduler name (timm.scheduler.create_scheduler_v2)
-    warmup_epochs: int = 5
+    warmup_epochs: int = 3
     warmup_lr: float = 1e-5
     min_lr: float = 1e-5
     label_smoothing: float = 0.1
