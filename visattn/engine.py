@@ -136,35 +136,29 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, A
     # epochs
     metrics: dict[str, Any] = {}
     started = time.perf_counter()
-    for epoch in range(start_epoch, t.epochs):
-        _seed_everything(t.seed, epoch, procs.rank)
-        train_sampler.set_epoch(epoch)
-        train_stats, step = train_one_epoch(
-            train_model, train_loader, loss_fn, optimizer, scheduler, step, procs, amp_dtype,
-            mixup=mixup, ema=ema, scaler=scaler, clip_grad=t.clip_grad, epoch=epoch, cfg=cfg,
-            checkpoint=run_dir / "last.pt",
-        )
-        test_stats = evaluate(model, test_loader, procs, amp_dtype, data_config["num_classes"])
-        metrics = {"epoch": epoch + 1, "step": step, **train_stats, **_prefixed(test_stats, "test_")}
-        if ema is not None:
-            metrics.update(_prefixed(evaluate(ema.module, test_loader, procs, amp_dtype, data_config["num_classes"]), "ema_test_"))
-        metrics["time"] = time.perf_counter() - started
-        score = metrics["ema_test_acc1" if ema is not None else "test_acc1"]
-        log(_epoch_line(metrics, t.epochs, ema is not None))
-        if procs.is_main:
-            with open(run_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps({k: v for k, v in metrics.items() if "per_class" not in k}) + "\n")
-            extra = dict(data_config=data_config, config=config_to_dict(cfg))
-            final = ema.module if ema is not None else model
-            if score > best:
-                best = score
-                save_checkpoint(run_dir / "best.pt", final, model_config, epoch=epoch + 1, acc1=score, **extra)
-            save_checkpoint(
-                run_dir / "last.pt", model, model_config, epoch=epoch + 1, step=step, best_acc1=best,
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                ema=ema.state_dict() if ema is not None else None,
-                scaler=scaler.state_dict() if scaler is not None else None, **extra,
+    try:
+        for epoch in range(start_epoch, t.epochs):
+            _seed_everything(t.seed, epoch, procs.rank)
+            train_sampler.set_epoch(epoch)
+            train_stats, step = train_one_epoch(
+                train_model, train_loader, loss_fn, optimizer, scheduler, step, procs, amp_dtype,
+                mixup=mixup, ema=ema, scaler=scaler, clip_grad=t.clip_grad, epoch=epoch, cfg=cfg,
+                checkpoint=run_dir / "last.pt",
             )
+            metrics = {"epoch": epoch + 1, "step": step, **train_stats,
+                       **_prefixed(evaluate(model, test_loader, procs, amp_dtype, data_config["num_classes"]), "test_")}
+            if ema is not None:
+                metrics.update(_prefixed(evaluate(ema.module, test_loader, procs, amp_dtype, data_config["num_classes"]), "ema_test_"))
+            metrics["time"] = time.perf_counter() - started
+            log(_epoch_line(metrics, t.epochs, ema is not None))
+            if procs.is_main:
+                best = _save_epoch(run_dir, metrics, best, model, ema, model_config, data_config, cfg,
+                                   optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                   scaler=scaler.state_dict() if scaler is not None else None)
+    except NonFiniteLossError:
+        if procs.is_main and (run_dir / "metrics.jsonl").is_file():
+            plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        raise
 
     # final weights: safetensors + JSON (the EMA weights when EMA is on)
     if procs.is_main:
@@ -299,6 +293,22 @@ def evaluate(
             dist.all_reduce(tensor)
     return {"loss": (totals[0] / count).item(), "acc1": (totals[1] / count).item(), "acc5": (totals[2] / count).item(),
             "per_class_correct": per_class_correct.cpu(), "per_class_count": per_class_count.cpu()}
+
+
+def _save_epoch(run_dir: Path, metrics: dict[str, Any], best: float, model: nn.Module, ema: ModelEmaV3 | None,
+                model_config: dict, data_config: dict, cfg: DictConfig, **train_state: Any) -> float:
+    """Append to ``metrics.jsonl``, update ``best.pt`` if the score improved, write ``last.pt``; returns the best score."""
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({k: v for k, v in metrics.items() if "per_class" not in k}) + "\n")
+    extra = dict(data_config=data_config, config=config_to_dict(cfg))
+    score = metrics["ema_test_acc1" if ema is not None else "test_acc1"]
+    if score > best:
+        best = score
+        save_checkpoint(run_dir / "best.pt", ema.module if ema is not None else model, model_config,
+                        epoch=metrics["epoch"], acc1=score, **extra)
+    save_checkpoint(run_dir / "last.pt", model, model_config, epoch=metrics["epoch"], step=metrics["step"],
+                    best_acc1=best, ema=ema.state_dict() if ema is not None else None, **train_state, **extra)
+    return best
 
 
 def write_safetensors(run_dir: Path, model: nn.Module, model_config: dict, data_config: dict) -> None:
