@@ -88,7 +88,7 @@ class DataConfig:
 class TrainConfig:
     """The recipe: optimizer, schedule, regularization, precision, seed."""
 
-    epochs: int = 60
+    epochs: int = 80
     batch_size: int = 64  # global: split evenly over the processes of a multi-process run
     opt: str = "adamw"  # any timm optimizer name (timm.optim.create_optimizer_v2)
     lr: float = 2e-3
