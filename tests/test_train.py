@@ -156,8 +156,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 def test_config_errors_reach_the_command_line():
-    with pytest.raises(ConfigError, match="did you mean train.epochs"):
+    with pytest.raises(SystemExit, match="visattn train: error: unknown config key 'train.epoch'.*did you mean train.epochs"):
         main(["train", "train.epoch=3"])
+    with pytest.raises(ConfigError):
+        load_config(overrides=["train.epoch=3"])
     with pytest.raises(ValueError, match="does not take an argument"):
         fit(load_config(overrides=["model.dept=2", "train.epochs=1"]))
 

@@ -29,6 +29,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_errors(command):
+    """Report configuration, data and checkpoint mistakes as one line (exit status 1), not a traceback."""
+    def run(args: argparse.Namespace) -> int:
+        from .engine import NonFiniteLossError
+
+        try:
+            return command(args)
+        except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
+            raise SystemExit(f"visattn {args.command}: error: {err}") from err
+    run.__doc__ = command.__doc__
+    return run
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     """Train from a config (or resume a run); the loop is :func:`visattn.engine.fit`."""
     from .config import load_config
@@ -37,7 +50,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *args.set]
     if args.resume:
         if args.config:
-            raise SystemExit("--resume continues a run with its saved config; give overrides, not --config")
+            raise ValueError("--resume continues a run with its saved config; give overrides, not --config")
         cfg, _ = load_run_config(args.resume, overrides)
     else:
         cfg = load_config(args.config, overrides)
@@ -56,13 +69,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     state = load_checkpoint(args.checkpoint)
     if "config" not in state:
-        raise SystemExit(f"{args.checkpoint} holds no training config (not written by visattn train); "
+        raise ValueError(f"{args.checkpoint} holds no training config (not written by visattn train); "
                          "evaluate it from Python with visattn.engine.evaluate")
     overrides = ([f"data.name={args.data}"] if args.data else []) + args.set
     cfg = load_config(base=state["config"], overrides=overrides)
     _, test_set, data_config = build_datasets(cfg.data)
     if data_config["num_classes"] != state["model_config"]["num_classes"]:
-        raise SystemExit(f"the model has {state['model_config']['num_classes']} classes but {cfg.data.name} has "
+        raise ValueError(f"the model has {state['model_config']['num_classes']} classes but {cfg.data.name} has "
                          f"{data_config['num_classes']}")
     model = model_from_checkpoint(state)
     loader = DataLoader(test_set, batch_size=args.batch)
@@ -94,13 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
     train = sub.add_parser("train", help="train a model (same as python train.py)")
     _add_train_arguments(train)
-    train.set_defaults(func=_cmd_train)
+    train.set_defaults(func=_user_errors(_cmd_train))
     evaluate = sub.add_parser("eval", help="top-1/top-5 and per-class accuracy of a checkpoint")
     evaluate.add_argument("--checkpoint", required=True, help="a checkpoint written by training, e.g. runs/default/best.pt")
     evaluate.add_argument("--data", help="evaluate on another dataset name (same classes), e.g. digits")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a data key, e.g. data.root=/data")
     evaluate.add_argument("--batch", type=int, default=256)
-    evaluate.set_defaults(func=_cmd_eval)
+    evaluate.set_defaults(func=_user_errors(_cmd_eval))
     return parser
 
 
