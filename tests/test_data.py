@@ -180,3 +180,17 @@ def test_fake_and_augmentation_errors():
         build_datasets(data_cfg("data.augment.crop_padding=4"))
     with pytest.raises(ValueError, match="RandAugment.*needs a PIL-image dataset"):
         build_datasets(data_cfg("data.augment.auto_augment=rand-m9"))
+
+
+def test_imagefolder_replaces_a_file_that_fails_to_decode_later(tmp_path):
+    make_folder(tmp_path / "train", 2)
+    make_folder(tmp_path / "val", 2)
+    noise = (np.random.default_rng(0).random((80, 80, 3)) * 255).astype(np.uint8)
+    Image.fromarray(noise).save(tmp_path / "val" / "class1" / "cut.jpg")
+    data = (tmp_path / "val" / "class1" / "cut.jpg").read_bytes()
+    (tmp_path / "val" / "class1" / "cut.jpg").write_bytes(data[: len(data) * 3 // 5])  # header intact: passes the check
+    _, test, _ = build_datasets(data_cfg("data.name=imagefolder", f"data.root={tmp_path}", "data.img_size=16"))
+    index = [path for path, _ in test.samples].index(str(tmp_path / "val" / "class1" / "cut.jpg"))
+    with pytest.warns(UserWarning, match=r"could not decode .*cut.jpg.*using the next image"):
+        x, y = test[index]
+    assert x.shape == (3, 16, 16) and (index + 1 < len(test) or y == test.samples[0][1])

@@ -269,14 +269,15 @@ class CheckedImageFolder(tv_datasets.ImageFolder):
     Unreadable files are dropped with one warning that counts and names them, or raise a
     ``ValueError`` when ``strict``. A file that still fails to decode later (e.g. a truncated
     JPEG whose header is intact) is replaced by the next sample, with a warning naming it.
+    ``samples`` (a subset of an already checked folder's ``samples``) skips the check.
     """
 
     def __init__(self, root: str | Path, transform: Callable | None = None, strict: bool = False,
                  samples: list[tuple[str, int]] | None = None) -> None:
         super().__init__(str(root), transform=transform)
-        if samples is not None:
+        if samples is not None:  # a split of an already checked folder
             self.samples = samples
-        bad = [path for path, _ in self.samples if not _readable(path)]
+        bad = [] if samples is not None else [path for path, _ in self.samples if not _readable(path)]
         if bad and strict:
             raise ValueError(f"{len(bad)} unreadable image file(s) under {root}: {', '.join(bad[:20])}")
         if bad:
