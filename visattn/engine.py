@@ -85,6 +85,10 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, A
     """
     procs = init_processes(cfg.train.device)
     run_dir = _run_dir(cfg, resume)
+    if procs.distributed:  # rank 0 names the folder (runs/NAME or runs/NAME-2 ...); the others agree
+        shared = [str(run_dir)]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
     log = print if procs.is_main else _silent
 
     # data
