@@ -177,3 +177,15 @@ def test_two_process_ddp_run_trains_and_writes_one_folder(tmp_path):
     assert all(abs(r["test_acc1"] * 360 - round(r["test_acc1"] * 360)) < 1e-6 for r in rows)
     assert rows[-1]["test_acc1"] > 0.2  # chance is 0.1
     assert done.stdout.count("final test accuracy") == 1  # only rank 0 prints
+
+
+def test_cifar_vit_recipe_runs_end_to_end_on_fake_images(tmp_path, one_thread):
+    # configs/cifar10_vit.yaml's full recipe (crop, flip, RandAugment, random erasing, Mixup/CutMix,
+    # EMA, drop path) on 64 fake 32x32 images with a one-block model
+    cfg = load_config(ROOT / "configs" / "cifar10_vit.yaml", [
+        "data.name=fake", "data.fake_size=64", "data.workers=0", "model.depth=1", "model.embed_dim=32",
+        "model.num_heads=2", "train.epochs=2", "train.batch_size=32", "train.warmup_epochs=1", f"run.out_dir={tmp_path}"])
+    result = fit(cfg)
+    assert result["epoch"] == 2 and "ema_test_acc1" in result
+    assert torch.isfinite(torch.tensor(result["train_loss"]))
+    assert Path(result["run_dir"]).name == "cifar10_vit"
