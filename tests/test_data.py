@@ -97,9 +97,9 @@ def test_canvas_boxes_hold_the_source_digit_and_clutter_is_other_ink():
 
 
 def test_canvas_is_deterministic_and_seeded():
-    a = DigitsCanvas("train", canvas_size=40, seed=1, copies=1)
-    b = DigitsCanvas("train", canvas_size=40, seed=2, copies=1)
-    images, _, boxes = _build_canvases.__wrapped__("train", 40, 1, 1)  # rebuilt, not the cached copy
+    a = DigitsCanvas("test", canvas_size=40, seed=1, copies=1)
+    b = DigitsCanvas("test", canvas_size=40, seed=2, copies=1)
+    images, _, boxes = _build_canvases.__wrapped__("test", 40, 1, 1)  # rebuilt, not the cached copy
     assert torch.equal(images, a.images) and torch.equal(boxes, a.boxes)
     assert not torch.equal(a.boxes, b.boxes)
 
