@@ -50,6 +50,7 @@ __all__ = [
     "load_run_config",
     "plot_curves",
     "train_one_epoch",
+    "write_safetensors",
 ]
 
 
@@ -123,7 +124,9 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, A
         state = load_checkpoint(run_dir / "last.pt", map_location=procs.device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        # timm schedules are functions of the update count: recomputed from the config, so an
+        # override such as train.epochs=200 on resume stretches the schedule as asked
+        scheduler.step_update(num_updates=state["step"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
         if scaler is not None:
@@ -132,7 +135,7 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, A
         if procs.is_main:
             _truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
         log(f"resumed {run_dir} after epoch {start_epoch} (step {step})")
-    elif procs.is_main:
+    if procs.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml")
     train_model = DistributedDataParallel(model) if procs.distributed else model
