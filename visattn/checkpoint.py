@@ -11,6 +11,14 @@ Python values (so ``torch.load(weights_only=True)`` reads it)::
         "data_config": {...},      # optional: how inputs were prepared (size, mean, std, channels)
         ...                        # optional training state (optimizer, scheduler, epoch, RNG, ...)
     }
+
+Training (:mod:`visattn.engine`) writes ``data_config`` = ``{"name", "img_size": [H, W],
+"in_chans", "mean", "std", "num_classes", "class_names"}`` and ``config`` (the resolved training
+config) into ``best.pt`` (plus ``epoch``, ``acc1``) and ``last.pt``; ``last.pt`` also holds the
+training state: ``optimizer``, ``scheduler``, ``ema`` (or ``None``), ``scaler`` (or ``None``),
+``epoch`` (epochs completed), ``step`` (updates done) and ``best_acc1``. No random-generator
+state is stored because none is needed: training re-seeds every generator at the start of each
+epoch from ``(seed, epoch, rank)``, so ``epoch`` fixes it.
 """
 
 from __future__ import annotations

@@ -359,9 +359,13 @@ def vit_tiny_patch4_32(**kwargs) -> VisionTransformer:
 
 @register_model
 def vit_digits_patch4_16(**kwargs) -> VisionTransformer:
-    """A small ViT for the 8×8 handwritten digits upscaled to 16×16 (1 channel, 4×4 grid, mean pool)."""
+    """A small ViT for the 8×8 handwritten digits upscaled to 16×16 (1 channel, 4×4 grid, mean pool).
+
+    Width 64 × 4 blocks (0.14 M parameters): on the digits it beat 96 × 6 (0.45 M) in both
+    accuracy and time with the default recipe (``configs/default.yaml``).
+    """
     return _vit(
-        dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6,
+        dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4,
              num_heads=4, mlp_ratio=2.0, pool="mean"),
         kwargs,
     )

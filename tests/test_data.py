@@ -1,0 +1,196 @@
+"""Datasets: digits split, the cluttered canvas, CIFAR's pickle format, image folders with bad files."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from visattn.config import load_config
+from visattn.data import DigitsCanvas, _build_canvases, build_datasets, digits_images, digits_split
+
+
+def data_cfg(*overrides):
+    return load_config(overrides=list(overrides)).data
+
+
+def test_digits_split_is_stratified_fixed_and_disjoint():
+    train, test = digits_split(0)
+    labels = load_digits().target
+    assert len(train) == 1437 and len(test) == 360 and not set(train) & set(test)
+    assert set(train) | set(test) == set(range(1797))
+    share = np.bincount(labels[test], minlength=10) / np.bincount(labels, minlength=10)
+    assert np.all(np.abs(share - 0.2) < 0.02)
+    assert np.array_equal(digits_split(0)[1], test)
+
+
+def test_digits_images_are_sklearns_digits():
+    x, y = digits_images("test", size=8)
+    reference = load_digits()
+    index = digits_split(0)[1]
+    assert torch.equal(x[:, 0], torch.from_numpy(reference.images[index] / 16.0).float())
+    assert torch.equal(y, torch.from_numpy(reference.target[index]))
+    up, _ = digits_images("test", size=16)
+    assert up.shape == (360, 1, 16, 16)
+    assert torch.allclose(up[:, 0].double(), bilinear_reference(x[:, 0].double(), 2), atol=1e-6)
+
+
+def bilinear_reference(images: torch.Tensor, scale: int) -> torch.Tensor:
+    """Half-pixel-centre bilinear upscaling written out (rows, then columns), float64."""
+    def along(a: torch.Tensor, dim: int) -> torch.Tensor:
+        n = a.shape[dim]
+        src = torch.clamp((torch.arange(n * scale, dtype=torch.float64) + 0.5) / scale - 0.5, min=0)
+        lo = src.floor().long()
+        hi = torch.clamp(lo + 1, max=n - 1)
+        w = src - lo
+        shape = [1] * a.dim()
+        shape[dim] = -1
+        return a.index_select(dim, lo) * (1 - w).view(shape) + a.index_select(dim, hi) * w.view(shape)
+
+    return along(along(images, -2), -1)
+
+
+def test_default_dataset_config():
+    train, test, data_config = build_datasets(data_cfg())
+    assert (len(train), len(test)) == (1437, 360)
+    x, y = test[0]
+    assert x.shape == (1, 16, 16) and isinstance(y, int)
+    assert set(data_config) == {"name", "img_size", "in_chans", "mean", "std", "num_classes", "class_names"}
+    assert data_config["img_size"] == [16, 16] and data_config["in_chans"] == 1 and data_config["num_classes"] == 10
+    # test images are only normalized: undoing it gives the upscaled digits back
+    raw = test.raw_image(0)
+    assert torch.allclose(x * data_config["std"][0] + data_config["mean"][0], raw, atol=1e-6)
+
+
+def test_canvas_boxes_hold_the_source_digit_and_clutter_is_other_ink():
+    canvas = DigitsCanvas("test", canvas_size=48, seed=3, copies=1)
+    digits8, labels = digits_images("test", size=8)
+    assert len(canvas) == 360 and canvas.boxes.dtype == torch.long and canvas.boxes.shape == (360, 4)
+    assert torch.equal(canvas.labels, labels)
+    clutter_ink, digit_ink = [], []
+    for i in range(0, 360, 7):
+        x0, y0, x1, y1 = canvas.boxes[i].tolist()
+        assert 0 <= x0 < x1 <= 48 and 0 <= y0 < y1 <= 48
+        image = canvas.raw_image(i)[0]
+        inside = image[y0:y1, x0:x1]
+        # oracle: the source digit, upscaled 2x or 3x, cropped to its ink, rounded to 8 bits
+        crops = []
+        for scale in (2, 3):
+            up = bilinear_reference(digits8[i, 0].double(), scale).float()
+            rows, cols = torch.nonzero(up > 0.05, as_tuple=True)
+            crops.append(up[rows.min():rows.max() + 1, cols.min():cols.max() + 1])
+        assert any(c.shape == inside.shape and torch.allclose(c, inside, atol=1 / 255 + 1e-6) for c in crops)
+        # nothing else within 2 px of the box; clutter outside it
+        ring = image[max(0, y0 - 2):y1 + 2, max(0, x0 - 2):x1 + 2].clone()
+        ring[y0 - max(0, y0 - 2):y0 - max(0, y0 - 2) + (y1 - y0), x0 - max(0, x0 - 2):x0 - max(0, x0 - 2) + (x1 - x0)] = 0
+        assert not ring.any()
+        digit_ink.append(inside.sum())
+        clutter_ink.append(image.sum() - inside.sum())
+    # clutter carries ink comparable to the digit (the generator aims for at least as much)
+    assert 0.8 < np.mean(clutter_ink) / np.mean(digit_ink) < 2.0
+    x, y = canvas[0]
+    assert x.shape == (1, 48, 48) and y == int(labels[0])
+
+
+def test_canvas_is_deterministic_and_seeded():
+    a = DigitsCanvas("test", canvas_size=40, seed=1, copies=1)
+    b = DigitsCanvas("test", canvas_size=40, seed=2, copies=1)
+    images, _, boxes = _build_canvases.__wrapped__("test", 40, 1, 1)  # rebuilt, not the cached copy
+    assert torch.equal(images, a.images) and torch.equal(boxes, a.boxes)
+    assert not torch.equal(a.boxes, b.boxes)
+
+
+def write_cifar10(root, per_batch=3, seed=0):
+    """A tiny CIFAR-10 in the original Python pickle layout: 5 train batches, a test batch, meta."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, per_batch).tolist()
+        batches[name] = (data, labels)
+        with open(folder / name, "wb") as handle:
+            pickle.dump({"batch_label": name, "data": data, "labels": labels, "filenames": []}, handle)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({"label_names": names, "num_cases_per_batch": per_batch}, handle)
+    return batches, names
+
+
+def test_cifar10_reads_the_pickle_format(tmp_path):
+    batches, names = write_cifar10(tmp_path)
+    train, test, data_config = build_datasets(data_cfg("data.name=cifar10", f"data.root={tmp_path}"))
+    assert (len(train), len(test)) == (15, 3)
+    assert data_config["class_names"] == names and data_config["img_size"] == [32, 32]
+    data, labels = batches["test_batch"]
+    mean = torch.tensor(data_config["mean"])[:, None, None]
+    std = torch.tensor(data_config["std"])[:, None, None]
+    for i in range(3):
+        x, y = test[i]
+        expected = (torch.from_numpy(data[i].reshape(3, 32, 32)).float() / 255 - mean) / std  # CHW row-major
+        assert torch.allclose(x, expected, atol=1e-5) and y == labels[i]
+
+
+def test_cifar_missing_files_say_where_to_put_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cifar-100-python.*data.download=true"):
+        build_datasets(data_cfg("data.name=cifar100", f"data.root={tmp_path}"))
+
+
+def make_folder(root, per_class=6):
+    for c, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (20, 24), colour).save(root / f"class{c}" / f"{i}.png")
+
+
+def test_imagefolder_skips_a_corrupt_file_with_one_warning(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "class1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    cfg = data_cfg("data.name=imagefolder", f"data.root={tmp_path}", "data.img_size=16", "data.val_fraction=0.5")
+    with pytest.warns(UserWarning, match=r"skipping 1 unreadable image file\(s\).*broken.jpg") as caught:
+        train, test, data_config = build_datasets(cfg)
+    assert len([w for w in caught if "unreadable" in str(w.message)]) == 1
+    assert len(train) + len(test) == 12 and len(test) == 6
+    assert data_config["class_names"] == ["class0", "class1"]
+    x, y = test[0]
+    assert x.shape == (3, 16, 16)
+    # the held-out half is stratified: 3 images of each class
+    assert sorted(label for _, label in test.samples) == [0, 0, 0, 1, 1, 1]
+    cfg.strict = True
+    with pytest.raises(ValueError, match=r"1 unreadable image file\(s\).*broken.jpg"):
+        build_datasets(cfg)
+
+
+def test_imagefolder_with_train_and_val_folders(tmp_path):
+    make_folder(tmp_path / "train", 3)
+    make_folder(tmp_path / "val", 2)
+    train, test, _ = build_datasets(data_cfg("data.name=imagefolder", f"data.root={tmp_path}", "data.img_size=16"))
+    assert (len(train), len(test)) == (6, 4)
+
+
+def test_fake_and_augmentation_errors():
+    train, test, data_config = build_datasets(data_cfg("data.name=fake", "data.fake_size=8", "data.img_size=8"))
+    assert train[0][0].shape == (3, 8, 8) and len(test) == 2
+    with pytest.raises(ValueError, match="crop_padding needs a PIL-image dataset"):
+        build_datasets(data_cfg("data.augment.crop_padding=4"))
+    with pytest.raises(ValueError, match="RandAugment.*needs a PIL-image dataset"):
+        build_datasets(data_cfg("data.augment.auto_augment=rand-m9"))
+
+
+def test_imagefolder_replaces_a_file_that_fails_to_decode_later(tmp_path):
+    make_folder(tmp_path / "train", 2)
+    make_folder(tmp_path / "val", 2)
+    noise = (np.random.default_rng(0).random((80, 80, 3)) * 255).astype(np.uint8)
+    Image.fromarray(noise).save(tmp_path / "val" / "class1" / "cut.jpg")
+    data = (tmp_path / "val" / "class1" / "cut.jpg").read_bytes()
+    (tmp_path / "val" / "class1" / "cut.jpg").write_bytes(data[: len(data) * 3 // 5])  # header intact: passes the check
+    _, test, _ = build_datasets(data_cfg("data.name=imagefolder", f"data.root={tmp_path}", "data.img_size=16"))
+    index = [path for path, _ in test.samples].index(str(tmp_path / "val" / "class1" / "cut.jpg"))
+    with pytest.warns(UserWarning, match=r"could not decode .*cut.jpg.*using the next image"):
+        x, y = test[index]
+    assert x.shape == (3, 16, 16) and (index + 1 < len(test) or y == test.samples[0][1])

@@ -1,0 +1,17 @@
+"""Train a Vision Transformer (or a CNN with attention) on an image dataset.
+
+    python train.py                                        # the default job: a small ViT on digits
+    python train.py --config configs/digits_canvas_vit.yaml train.epochs=20 model.depth=4
+    python train.py --resume runs/default                  # continue a run from its last.pt
+    torchrun --nproc_per_node 2 train.py ...               # data-parallel over 2 processes
+
+The config is visattn/config.py's defaults, then the YAML file, then the key=value overrides.
+The loop itself is visattn.engine.fit (also `visattn train`); the run folder is runs/<name>/.
+"""
+
+import sys
+
+from visattn.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(["train", *sys.argv[1:]]))

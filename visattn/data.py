@@ -1,0 +1,386 @@
+"""Datasets and transforms for training: digits, digits on a cluttered canvas, CIFAR, image folders, fake.
+
+:func:`build_datasets` turns the ``data`` section of a config into a training set, a held-out
+test set and a ``data_config`` dict — ``{"name", "img_size": [H, W], "in_chans", "mean", "std",
+"num_classes", "class_names"}`` — that is stored in checkpoints so that inference rebuilds the
+same preprocessing (resize to ``img_size``, grayscale when ``in_chans == 1``, normalize).
+Every dataset yields ``(image (C, H, W) float tensor, label int)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data import create_transform
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import datasets as tv_datasets
+from torchvision.transforms import v2
+
+__all__ = [
+    "DigitsCanvas",
+    "TensorImageDataset",
+    "build_datasets",
+    "build_transform",
+    "digits_images",
+    "digits_split",
+]
+
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+# --- transforms ---------------------------------------------------------------------------
+
+
+def build_transform(
+    train: bool,
+    augment: Any,
+    mean: Sequence[float],
+    std: Sequence[float],
+    pil_input: bool,
+    size: tuple[int, int] | None = None,
+    resize: bool = False,
+) -> Callable:
+    """Augment (when ``train``) → float tensor → normalize → random erasing (when ``train``).
+
+    Args:
+        train: add the augmentations of ``augment`` (an :class:`~visattn.config.AugmentConfig`).
+        mean, std: per-channel normalization.
+        pil_input: inputs are PIL images (else float tensors ``(C, H, W)`` in ``[0, 1]``).
+        size: the output ``(H, W)``; needed by ``augment.crop_padding``.
+        resize: resize inputs to ``size`` first.
+    """
+    steps: list[Callable] = [v2.Resize(list(size), antialias=True)] if resize else []
+    if train:
+        if augment.crop_padding:
+            if not pil_input or size is None:
+                raise ValueError("data.augment.crop_padding needs a PIL-image dataset (cifar10/100, fake); use affine_translate for digits")
+            steps.append(v2.RandomCrop(list(size), padding=augment.crop_padding))
+        if augment.hflip:
+            steps.append(v2.RandomHorizontalFlip(augment.hflip))
+        if augment.affine_degrees or augment.affine_translate or augment.affine_scale:
+            steps.append(v2.RandomAffine(
+                degrees=augment.affine_degrees,
+                translate=(augment.affine_translate,) * 2 if augment.affine_translate else None,
+                scale=(1 - augment.affine_scale, 1 + augment.affine_scale) if augment.affine_scale else None,
+            ))
+        if augment.auto_augment:
+            if not pil_input:
+                raise ValueError("data.augment.auto_augment (RandAugment) needs a PIL-image dataset (cifar10/100, imagefolder, fake)")
+            steps.append(rand_augment_transform(augment.auto_augment, {"img_mean": tuple(round(255 * m) for m in mean)}))
+    if pil_input:
+        steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)]
+    steps.append(v2.Normalize(list(mean), list(std)))
+    if train and augment.re_prob:
+        steps.append(RandomErasing(augment.re_prob, mode="pixel", device="cpu"))
+    return v2.Compose(steps)
+
+
+# --- in-memory tensor datasets -------------------------------------------------------------
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory: ``images`` ``(N, C, H, W)`` (float in ``[0, 1]`` or uint8), ``labels`` ``(N,)``."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: Callable | None = None, class_names: Sequence[str] = ()) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.transform = images, labels, transform
+        self.classes = list(class_names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def raw_image(self, index: int) -> Tensor:
+        """The un-normalized image ``(C, H, W)``, float in ``[0, 1]``."""
+        image = self.images[index]
+        return image.float() / 255 if image.dtype == torch.uint8 else image
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = self.raw_image(index)
+        return (self.transform(image) if self.transform else image), int(self.labels[index])
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, test)`` of scikit-learn's 1,797 digits: a stratified, seeded held-out split."""
+    from sklearn.model_selection import train_test_split
+
+    _, labels = _digits_arrays()
+    train, test = train_test_split(np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed)
+    return np.sort(train), np.sort(test)
+
+
+def digits_images(split: str, size: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The digits of one split as images ``(N, 1, size, size)`` in ``[0, 1]`` (bilinear upscale) and labels ``(N,)``."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    images, labels = _digits_arrays()
+    index = digits_split(seed)[0 if split == "train" else 1]
+    x = torch.from_numpy(images[index])[:, None]
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return x, torch.from_numpy(labels[index])
+
+
+# --- digits on a cluttered canvas ----------------------------------------------------------
+
+
+class DigitsCanvas(TensorImageDataset):
+    """One real digit at a random place on a larger canvas, among fragments of *other* digits.
+
+    Each canvas (``canvas_size``², 1 channel, black background) holds a scikit-learn digit
+    (upscaled 2× or 3×: 16 or 24 px) and clutter: random crops of digits of other classes, pasted
+    where they do not touch the digit's box, until the clutter carries at least as much ink as the
+    digit. The label is the digit's class. The train and test splits are built from the held-out
+    split of :func:`digits_split`, so test digits are never seen in training. Deterministic given
+    ``seed``; built with numpy and cached in memory.
+
+    Attributes:
+        boxes: LongTensor ``(N, 4)``: the digit's ink box ``(x0, y0, x1, y1)`` in canvas pixels
+            (``x1``, ``y1`` exclusive).
+        images: uint8 ``(N, 1, S, S)`` un-normalized canvases; :meth:`raw_image` ``(i)`` gives one
+            as float in ``[0, 1]``, ``dataset[i]`` gives ``(normalized image, label)``.
+        mean, std: the normalization used when no ``transform`` is given.
+    """
+
+    mean = (0.067,)  # measured on the default train split
+    std = (0.20,)
+
+    def __init__(
+        self,
+        split: str = "train",
+        canvas_size: int = 64,
+        seed: int = 0,
+        copies: int = 3,
+        transform: Callable | None = None,
+    ) -> None:
+        if canvas_size < 32:
+            raise ValueError(f"canvas_size must be at least 32 (a digit is up to 24 px), got {canvas_size}")
+        images, labels, boxes = _build_canvases(split, canvas_size, seed, copies)
+        if transform is None:
+            transform = v2.Normalize(list(self.mean), list(self.std))
+        super().__init__(images, labels, transform, [str(d) for d in range(10)])
+        self.boxes = boxes
+
+
+@functools.lru_cache(maxsize=4)
+def _build_canvases(split: str, size: int, seed: int, copies: int) -> tuple[Tensor, Tensor, Tensor]:
+    digits, labels = digits_images(split, size=8)
+    digits, labels = digits[:, 0].numpy(), labels.numpy()
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1, size])
+    scaled = {s: F.interpolate(torch.from_numpy(digits)[:, None], scale_factor=s, mode="bilinear").clamp(0, 1)[:, 0].numpy() for s in (2, 3)}
+    n = len(labels) * copies
+    canvases = np.zeros((n, size, size), np.float32)
+    boxes = np.zeros((n, 4), np.int64)
+    for i in range(n):
+        src = i % len(labels)
+        digit = scaled[int(rng.integers(2, 4))][src]
+        rows, cols = np.nonzero(digit > 0.05)
+        digit = digit[rows.min():rows.max() + 1, cols.min():cols.max() + 1]  # tight ink box
+        h, w = digit.shape
+        y, x = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+        canvases[i, y:y + h, x:x + w] = digit
+        boxes[i] = (x, y, x + w, y + h)
+        _add_clutter(canvases[i], boxes[i], digit.sum(), scaled, labels, labels[src], rng)
+    return (
+        torch.from_numpy(np.round(canvases * 255).astype(np.uint8))[:, None],
+        torch.from_numpy(np.repeat(labels[None], copies, 0).reshape(-1)),
+        torch.from_numpy(boxes),
+    )
+
+
+def _add_clutter(canvas: np.ndarray, box: np.ndarray, ink: float, scaled: dict, labels: np.ndarray, label: int,
+                 rng: np.random.Generator, max_pieces: int = 12) -> None:
+    """Paste crops of other-class digits outside ``box`` (with a 2 px margin) until they hold ``ink``."""
+    size = canvas.shape[0]
+    others = np.flatnonzero(labels != label)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    added, tries = 0.0, 0
+    while added < ink and tries < 20 * max_pieces:
+        tries += 1
+        piece_src = scaled[int(rng.integers(2, 4))][others[rng.integers(len(others))]]
+        longest = int(0.6 * piece_src.shape[0])  # a fragment, never a whole digit
+        ph, pw = (int(rng.integers(5, longest + 1)) for _ in range(2))
+        sy, sx = int(rng.integers(0, piece_src.shape[0] - ph + 1)), int(rng.integers(0, piece_src.shape[1] - pw + 1))
+        piece = piece_src[sy:sy + ph, sx:sx + pw]
+        if piece.sum() < 4.0:  # mostly background: not a stroke
+            continue
+        y, x = int(rng.integers(0, size - ph + 1)), int(rng.integers(0, size - pw + 1))
+        if x < x1 + 2 and x + pw > x0 - 2 and y < y1 + 2 and y + ph > y0 - 2:
+            continue
+        region = canvas[y:y + ph, x:x + pw]
+        added += float(np.maximum(region, piece).sum() - region.sum())
+        np.maximum(region, piece, out=region)
+
+
+# --- CIFAR, image folders, fake -------------------------------------------------------------
+
+
+def _cifar(name: str, root: str, train: bool, download: bool, transform: Callable) -> Dataset:
+    base = {"cifar10": tv_datasets.CIFAR10, "cifar100": tv_datasets.CIFAR100}[name]
+
+    class Cifar(base):
+        # Files are checked for presence only: the downloaded archive's md5 is still verified,
+        # and a copy whose batches were re-saved (or written by a test) is still valid data.
+        train_list = [[name, None] for name, _ in base.train_list]
+        test_list = [[name, None] for name, _ in base.test_list]
+        meta = {**base.meta, "md5": None}
+
+    folder = Path(root) / base.base_folder
+    if not download and not folder.is_dir():
+        raise FileNotFoundError(
+            f"{name} not found: expected the Python-version batches in {folder} (extract "
+            f"{base.filename} from https://www.cs.toronto.edu/~kriz/cifar.html into {root}), "
+            "or set data.download=true when online"
+        )
+    try:
+        return Cifar(root, train=train, transform=transform, download=download)
+    except Exception as err:  # torchvision unpickles the batches: any failure means a bad copy
+        raise ValueError(f"{name} files in {folder} could not be read ({type(err).__name__}: {err}); "
+                         "delete the folder and extract the archive again") from err
+
+
+class CheckedImageFolder(tv_datasets.ImageFolder):
+    """``torchvision.datasets.ImageFolder`` that checks every file once when built.
+
+    Unreadable files are dropped with one warning that counts and names them, or raise a
+    ``ValueError`` when ``strict``. A file that still fails to decode later (e.g. a truncated
+    JPEG whose header is intact) is replaced by the next sample, with a warning naming it.
+    ``samples`` (a subset of an already checked folder's ``samples``) skips the check.
+    """
+
+    def __init__(self, root: str | Path, transform: Callable | None = None, strict: bool = False,
+                 samples: list[tuple[str, int]] | None = None) -> None:
+        super().__init__(str(root), transform=transform)
+        if samples is not None:  # a split of an already checked folder
+            self.samples = samples
+        bad = [] if samples is not None else [path for path, _ in self.samples if not _readable(path)]
+        if bad and strict:
+            raise ValueError(f"{len(bad)} unreadable image file(s) under {root}: {', '.join(bad[:20])}")
+        if bad:
+            warnings.warn(f"skipping {len(bad)} unreadable image file(s) under {root}: {', '.join(bad[:20])}"
+                          + (" ..." if len(bad) > 20 else ""), stacklevel=2)
+            self.samples = [s for s in self.samples if s[0] not in set(bad)]
+        if not self.samples:
+            raise ValueError(f"no readable images under {root}")
+        self.imgs = self.samples
+        self.targets = [label for _, label in self.samples]
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for offset in range(len(self.samples)):
+            try:
+                return super().__getitem__((index + offset) % len(self.samples))
+            except OSError as err:
+                warnings.warn(f"could not decode {self.samples[(index + offset) % len(self.samples)][0]} "
+                              f"({err}); using the next image instead", stacklevel=2)
+        raise ValueError("no image in the folder could be decoded")
+
+
+def _readable(path: str) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # PIL raises many types for bad files
+        return False
+
+
+def _imagefolder(cfg: Any, size: tuple[int, int]) -> tuple[Dataset, Dataset, list[str]]:
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist; set data.root to a folder of class sub-folders")
+    aug = cfg.augment
+
+    def transform(train: bool) -> Callable:
+        return create_transform(size, is_training=train, hflip=aug.hflip, auto_augment=aug.auto_augment,
+                                re_prob=aug.re_prob, mean=IMAGENET_STATS[0], std=IMAGENET_STATS[1])
+
+    val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if (root / "train").is_dir() and val_dir is not None:
+        train = CheckedImageFolder(root / "train", transform(True), cfg.strict)
+        test = CheckedImageFolder(val_dir, transform(False), cfg.strict)
+        if train.classes != test.classes:
+            raise ValueError(f"class folders differ between {root / 'train'} and {val_dir}")
+        return train, test, train.classes
+    from sklearn.model_selection import train_test_split
+
+    full = CheckedImageFolder(root, None, cfg.strict)
+    train_idx, test_idx = train_test_split(np.arange(len(full)), test_size=cfg.val_fraction,
+                                           stratify=full.targets, random_state=cfg.split_seed)
+    train = CheckedImageFolder(root, transform(True), samples=[full.samples[i] for i in sorted(train_idx)])
+    test = CheckedImageFolder(root, transform(False), samples=[full.samples[i] for i in sorted(test_idx)])
+    return train, test, full.classes
+
+
+def build_datasets(cfg: Any) -> tuple[Dataset, Dataset, dict[str, Any]]:
+    """``(train_set, test_set, data_config)`` for the ``data`` section of a config."""
+    name, aug = cfg.name, cfg.augment
+    if name in ("digits", "digits_canvas"):
+        if name == "digits":
+            size = cfg.img_size or 16
+            (train_x, train_y), (test_x, test_y) = (digits_images(s, size, cfg.split_seed) for s in ("train", "test"))
+            mean, std = (float(train_x.mean()),), (float(train_x.std()),)
+            classes = [str(d) for d in range(10)]
+            make = functools.partial(TensorImageDataset, class_names=classes)
+            train = make(train_x, train_y, build_transform(True, aug, mean, std, pil_input=False))
+            test = make(test_x, test_y, build_transform(False, aug, mean, std, pil_input=False))
+        else:
+            size = cfg.canvas_size
+            if cfg.img_size not in (None, size):
+                raise ValueError("digits_canvas: set data.canvas_size instead of data.img_size")
+            mean, std = DigitsCanvas.mean, DigitsCanvas.std
+            train = DigitsCanvas("train", size, cfg.split_seed, cfg.canvas_copies, build_transform(True, aug, mean, std, pil_input=False))
+            test = DigitsCanvas("test", size, cfg.split_seed, cfg.canvas_copies)
+            classes = train.classes
+        in_chans, hw = 1, (size, size)
+    elif name in ("cifar10", "cifar100"):
+        size = cfg.img_size or 32
+        mean, std = CIFAR_STATS[name]
+        hw, resize = (size, size), size != 32
+        train = _cifar(name, cfg.root, True, cfg.download, build_transform(True, aug, mean, std, True, hw, resize))
+        test = _cifar(name, cfg.root, False, cfg.download, build_transform(False, aug, mean, std, True, hw, resize))
+        classes, in_chans = list(train.classes), 3
+    elif name == "imagefolder":
+        size = cfg.img_size or 224
+        hw = (size, size)
+        train, test, classes = _imagefolder(cfg, hw)
+        (mean, std), in_chans = IMAGENET_STATS, 3
+    elif name == "fake":
+        size = cfg.img_size or 32
+        hw, in_chans = (size, size), 3
+        mean, std = (0.5,) * 3, (0.5,) * 3
+        make = functools.partial(tv_datasets.FakeData, image_size=(3, size, size), num_classes=cfg.fake_classes)
+        train = make(cfg.fake_size, transform=build_transform(True, aug, mean, std, True, hw), random_offset=cfg.split_seed)
+        test = make(max(1, cfg.fake_size // 4), transform=build_transform(False, aug, mean, std, True, hw),
+                    random_offset=cfg.split_seed + 10**6)
+        classes = [str(c) for c in range(cfg.fake_classes)]
+    else:
+        raise ValueError(f"unknown dataset {name!r}")
+    data_config = {
+        "name": name, "img_size": list(hw), "in_chans": in_chans, "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std], "num_classes": len(classes), "class_names": list(classes),
+    }
+    return train, test, data_config

@@ -1,0 +1,499 @@
+"""Training and evaluation: the loop behind ``python train.py`` and ``visattn train``.
+
+:func:`fit` reads top to bottom: processes → run folder → data → model → recipe (AdamW without
+decay on norms/biases/positions, cosine schedule with warmup, label smoothing, Mixup/CutMix,
+gradient clipping, EMA, bf16/fp16 autocast) → resume → epochs (train, evaluate, log,
+checkpoint) → final weights. Every piece is a function of its own, importable and tested.
+
+Reproducibility: all random generators are re-seeded at the start of every epoch from
+``(train.seed, epoch, rank)`` and the shuffling order depends only on ``(train.seed, epoch)``, so
+the epoch number stored in ``last.pt`` fixes the random state, and a run killed at any moment
+and resumed ends with the same metrics as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import config_to_dict, load_config
+from .data import build_datasets
+from .registry import create_model
+
+__all__ = [
+    "NonFiniteLossError",
+    "build_model",
+    "evaluate",
+    "fit",
+    "load_run_config",
+    "plot_curves",
+    "train_one_epoch",
+    "write_safetensors",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped and ``last.pt`` is the last good state."""
+
+
+@dataclass
+class Processes:
+    """This process's place in a (possibly single-process) data-parallel run."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+# --- the whole job -------------------------------------------------------------------------
+
+
+def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train the model of ``cfg`` and return the final epoch's metrics.
+
+    ``resume``: a run folder (or a checkpoint in it) to continue from its ``last.pt``.
+    Under ``torchrun`` every process calls this; only rank 0 writes.
+    """
+    procs = init_processes(cfg.train.device)
+    run_dir = _run_dir(cfg, resume)
+    if procs.distributed:  # rank 0 names the folder (runs/NAME or runs/NAME-2 ...); the others agree
+        shared = [str(run_dir)]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
+    log = print if procs.is_main else _silent
+
+    # data
+    _seed_everything(cfg.train.seed, 0, 0)
+    train_set, test_set, data_config = build_datasets(cfg.data)
+    train_loader, train_sampler = _train_loader(train_set, cfg, procs)
+    test_loader = _eval_loader(test_set, cfg, procs)
+
+    # model: create_model(name, num_classes=..., in_chans=..., **the config's other keys)
+    model_config = {**config_to_dict(cfg.model), "num_classes": data_config["num_classes"], "in_chans": data_config["in_chans"]}
+    model = build_model(model_config).to(procs.device)
+    log(f"model {model_config['name']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
+        f"data {data_config['name']}: {len(train_set)} train / {len(test_set)} test images of {data_config['img_size']}")
+
+    # recipe
+    t = cfg.train
+    optimizer = create_optimizer_v2(model, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=t.sched, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs, warmup_lr=t.warmup_lr,
+        min_lr=t.min_lr, step_on_epochs=False, updates_per_epoch=len(train_loader),
+    )
+    mixup = (Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, prob=t.mixup_prob, label_smoothing=t.label_smoothing,
+                   num_classes=data_config["num_classes"]) if t.mixup or t.cutmix else None)
+    loss_fn = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema_decay else None
+    amp_dtype = _amp_dtype(t.amp, procs.device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    # resume
+    start_epoch, step, best = 0, 0, -1.0
+    if resume is not None:
+        state = load_checkpoint(run_dir / "last.pt", map_location=procs.device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        # timm schedules are functions of the update count: recomputed from the config, so an
+        # override such as train.epochs=200 on resume stretches the schedule as asked
+        scheduler.step_update(num_updates=state["step"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, step, best = state["epoch"], state["step"], state["best_acc1"]
+        if procs.is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
+        log(f"resumed {run_dir} after epoch {start_epoch} (step {step})")
+    if procs.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml")
+    train_model = DistributedDataParallel(model) if procs.distributed else model
+
+    # epochs
+    metrics: dict[str, Any] = {}
+    started = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, t.epochs):
+            _seed_everything(t.seed, epoch, procs.rank)
+            train_sampler.set_epoch(epoch)
+            train_stats, step = train_one_epoch(
+                train_model, train_loader, loss_fn, optimizer, scheduler, step, procs, amp_dtype,
+                mixup=mixup, ema=ema, scaler=scaler, clip_grad=t.clip_grad, epoch=epoch, cfg=cfg,
+                checkpoint=run_dir / "last.pt",
+            )
+            metrics = {"epoch": epoch + 1, "step": step, **train_stats,
+                       **_prefixed(evaluate(model, test_loader, procs, amp_dtype, data_config["num_classes"]), "test_")}
+            if ema is not None:
+                metrics.update(_prefixed(evaluate(ema.module, test_loader, procs, amp_dtype, data_config["num_classes"]), "ema_test_"))
+            metrics["time"] = time.perf_counter() - started
+            log(_epoch_line(metrics, t.epochs, ema is not None))
+            if procs.is_main:
+                best = _save_epoch(run_dir, metrics, best, model, ema, model_config, data_config, cfg,
+                                   optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                   scaler=scaler.state_dict() if scaler is not None else None)
+    except NonFiniteLossError:
+        if procs.is_main and (run_dir / "metrics.jsonl").is_file():
+            plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        raise
+
+    # final weights: safetensors + JSON (the EMA weights when EMA is on)
+    if procs.is_main:
+        final = ema.module if ema is not None else model
+        write_safetensors(run_dir, final, model_config, data_config)
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        key = "ema_test_acc1" if ema is not None else "test_acc1"
+        if metrics:
+            log(f"final test accuracy {metrics[key]:.2%} ({'EMA weights, ' if ema else ''}epoch {metrics['epoch']}); run folder {run_dir}")
+    if procs.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {k: v for k, v in metrics.items() if "per_class" not in k} | {"run_dir": str(run_dir)}
+
+
+# --- pieces ----------------------------------------------------------------------------------
+
+
+def build_model(model_config: dict[str, Any]) -> nn.Module:
+    """``create_model(**model_config)`` with a config-level error for unknown keyword arguments."""
+    config = dict(model_config)
+    name = config.pop("name")
+    try:
+        return create_model(name, **config)
+    except TypeError as err:
+        if "unexpected keyword" not in str(err):
+            raise
+        raise ValueError(f"model {name!r} does not take an argument given in the config's model section: {err}") from None
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    procs: Processes,
+    amp_dtype: torch.dtype | None,
+    *,
+    mixup: Mixup | None = None,
+    ema: ModelEmaV3 | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    clip_grad: float | None = None,
+    epoch: int = 0,
+    cfg: DictConfig | None = None,
+    checkpoint: Path | None = None,
+) -> tuple[dict[str, float], int]:
+    """One pass over ``loader``; returns ``({"train_loss", "lr", "images_per_s"}, step)``.
+
+    The scheduler is stepped per update. The loss is averaged over processes every step, and a
+    NaN/inf loss raises :class:`NonFiniteLossError` naming the step (in every process at once).
+    """
+    model.train()
+    total_loss, images, started = 0.0, 0, time.perf_counter()
+    progress = _progress(loader, epoch, cfg, procs)
+    for batch, (x, y) in enumerate(progress):
+        x, y = x.to(procs.device, non_blocking=True), y.to(procs.device, non_blocking=True)
+        if mixup is not None:
+            x, y = mixup(x, y)
+        with _autocast(procs.device, amp_dtype):
+            loss = loss_fn(model(x), y)
+        reduced = _mean_over_processes(loss.detach().float(), procs)
+        if not torch.isfinite(reduced):
+            where = f"; the last good state is {checkpoint}" if checkpoint is not None and checkpoint.exists() else ""
+            raise NonFiniteLossError(f"training loss is {reduced.item()} at step {step + 1} (epoch {epoch + 1}); "
+                                     f"stopping (lower train.lr or set train.clip_grad){where}")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        step += 1
+        scheduler.step_update(num_updates=step)
+        if ema is not None:
+            ema.update(_unwrap(model), step=step)
+        total_loss += reduced.item()
+        images += len(x) * procs.world_size
+        if hasattr(progress, "set_postfix"):
+            progress.set_postfix(loss=f"{reduced.item():.4f}")
+        elif cfg is not None and procs.is_main and cfg.run.log_every and (batch + 1) % cfg.run.log_every == 0:
+            print(f"  epoch {epoch + 1} step {batch + 1}/{len(loader)} loss {reduced.item():.4f}", flush=True)
+    seconds = time.perf_counter() - started
+    return {"train_loss": total_loss / max(1, len(loader)), "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": images / seconds, "epoch_s": seconds}, step
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    procs: Processes | None = None,
+    amp_dtype: torch.dtype | None = None,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
+    """Loss, top-1 and top-5 accuracy (fractions), and per-class ``correct``/``count`` tensors.
+
+    In a multi-process run each process evaluates its shard and the sums are reduced.
+    """
+    procs = procs or Processes()
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=procs.device)
+    top1 = torch.zeros((), dtype=torch.float64, device=procs.device)
+    top5 = torch.zeros((), dtype=torch.float64, device=procs.device)
+    per_class_correct = torch.zeros(num_classes or 0, dtype=torch.float64, device=procs.device)
+    per_class_count = torch.zeros_like(per_class_correct)
+    for x, y in loader:
+        x, y = x.to(procs.device), y.to(procs.device)
+        with _autocast(procs.device, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit1 = ranked[:, 0] == y
+        top1 += hit1.sum()
+        top5 += (ranked == y[:, None]).any(dim=1).sum()
+        if num_classes:
+            per_class_correct.index_add_(0, y, hit1.double())
+            per_class_count.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+    totals = torch.stack([loss_sum, top1, top5])
+    count = torch.tensor(float(len(loader.dataset)), dtype=torch.float64, device=procs.device)
+    if procs.distributed:
+        for tensor in (totals, count, per_class_correct, per_class_count):
+            dist.all_reduce(tensor)
+    return {"loss": (totals[0] / count).item(), "acc1": (totals[1] / count).item(), "acc5": (totals[2] / count).item(),
+            "per_class_correct": per_class_correct.cpu(), "per_class_count": per_class_count.cpu()}
+
+
+def _save_epoch(run_dir: Path, metrics: dict[str, Any], best: float, model: nn.Module, ema: ModelEmaV3 | None,
+                model_config: dict, data_config: dict, cfg: DictConfig, **train_state: Any) -> float:
+    """Append to ``metrics.jsonl``, update ``best.pt`` if the score improved, write ``last.pt``; returns the best score."""
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({k: v for k, v in metrics.items() if "per_class" not in k}) + "\n")
+    extra = dict(data_config=data_config, config=config_to_dict(cfg))
+    score = metrics["ema_test_acc1" if ema is not None else "test_acc1"]
+    if score > best:
+        best = score
+        save_checkpoint(run_dir / "best.pt", ema.module if ema is not None else model, model_config,
+                        epoch=metrics["epoch"], acc1=score, **extra)
+    save_checkpoint(run_dir / "last.pt", model, model_config, epoch=metrics["epoch"], step=metrics["step"],
+                    best_acc1=best, ema=ema.state_dict() if ema is not None else None, **train_state, **extra)
+    return best
+
+
+def write_safetensors(run_dir: Path, model: nn.Module, model_config: dict, data_config: dict) -> None:
+    """``model.safetensors`` (weights, no pickle) and ``model.json`` (``{"model_config", "data_config"}``)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(run_dir / "model.safetensors"), metadata={"format": "visattn"})
+    (run_dir / "model.json").write_text(json.dumps({"model_config": model_config, "data_config": data_config}, indent=2))
+
+
+def plot_curves(metrics_path: Path, out_path: Path) -> None:
+    """Loss and accuracy per epoch from ``metrics.jsonl`` into a PNG (matplotlib, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("train_loss", "test_loss", "ema_test_loss"):
+        if key in rows[0]:
+            ax_loss.plot(epochs, [r[key] for r in rows], label=key)
+    for key in ("test_acc1", "ema_test_acc1"):
+        if key in rows[0]:
+            ax_acc.plot(epochs, [100 * r[key] for r in rows], label=key)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="held-out accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+def load_run_config(run: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> tuple[DictConfig, Path]:
+    """The saved config of a run folder (or of the folder holding a checkpoint), with ``overrides``."""
+    run = Path(run)
+    run_dir = run.parent if run.is_file() else run
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml); pass the folder train.py wrote")
+    if not (run_dir / "last.pt").is_file():
+        raise CheckpointError(f"{run_dir} has no last.pt to resume from (the run stopped before its first epoch ended)")
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    cfg = load_config(base=saved, overrides=overrides)
+    cfg.run.out_dir, cfg.run.name = str(run_dir.parent), run_dir.name
+    return cfg, run_dir
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def init_processes(device: str = "auto") -> Processes:
+    """Join the ``torchrun`` process group when launched by it (gloo on CPU, NCCL on CUDA)."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available; use train.device=cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Processes(device=torch.device("cuda" if use_cuda else "cpu"))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Processes(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+
+
+def _run_dir(cfg: DictConfig, resume: str | os.PathLike | None) -> Path:
+    if resume is not None:
+        path = Path(resume)
+        return path.parent if path.is_file() else path
+    base = Path(cfg.run.out_dir) / cfg.run.name
+    if not base.exists():
+        return base
+    # A new run never overwrites an old one: runs/default, runs/default-2, ...
+    number = 2
+    while base.with_name(f"{base.name}-{number}").exists():
+        number += 1
+    return base.with_name(f"{base.name}-{number}")
+
+
+def _train_loader(dataset: Dataset, cfg: DictConfig, procs: Processes) -> tuple[DataLoader, DistributedSampler]:
+    if cfg.train.batch_size % procs.world_size:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {procs.world_size} processes")
+    per_process = cfg.train.batch_size // procs.world_size
+    if len(dataset) < cfg.train.batch_size:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the {len(dataset)} training images")
+    # One sampler for one or many processes: its order depends only on (seed, epoch).
+    sampler = DistributedSampler(dataset, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=cfg.train.seed)
+    loader = DataLoader(dataset, batch_size=per_process, sampler=sampler, drop_last=True, num_workers=cfg.data.workers,
+                        pin_memory=procs.device.type == "cuda", persistent_workers=cfg.data.workers > 0)
+    return loader, sampler
+
+
+def _eval_loader(dataset: Dataset, cfg: DictConfig, procs: Processes) -> DataLoader:
+    shard = Subset(dataset, range(procs.rank, len(dataset), procs.world_size)) if procs.distributed else dataset
+    loader = DataLoader(shard, batch_size=max(cfg.train.batch_size // procs.world_size, 1) * 2, shuffle=False,
+                        num_workers=cfg.data.workers, persistent_workers=cfg.data.workers > 0)
+    return loader
+
+
+def _seed_everything(seed: int, epoch: int, rank: int) -> None:
+    derived = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 on CUDA, and on CPUs with bf16 matrix instructions (elsewhere bf16 matmuls
+    are emulated: 6-10x slower than fp32 on an AVX2-only CPU, measured), else fp32."""
+    if amp == "none" or (amp == "auto" and device.type == "cpu" and not _cpu_has_bf16()):
+        return None
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("train.amp=fp16 needs CUDA; use train.amp=bf16 on CPU")
+        return torch.float16
+    return torch.bfloat16
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _mean_over_processes(value: Tensor, procs: Processes) -> Tensor:
+    if procs.distributed:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= procs.world_size
+    return value
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _progress(loader: DataLoader, epoch: int, cfg: DictConfig | None, procs: Processes):
+    mode = cfg.run.progress if cfg is not None else "lines"
+    if not procs.is_main or mode == "lines" or (mode == "auto" and not sys.stderr.isatty()):
+        return loader
+    from tqdm import tqdm
+
+    return tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
+
+
+def _prefixed(stats: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {prefix + k: v for k, v in stats.items()}
+
+
+def _epoch_line(m: dict[str, Any], epochs: int, has_ema: bool) -> str:
+    line = (f"epoch {m['epoch']:>3}/{epochs} train_loss {m['train_loss']:.4f} test_loss {m['test_loss']:.4f} "
+            f"test_acc1 {m['test_acc1']:.2%} test_acc5 {m['test_acc5']:.2%}")
+    if has_ema:
+        line += f" ema_acc1 {m['ema_test_acc1']:.2%}"
+    return line + f" lr {m['lr']:.2e} {m['images_per_s']:.0f} img/s {m['time']:.1f}s"
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop lines of epochs after the checkpoint (written before a kill, then redone)."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    pass
