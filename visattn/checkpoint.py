@@ -120,6 +120,9 @@ def model_from_checkpoint(
     """Rebuild the model a checkpoint describes and load its weights (in eval mode)."""
     state = path_or_state if isinstance(path_or_state, dict) else load_checkpoint(path_or_state, map_location)
     config = dict(state["model_config"])
+    # the weights come from the checkpoint: do not fetch or read the run's starting weights again
+    for key in ("pretrained", "pretrained_file"):
+        config.pop(key, None)
     model = create_model(config.pop("name"), **config)
     model.load_state_dict(state["model"])
     return model.eval()
