@@ -6,12 +6,13 @@ table compares the models' maps with two baselines measured on the same canvases
 random point (its hit rate is the box's share of the canvas) and "where the ink is" (the maximum
 of the blurred input, which the clutter fools).
 
-Usage (after training the two shipped configs with train.py)::
+Usage (after training the two shipped configs with train.py; ``last.pt`` is the final epoch, so
+the held-out canvases play no part in choosing the model)::
 
     python train.py --config configs/digits_canvas_vit.yaml
     python train.py --config configs/digits_canvas_resnet_attn.yaml
-    python -m benchmarks.pointing_game --vit runs/digits_canvas_vit/best.pt \
-        --cnn runs/digits_canvas_resnet_attn/best.pt --out benchmarks/results/pointing_game.json \
+    python -m benchmarks.pointing_game --vit runs/digits_canvas_vit/last.pt \
+        --cnn runs/digits_canvas_resnet_attn/last.pt --out assets/pointing_game.json \
         --figure assets/digits_canvas_maps.png
 """
 
@@ -174,8 +175,8 @@ def figure(vit_ckpt: str, cnn_ckpt: str | None, out: str, count: int = 4) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vit", required=True, help="best.pt of the digits_canvas ViT run")
-    parser.add_argument("--cnn", help="best.pt of the digits_canvas CNN-with-attention run")
+    parser.add_argument("--vit", required=True, help="last.pt of the digits_canvas ViT run")
+    parser.add_argument("--cnn", help="last.pt of the digits_canvas CNN-with-attention run")
     parser.add_argument("--out", default="benchmarks/results/pointing_game.json")
     parser.add_argument("--figure", help="PNG grid of a few canvases and their maps")
     args = parser.parse_args()
