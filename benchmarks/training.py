@@ -148,10 +148,9 @@ def _scaling_notes(rows: list[dict]) -> list[str]:
         f"default on {cores} cores: 1 process x {cores} threads ran {threaded['speedup']:.2f}x the images/s of "
         f"1 process x 1 thread; 2 processes x {split['threads']} thread(s) ran {split['speedup']:.2f}x, i.e. "
         f"{split['images_per_s'] / threaded['images_per_s']:.2f}x the 1-process job on the same cores",
-        "why: the default ViT is tiny (0.14 M parameters, 16 tokens, 64 images a step), so each operator is "
-        "microseconds of work and intra-op threads mostly synchronize; on a shared machine a descheduled "
-        "thread stalls every barrier. Two single-threaded processes never wait for each other inside an "
-        "operator, only once a step in the gloo all-reduce of 0.14 M gradients (0.5 MB). With the cores "
-        "already busy with other work neither can exceed the cores' arithmetic: the gain is the "
-        "synchronization the threads lose, not extra compute",
+        "why: intra-op threads meet at a barrier in every parallelized operator, which costs most for a "
+        "tiny model (microseconds of work per operator) and when other programs hold some of the cores "
+        "(each wait can last a scheduler time slice); processes meet once a step, in the gloo all-reduce "
+        "of the gradients. Neither adds cores: where the cores are already busy, 2 processes cannot "
+        "beat 1 thread by much",
     ]
