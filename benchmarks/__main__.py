@@ -18,11 +18,11 @@ from types import ModuleType
 
 import torch
 
-from . import peak, selfattention2d, vit
+from . import peak, record, selfattention2d, training, vit
 from .common import DEFAULT_OUT, Config, machine_info
 
 #: the parts in the order they run; a new part is a module with NAME, TITLE and run(config)
-PARTS: dict[str, ModuleType] = {module.NAME: module for module in (selfattention2d, vit, peak)}
+PARTS: dict[str, ModuleType] = {module.NAME: module for module in (selfattention2d, vit, peak, record, training)}
 
 
 def _csv(kind: type) -> Callable[[str], list]:
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", type=_csv(str), default=None,
                         help=f"comma-separated parts to run (default: all of {','.join(PARTS)})")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer sizes and repeats (grids up to 64x64, the 32x32 ViT only): about a minute")
+                        help="fewer sizes and repeats (grids up to 64x64, the 32x32 ViT only, one tiny train.py job)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default 5, quick 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per contender first")

@@ -233,20 +233,22 @@ def peak_memory_supported(device: str) -> bool:
     return Path("/proc/self/clear_refs").exists() and Path("/proc/self/status").exists()
 
 
-def _fixed_mmap_threshold() -> None:
-    """Make glibc ``mmap`` every allocation over 1 MiB and unmap it when freed.
+def fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """Make glibc ``mmap`` every allocation over ``nbytes`` (default 1 MiB) and unmap it when freed.
 
     By default glibc raises its mmap threshold after large frees and then serves large blocks
     from a heap that it keeps resident, so a warm-up's freed memory would be silently reused
     (or fragment the heap) and the high-water mark would not be the bytes the case needs.
+    :func:`run_in_fresh_processes` sets 1 MiB; a case whose tensors are smaller (a batch-1 ViT)
+    lowers it so they are counted too.
     """
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        ctypes.CDLL(None).mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
 
 
 def _child_entry(module: str, case: dict, device: str, threads: int | None, conn) -> None:
     try:
-        _fixed_mmap_threshold()
+        fixed_mmap_threshold()
         if threads:
             torch.set_num_threads(threads)
         conn.send(("ok", importlib.import_module(f"benchmarks.{module}").child(case, device)))

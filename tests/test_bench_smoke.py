@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import selfattention2d, vit
+from benchmarks import record, selfattention2d, training, vit
 from benchmarks.__main__ import PARTS, main
 from benchmarks.common import PeakMemory, peak_memory_supported
+from visattn.functional import attention_matrix_bytes
 
 MB = 2**20
 
@@ -50,6 +52,53 @@ def test_quick_suite_runs_and_writes_valid_json(tmp_path: Path) -> None:
         assert flops["visattn"] == flops["timm"] > 0  # identical hyper-parameters, identical work
     for plot in part1["plots"] + part3["plots"]:
         assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    _check_record_part(doc["parts"]["record"])
+    _check_train_part(doc["parts"]["train"])
+
+
+def _check_record_part(part: dict) -> None:
+    """Part 4 recorded what it says, the plain forwards ran the fused kernel, the bytes add up."""
+    vit_label, grid_label = (w.label for w in record.workloads(quick=True)[:2])
+    kernels, recorded = part["extra"]["kernels"], part["extra"]["recorded"]
+    assert kernels[vit_label]["plain"] == kernels[grid_label]["plain"] == ["aten::_scaled_dot_product_flash_attention_for_cpu"]
+    assert kernels[grid_label]["few queries"] == kernels[grid_label]["plain"]  # the output still comes from the fused kernel
+    assert kernels[vit_label]["all"] == kernels[grid_label]["all"] == []  # explicit weights, not the kernel
+    assert recorded[vit_label]["all"]["layers"] == 12  # vit_tiny: 12 blocks, 3 heads, 1 + 14² tokens
+    assert recorded[vit_label]["all"]["shapes"] == [[1, 3, 197, 197]]
+    cells = 32 * 32
+    assert recorded[grid_label]["few queries"]["shapes"] == [[1, 1, record.NUM_POINTS, cells]]
+    assert recorded[grid_label]["all"]["shapes"] == [[1, 1, cells, cells]]
+    rows = {(r["workload"], r["contender"]): r for r in part["rows"]}
+    assert rows[(grid_label, "all")]["recorded_bytes"] == attention_matrix_bytes(1, 1, cells, cells)
+    estimate = rows[("SelfAttention2d(64) 128x128", "all")]
+    assert estimate["recorded_bytes"] == 2**30 and estimate.get("ms") is None  # sized, never built
+    for (workload, _), row in rows.items():
+        if row.get("ms") is not None:
+            assert math.isclose(row["time_ratio"], row["ms"] / rows[(workload, "plain")]["ms"])
+            if peak_memory_supported("cpu"):  # the kept weights are alive at the end of the measured call
+                assert row["peak_bytes"] >= row["recorded_bytes"]
+    assert any(note.startswith("goal SelfAttention2d(64) 32x32 record 3 queries") for note in part["notes"])
+
+
+def _check_train_part(part: dict) -> None:
+    """Part 5 ran train.py to the end and read its images/s back from metrics.jsonl."""
+    (row,) = part["rows"]
+    assert row["processes"] == row["threads"] == 1 and row["batch"] == 16 and [e["epoch"] for e in row["epochs"]] == [1, 2]
+    assert row["images_per_s"] == row["epochs"][1]["images_per_s"] > 0  # the first epoch is not timed
+    assert row["speedup"] == 1.0
+
+
+def test_train_part_scales_the_default_config_with_torchrun_at_the_same_global_batch() -> None:
+    default = [job for job in training.jobs(quick=False) if job.config == "configs/default.yaml"]
+    assert {job.overrides for job in default} == {()}  # the shipped config, only shortened
+    cores = os.cpu_count() or 1
+    shapes = {(job.processes, job.threads) for job in default}
+    assert shapes == {(1, 1), (1, cores), (2, max(1, cores // 2))}  # baseline; same cores, 1 vs 2 processes
+    double = next(job for job in default if job.processes == 2)
+    words = training.command(double, Path("runs"))
+    assert words[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert "train.batch_size" not in " ".join(words)  # the config's global batch, split over the processes
 
 
 def test_nonlocal_contenders_compute_timms_function_in_train_mode_too() -> None:
