@@ -69,8 +69,21 @@ class Part:
         lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
         return "\n".join(lines)
 
+    def markdown(self) -> str:
+        """The rows as a Markdown table (for the README)."""
+        return markdown_table(self.columns, self.rows)
+
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def markdown_table(columns: Sequence[tuple[str, str]], rows: Sequence[dict]) -> str:
+    """``columns`` (row key, header) and JSON rows as a Markdown table; missing values print as ``–``."""
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = ["–" if row.get(key) is None else _fmt(row.get(key)) for key, _ in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _fmt(value: object) -> str:
