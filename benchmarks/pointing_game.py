@@ -10,10 +10,11 @@ Usage (after training the two shipped configs with train.py; ``last.pt`` is the 
 the held-out canvases play no part in choosing the model)::
 
     python train.py --config configs/digits_canvas_vit.yaml
+    python train.py --config configs/digits_canvas_vit.yaml model.pool=cls run.name=digits_canvas_vit_cls
     python train.py --config configs/digits_canvas_resnet_attn.yaml
     python -m benchmarks.pointing_game --vit runs/digits_canvas_vit/last.pt \
-        --cnn runs/digits_canvas_resnet_attn/last.pt --out assets/pointing_game.json \
-        --figure assets/digits_canvas_maps.png
+        --vit runs/digits_canvas_vit_cls/last.pt --cnn runs/digits_canvas_resnet_attn/last.pt \
+        --out assets/pointing_game.json --figure assets/digits_canvas_maps.png
 """
 
 from __future__ import annotations
@@ -175,16 +176,17 @@ def figure(vit_ckpt: str, cnn_ckpt: str | None, out: str, count: int = 4) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vit", required=True, help="last.pt of the digits_canvas ViT run")
+    parser.add_argument("--vit", required=True, action="append",
+                        help="last.pt of a digits_canvas ViT run (repeat for several; the figure uses the first)")
     parser.add_argument("--cnn", help="last.pt of the digits_canvas CNN-with-attention run")
     parser.add_argument("--out", default="benchmarks/results/pointing_game.json")
     parser.add_argument("--figure", help="PNG grid of a few canvases and their maps")
     args = parser.parse_args()
 
-    results = {"models": [evaluate(args.vit, "vit")]}
+    results = {"models": [evaluate(path, "vit") for path in args.vit]}
     if args.cnn:
         results["models"].append(evaluate(args.cnn, "cnn"))
-    results["baselines"] = baselines(test_canvases(load_checkpoint(args.vit)))
+    results["baselines"] = baselines(test_canvases(load_checkpoint(args.vit[0])))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
 
@@ -192,11 +194,11 @@ def main() -> None:
     print("|---|---|---|---|")
     for m in results["models"]:
         for name, value in m["pointing"].items():
-            print(f"| {m['model']} | {m['accuracy']:.1%} | {name} | {value:.1%} |")
+            print(f"| {m['model']} ({m['checkpoint']}) | {m['accuracy']:.1%} | {name} | {value:.1%} |")
     for name, value in results["baselines"].items():
         print(f"| baseline | – | {name} | {value:.1%} |")
     if args.figure:
-        figure(args.vit, args.cnn, args.figure)
+        figure(args.vit[0], args.cnn, args.figure)
 
 
 if __name__ == "__main__":
