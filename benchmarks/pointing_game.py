@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from visattn import maps, record_attention
 from visattn.attention import SelfAttention2d
@@ -77,13 +77,7 @@ def cnn_methods(model: nn.Module) -> dict[str, MapFn]:
 
 def ink_map(raw: Tensor, sigma: float = 2.0) -> Tensor:
     """Baseline: the input intensity blurred with a Gaussian, ``(B, 1, H, W)`` → ``(B, H, W)``."""
-    radius = int(3 * sigma)
-    taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-(taps**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    blurred = F.conv2d(raw, kernel.view(1, 1, 1, -1), padding=(0, radius))
-    blurred = F.conv2d(blurred, kernel.view(1, 1, -1, 1), padding=(radius, 0))
-    return blurred[:, 0]
+    return gaussian_blur(raw, kernel_size=2 * int(3 * sigma) + 1, sigma=sigma)[:, 0]
 
 
 def hits(heatmaps: Tensor, boxes: Tensor) -> Tensor:
