@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .functional import attention, attention_matrix_bytes
+from .functional import attention, attention_matrix_bytes, attention_weights
 from .pos_embed import sincos_2d
 
 __all__ = ["AttentionRecord", "MultiHeadAttention", "SelfAttention2d"]
@@ -374,7 +374,7 @@ class SelfAttention2d(_RecordableAttention):
             # the output still comes from the fused kernel; only the asked-for rows are explicit
             y = attention(q, k, v, scale=self.scale, dropout_p=dropout_p)
             subset = subset.to(q.device)
-            _, weights = attention(q[:, :, subset], k, v, scale=self.scale, need_weights=True)
+            weights = attention_weights(q[:, :, subset], k, scale=self.scale)  # no unused weights·v
         self.recorder(self, AttentionRecord(
             weights=weights, query_grid=query_grid, key_grid=key_grid,
             key_stride=(self.kv_pool, self.kv_pool), num_prefix_tokens=0, query_index=subset,
