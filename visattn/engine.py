@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .config import config_to_dict, load_config
 from .data import build_datasets
 from .registry import create_model
@@ -321,8 +321,9 @@ def _save_epoch(run_dir: Path, metrics: dict[str, Any], best: float, model: nn.M
 def write_safetensors(run_dir: Path, model: nn.Module, model_config: dict, data_config: dict) -> None:
     """``model.safetensors`` (weights, no pickle) and ``model.json`` (``{"model_config", "data_config"}``)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(run_dir / "model.safetensors"), metadata={"format": "visattn"})
-    (run_dir / "model.json").write_text(json.dumps({"model_config": model_config, "data_config": data_config}, indent=2))
+    atomic_write(run_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "visattn"}))
+    config = json.dumps({"model_config": model_config, "data_config": data_config}, indent=2)
+    atomic_write(run_dir / "model.json", lambda tmp: Path(tmp).write_text(config))
 
 
 def plot_curves(metrics_path: Path, out_path: Path) -> None:

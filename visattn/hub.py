@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, atomic_write
 from .convert import load_state_dict_exactly
 from .vit import VisionTransformer
 
@@ -34,18 +32,6 @@ PRETRAINED_FORMAT = "visattn-pretrained"
 PRETRAINED_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(temporary_path)`` in ``path``'s folder, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_json(obj: Any, path: str) -> None:
@@ -83,8 +69,8 @@ def save_pretrained(model: VisionTransformer, directory: str | os.PathLike) -> N
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: _write_json(meta, tmp))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: _write_json(meta, tmp))
 
 
 def _read_config(path: Path) -> dict[str, Any]:
