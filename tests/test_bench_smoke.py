@@ -55,6 +55,7 @@ def test_quick_suite_runs_and_writes_valid_json(tmp_path: Path) -> None:
 
     _check_record_part(doc["parts"]["record"])
     _check_train_part(doc["parts"]["train"])
+    _check_precision_part(doc["parts"]["precision"])
 
 
 def _check_record_part(part: dict) -> None:
@@ -87,6 +88,16 @@ def _check_train_part(part: dict) -> None:
     assert row["processes"] == row["threads"] == 1 and row["batch"] == 16 and [e["epoch"] for e in row["epochs"]] == [1, 2]
     assert row["images_per_s"] == row["epochs"][1]["images_per_s"] > 0  # the first epoch is not timed
     assert row["speedup"] == 1.0
+
+
+def _check_precision_part(part: dict) -> None:
+    """Part 6 timed the first two shipped configs; the ratio and the choice follow from the times."""
+    assert [r["config"] for r in part["rows"]] == sorted(p.stem for p in Path("configs").glob("*.yaml"))[:2]
+    for row in part["rows"]:
+        assert row["fp32_ms"] > 0 and row["batch"] == 32
+        if "bf16_ms" in row:
+            assert math.isclose(row["ratio"], row["bf16_ms"] / row["fp32_ms"])
+            assert row["auto"] == ("bf16" if row["ratio"] < 0.9 else "fp32")
 
 
 def test_train_part_scales_the_default_config_with_torchrun_at_the_same_global_batch() -> None:

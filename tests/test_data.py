@@ -173,13 +173,11 @@ def test_imagefolder_with_train_and_val_folders(tmp_path):
     assert (len(train), len(test)) == (6, 4)
 
 
-def test_fake_and_augmentation_errors():
-    train, test, data_config = build_datasets(data_cfg("data.name=fake", "data.fake_size=8", "data.img_size=8"))
+def test_fake_images_take_the_per_image_transforms():
+    cfg = data_cfg("data.name=fake", "data.fake_size=8", "data.img_size=8", "data.augment.crop_padding=2",
+                   "data.augment.hflip=0.5", "data.augment.auto_augment=rand-m9", "data.augment.re_prob=0.5")
+    train, test, data_config = build_datasets(cfg)
     assert train[0][0].shape == (3, 8, 8) and len(test) == 2
-    with pytest.raises(ValueError, match="crop_padding needs a PIL-image dataset"):
-        build_datasets(data_cfg("data.augment.crop_padding=4"))
-    with pytest.raises(ValueError, match="RandAugment.*needs a PIL-image dataset"):
-        build_datasets(data_cfg("data.augment.auto_augment=rand-m9"))
 
 
 def test_imagefolder_replaces_a_file_that_fails_to_decode_later(tmp_path):

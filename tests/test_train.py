@@ -19,7 +19,7 @@ from visattn import create_model
 from visattn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from visattn.cli import main
 from visattn.config import ConfigError, load_config
-from visattn.engine import NonFiniteLossError, fit, load_run_config
+from visattn.engine import NonFiniteLossError, choose_precision, fit, load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "train.epochs=2", "train.batch_size=64",
@@ -95,9 +95,12 @@ def child_env():
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, one_thread):
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     args = [*TINY, "train.batch_size=32", "train.ema_decay=0.9"]  # 2 epochs of 44 steps
-    reference = fit(load_config(overrides=[*args, f"run.out_dir={tmp_path / 'ref'}"]))
+    # the reference runs in a process like the killed one: same threads, same kernels
+    reference = run_train([*args, f"run.out_dir={tmp_path / 'ref'}", "run.name=r"], child_env())
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()
+    reference.stdout.close()
 
     proc = run_train([*args, f"run.out_dir={tmp_path / 'killed'}", "run.name=r"], child_env())
     run = tmp_path / "killed" / "r"
@@ -116,7 +119,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, one_thread)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert "resumed" in out
-    assert metrics(run) == metrics(reference["run_dir"])
+    assert metrics(run) == metrics(tmp_path / "ref" / "r")
 
 
 def test_resume_refuses_a_broken_checkpoint(tmp_path, one_thread):
@@ -189,3 +192,45 @@ def test_cifar_vit_recipe_runs_end_to_end_on_fake_images(tmp_path, one_thread):
     assert result["epoch"] == 2 and "ema_test_acc1" in result
     assert torch.isfinite(torch.tensor(result["train_loss"]))
     assert Path(result["run_dir"]).name == "cifar10_vit"
+
+
+@pytest.mark.parametrize(("fp32", "bf16", "expected"), [
+    (0.010, 0.0085, torch.bfloat16),  # 15 % faster: bf16
+    (0.010, 0.0095, None),  # 5 % faster: not worth it, fp32
+    (0.010, 0.0600, None),  # emulated bf16: fp32
+])
+def test_auto_precision_takes_the_faster_of_two_timings(monkeypatch, fp32, bf16, expected):
+    monkeypatch.setattr(visattn.engine, "cpu_has_native_bf16", lambda: True)
+    timings = {None: fp32, torch.bfloat16: bf16}
+    dtype, reason = choose_precision("auto", torch.device("cpu"), timings.__getitem__)
+    assert dtype == expected
+    assert f"{bf16 * 1e3:.1f} ms in bf16 and {fp32 * 1e3:.1f} ms in fp32" in reason
+
+
+def test_auto_precision_skips_the_timing_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(visattn.engine, "cpu_has_native_bf16", lambda: False)
+
+    def never(dtype):
+        raise AssertionError("timed although bf16 is emulated")
+
+    assert choose_precision("auto", torch.device("cpu"), never) == (
+        None, "train.amp=auto: this CPU has no native bf16 (avx512_bf16/amx_bf16), so bf16 would be emulated and slower")
+    assert choose_precision("bf16", torch.device("cpu"), never)[0] == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        choose_precision("fp16", torch.device("cpu"), never)
+
+
+def test_first_log_line_names_the_precision_and_resume_keeps_it(tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.setattr(visattn.engine, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(visattn.engine, "step_timer", lambda *a, **k: {None: 2.0, torch.bfloat16: 1.0}.__getitem__)
+    overrides = [o for o in TINY if not o.startswith("train.amp")] + ["train.epochs=1", f"run.out_dir={tmp_path}"]
+    fit(load_config(overrides=overrides + ["run.name=p"]))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("precision bf16: train.amp=auto: a training step took 1000.0 ms in bf16"), first
+    assert load_checkpoint(tmp_path / "p" / "last.pt")["precision"] == "bf16"
+    # resumed (here: for one more epoch) with timings that now favour fp32: it keeps bf16
+    monkeypatch.setattr(visattn.engine, "step_timer", lambda *a, **k: {None: 1.0, torch.bfloat16: 2.0}.__getitem__)
+    cfg, run_dir = load_run_config(tmp_path / "p", ["train.epochs=2"])
+    fit(cfg, resume=run_dir)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == "precision bf16: train.amp=auto: as chosen when the run started (from last.pt)"

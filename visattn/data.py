@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
+
+from .augment import BatchAugment
 
 __all__ = [
     "DigitsCanvas",
@@ -51,24 +55,20 @@ def build_transform(
     augment: Any,
     mean: Sequence[float],
     std: Sequence[float],
-    pil_input: bool,
-    size: tuple[int, int] | None = None,
-    resize: bool = False,
+    size: tuple[int, int],
 ) -> Callable:
-    """Augment (when ``train``) → float tensor → normalize → random erasing (when ``train``).
+    """Per-image transform of PIL images (datasets that are not held in memory as tensors).
+
+    Augment (when ``train``) → float tensor → normalize → random erasing (when ``train``).
 
     Args:
         train: add the augmentations of ``augment`` (an :class:`~visattn.config.AugmentConfig`).
         mean, std: per-channel normalization.
-        pil_input: inputs are PIL images (else float tensors ``(C, H, W)`` in ``[0, 1]``).
-        size: the output ``(H, W)``; needed by ``augment.crop_padding``.
-        resize: resize inputs to ``size`` first.
+        size: the output ``(H, W)``.
     """
-    steps: list[Callable] = [v2.Resize(list(size), antialias=True)] if resize else []
+    steps: list[Callable] = []
     if train:
         if augment.crop_padding:
-            if not pil_input or size is None:
-                raise ValueError("data.augment.crop_padding needs a PIL-image dataset (cifar10/100, fake); use affine_translate for digits")
             steps.append(v2.RandomCrop(list(size), padding=augment.crop_padding))
         if augment.hflip:
             steps.append(v2.RandomHorizontalFlip(augment.hflip))
@@ -77,14 +77,11 @@ def build_transform(
                 degrees=augment.affine_degrees,
                 translate=(augment.affine_translate,) * 2 if augment.affine_translate else None,
                 scale=(1 - augment.affine_scale, 1 + augment.affine_scale) if augment.affine_scale else None,
+                interpolation=v2.InterpolationMode.BILINEAR,
             ))
         if augment.auto_augment:
-            if not pil_input:
-                raise ValueError("data.augment.auto_augment (RandAugment) needs a PIL-image dataset (cifar10/100, imagefolder, fake)")
             steps.append(rand_augment_transform(augment.auto_augment, {"img_mean": tuple(round(255 * m) for m in mean)}))
-    if pil_input:
-        steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)]
-    steps.append(v2.Normalize(list(mean), list(std)))
+    steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     if train and augment.re_prob:
         steps.append(RandomErasing(augment.re_prob, mode="pixel", device="cpu"))
     return v2.Compose(steps)
@@ -94,12 +91,41 @@ def build_transform(
 
 
 class TensorImageDataset(Dataset):
-    """Images held in memory: ``images`` ``(N, C, H, W)`` (float in ``[0, 1]`` or uint8), ``labels`` ``(N,)``."""
+    """Images held in memory, served and augmented a whole batch at a time.
 
-    def __init__(self, images: Tensor, labels: Tensor, transform: Callable | None = None, class_names: Sequence[str] = ()) -> None:
+    Args:
+        images: ``(N, C, H, W)``, float in ``[0, 1]`` or uint8.
+        labels: ``(N,)`` class indices.
+        mean, std: per-channel normalization applied to every batch.
+        augment: a :class:`~visattn.augment.BatchAugment` for training sets (``None``: none).
+        per_image: an optional per-image transform on PIL images applied before ``augment``
+            (timm's RandAugment); the only step that loops over images.
+        erasing: an optional batch transform applied after normalization (timm's
+            ``RandomErasing``, which takes batches).
+        class_names: the class names, in label order.
+
+    :meth:`batch` returns a batch ``(x (B, C, H, W), y (B,))``; ``DataLoader`` gets it through
+    :meth:`__getitems__` as a list of samples (views into the batch, which its collate function
+    stacks back at the cost of one copy); ``dataset[i]`` returns one ``(x (C, H, W), y int)``.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: BatchAugment | None = None,
+        per_image: Callable | None = None,
+        erasing: Callable | None = None,
+        class_names: Sequence[str] = (),
+    ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images, self.labels, self.transform = images, labels, transform
+        self.images, self.labels = images, labels
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.augment, self.per_image, self.erasing = augment, per_image, erasing
         self.classes = list(class_names)
 
     def __len__(self) -> int:
@@ -107,12 +133,44 @@ class TensorImageDataset(Dataset):
 
     def raw_image(self, index: int) -> Tensor:
         """The un-normalized image ``(C, H, W)``, float in ``[0, 1]``."""
-        image = self.images[index]
-        return image.float() / 255 if image.dtype == torch.uint8 else image
+        return self.raw_images(torch.tensor([index]))[0]
+
+    def raw_images(self, indices: Tensor | Sequence[int]) -> Tensor:
+        """Un-normalized images ``(B, C, H, W)``, float in ``[0, 1]``."""
+        images = self.images[torch.as_tensor(indices, dtype=torch.long)]
+        return images.float() / 255 if images.dtype == torch.uint8 else images.float()
+
+    def batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """A batch ``(x (B, C, H, W), y (B,))``: augmented (if set), normalized, erased (if set)."""
+        x = self.raw_images(indices)
+        if self.per_image is not None:
+            x = torch.stack([pil_to_tensor(self.per_image(to_pil_image(image))) for image in x]).float() / 255
+        if self.augment is not None:
+            x = self.augment(x)
+        x = (x - self.mean) / self.std
+        if self.erasing is not None:
+            x = self.erasing(x)
+        return x, self.labels[torch.as_tensor(indices, dtype=torch.long)]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, int]]:
+        x, y = self.batch(indices)
+        return list(zip(x.unbind(0), y.tolist(), strict=True))
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = self.raw_image(index)
-        return (self.transform(image) if self.transform else image), int(self.labels[index])
+        return self.__getitems__([index])[0]
+
+
+def tensor_augmentation(augment: Any, mean: Sequence[float]) -> tuple[BatchAugment | None, Callable | None, Callable | None]:
+    """``(batch augment, per-image RandAugment, random erasing)`` for an ``augment`` config section."""
+    batch = BatchAugment(
+        hflip=augment.hflip, degrees=augment.affine_degrees, translate=augment.affine_translate,
+        scale=augment.affine_scale, crop_padding=augment.crop_padding,
+    )
+    per_image = None
+    if augment.auto_augment:
+        per_image = rand_augment_transform(augment.auto_augment, {"img_mean": tuple(round(255 * m) for m in mean)})
+    erasing = RandomErasing(augment.re_prob, mode="pixel", device="cpu") if augment.re_prob else None
+    return (batch if batch.active else None), per_image, erasing
 
 
 @functools.lru_cache(maxsize=1)
@@ -163,11 +221,11 @@ class DigitsCanvas(TensorImageDataset):
             (``x1``, ``y1`` exclusive).
         images: uint8 ``(N, 1, S, S)`` un-normalized canvases; :meth:`raw_image` ``(i)`` gives one
             as float in ``[0, 1]``, ``dataset[i]`` gives ``(normalized image, label)``.
-        mean, std: the normalization used when no ``transform`` is given.
+        MEAN, STD: the normalization (measured on the default train split).
     """
 
-    mean = (0.067,)  # measured on the default train split
-    std = (0.20,)
+    MEAN = (0.067,)
+    STD = (0.20,)
 
     def __init__(
         self,
@@ -175,14 +233,12 @@ class DigitsCanvas(TensorImageDataset):
         canvas_size: int = 64,
         seed: int = 0,
         copies: int = 3,
-        transform: Callable | None = None,
+        **augmentation: Any,
     ) -> None:
         if canvas_size < 32:
             raise ValueError(f"canvas_size must be at least 32 (a digit is up to 24 px), got {canvas_size}")
         images, labels, boxes = _build_canvases(split, canvas_size, seed, copies)
-        if transform is None:
-            transform = v2.Normalize(list(self.mean), list(self.std))
-        super().__init__(images, labels, transform, [str(d) for d in range(10)])
+        super().__init__(images, labels, self.MEAN, self.STD, class_names=[str(d) for d in range(10)], **augmentation)
         self.boxes = boxes
 
 
@@ -239,7 +295,8 @@ def _add_clutter(canvas: np.ndarray, box: np.ndarray, ink: float, scaled: dict, 
 # --- CIFAR, image folders, fake -------------------------------------------------------------
 
 
-def _cifar(name: str, root: str, train: bool, download: bool, transform: Callable) -> Dataset:
+def _cifar(name: str, root: str, train: bool, download: bool) -> tuple[Tensor, Tensor, list[str]]:
+    """One CIFAR split as uint8 images ``(N, 3, 32, 32)``, labels ``(N,)`` and class names."""
     base = {"cifar10": tv_datasets.CIFAR10, "cifar100": tv_datasets.CIFAR100}[name]
 
     class Cifar(base):
@@ -257,10 +314,12 @@ def _cifar(name: str, root: str, train: bool, download: bool, transform: Callabl
             "or set data.download=true when online"
         )
     try:
-        return Cifar(root, train=train, transform=transform, download=download)
+        split = Cifar(root, train=train, download=download)
     except Exception as err:  # torchvision unpickles the batches: any failure means a bad copy
         raise ValueError(f"{name} files in {folder} could not be read ({type(err).__name__}: {err}); "
                          "delete the folder and extract the archive again") from err
+    images = torch.from_numpy(np.ascontiguousarray(split.data.transpose(0, 3, 1, 2)))
+    return images, torch.tensor(split.targets, dtype=torch.long), list(split.classes)
 
 
 class CheckedImageFolder(tv_datasets.ImageFolder):
@@ -335,52 +394,84 @@ def _imagefolder(cfg: Any, size: tuple[int, int]) -> tuple[Dataset, Dataset, lis
     return train, test, full.classes
 
 
+@dataclass
+class DataSplits:
+    """What a dataset builder returns: the two splits and what inference needs to know."""
+
+    train: Dataset
+    test: Dataset
+    size: tuple[int, int]
+    in_chans: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    classes: list[str]
+
+
+def _digits(cfg: Any) -> DataSplits:
+    size = cfg.img_size or 16
+    (train_x, train_y), (test_x, test_y) = (digits_images(s, size, cfg.split_seed) for s in ("train", "test"))
+    mean, std = (float(train_x.mean()),), (float(train_x.std()),)
+    classes = [str(d) for d in range(10)]
+    augment, per_image, erasing = tensor_augmentation(cfg.augment, mean)
+    train = TensorImageDataset(train_x, train_y, mean, std, augment, per_image, erasing, classes)
+    test = TensorImageDataset(test_x, test_y, mean, std, class_names=classes)
+    return DataSplits(train, test, (size, size), 1, mean, std, classes)
+
+
+def _digits_canvas(cfg: Any) -> DataSplits:
+    size = cfg.canvas_size
+    if cfg.img_size not in (None, size):
+        raise ValueError("digits_canvas: set data.canvas_size instead of data.img_size")
+    augment, per_image, erasing = tensor_augmentation(cfg.augment, DigitsCanvas.MEAN)
+    train = DigitsCanvas("train", size, cfg.split_seed, cfg.canvas_copies, augment=augment, per_image=per_image, erasing=erasing)
+    test = DigitsCanvas("test", size, cfg.split_seed, cfg.canvas_copies)
+    return DataSplits(train, test, (size, size), 1, DigitsCanvas.MEAN, DigitsCanvas.STD, train.classes)
+
+
+def _cifar_splits(cfg: Any) -> DataSplits:
+    size = cfg.img_size or 32
+    mean, std = CIFAR_STATS[cfg.name]
+    (train_x, train_y, classes), (test_x, test_y, _) = (
+        _cifar(cfg.name, cfg.root, train, cfg.download) for train in (True, False)
+    )
+    if size != 32:  # resized once, as a batch, when loaded
+        train_x, test_x = (v2.functional.resize(x, [size, size], antialias=True) for x in (train_x, test_x))
+    augment, per_image, erasing = tensor_augmentation(cfg.augment, mean)
+    train = TensorImageDataset(train_x, train_y, mean, std, augment, per_image, erasing, classes)
+    test = TensorImageDataset(test_x, test_y, mean, std, class_names=classes)
+    return DataSplits(train, test, (size, size), 3, mean, std, classes)
+
+
+def _imagefolder_splits(cfg: Any) -> DataSplits:
+    size = cfg.img_size or 224
+    train, test, classes = _imagefolder(cfg, (size, size))
+    return DataSplits(train, test, (size, size), 3, *IMAGENET_STATS, classes)
+
+
+def _fake(cfg: Any) -> DataSplits:
+    size, aug = cfg.img_size or 32, cfg.augment
+    mean, std = (0.5,) * 3, (0.5,) * 3
+    make = functools.partial(tv_datasets.FakeData, image_size=(3, size, size), num_classes=cfg.fake_classes)
+    train = make(cfg.fake_size, transform=build_transform(True, aug, mean, std, (size, size)), random_offset=cfg.split_seed)
+    test = make(max(1, cfg.fake_size // 4), transform=build_transform(False, aug, mean, std, (size, size)),
+                random_offset=cfg.split_seed + 10**6)
+    return DataSplits(train, test, (size, size), 3, mean, std, [str(c) for c in range(cfg.fake_classes)])
+
+
+_BUILDERS: dict[str, Callable[[Any], DataSplits]] = {
+    "digits": _digits, "digits_canvas": _digits_canvas, "cifar10": _cifar_splits, "cifar100": _cifar_splits,
+    "imagefolder": _imagefolder_splits, "fake": _fake,
+}
+
+
 def build_datasets(cfg: Any) -> tuple[Dataset, Dataset, dict[str, Any]]:
     """``(train_set, test_set, data_config)`` for the ``data`` section of a config."""
-    name, aug = cfg.name, cfg.augment
-    if name in ("digits", "digits_canvas"):
-        if name == "digits":
-            size = cfg.img_size or 16
-            (train_x, train_y), (test_x, test_y) = (digits_images(s, size, cfg.split_seed) for s in ("train", "test"))
-            mean, std = (float(train_x.mean()),), (float(train_x.std()),)
-            classes = [str(d) for d in range(10)]
-            make = functools.partial(TensorImageDataset, class_names=classes)
-            train = make(train_x, train_y, build_transform(True, aug, mean, std, pil_input=False))
-            test = make(test_x, test_y, build_transform(False, aug, mean, std, pil_input=False))
-        else:
-            size = cfg.canvas_size
-            if cfg.img_size not in (None, size):
-                raise ValueError("digits_canvas: set data.canvas_size instead of data.img_size")
-            mean, std = DigitsCanvas.mean, DigitsCanvas.std
-            train = DigitsCanvas("train", size, cfg.split_seed, cfg.canvas_copies, build_transform(True, aug, mean, std, pil_input=False))
-            test = DigitsCanvas("test", size, cfg.split_seed, cfg.canvas_copies)
-            classes = train.classes
-        in_chans, hw = 1, (size, size)
-    elif name in ("cifar10", "cifar100"):
-        size = cfg.img_size or 32
-        mean, std = CIFAR_STATS[name]
-        hw, resize = (size, size), size != 32
-        train = _cifar(name, cfg.root, True, cfg.download, build_transform(True, aug, mean, std, True, hw, resize))
-        test = _cifar(name, cfg.root, False, cfg.download, build_transform(False, aug, mean, std, True, hw, resize))
-        classes, in_chans = list(train.classes), 3
-    elif name == "imagefolder":
-        size = cfg.img_size or 224
-        hw = (size, size)
-        train, test, classes = _imagefolder(cfg, hw)
-        (mean, std), in_chans = IMAGENET_STATS, 3
-    elif name == "fake":
-        size = cfg.img_size or 32
-        hw, in_chans = (size, size), 3
-        mean, std = (0.5,) * 3, (0.5,) * 3
-        make = functools.partial(tv_datasets.FakeData, image_size=(3, size, size), num_classes=cfg.fake_classes)
-        train = make(cfg.fake_size, transform=build_transform(True, aug, mean, std, True, hw), random_offset=cfg.split_seed)
-        test = make(max(1, cfg.fake_size // 4), transform=build_transform(False, aug, mean, std, True, hw),
-                    random_offset=cfg.split_seed + 10**6)
-        classes = [str(c) for c in range(cfg.fake_classes)]
-    else:
-        raise ValueError(f"unknown dataset {name!r}")
+    if cfg.name not in _BUILDERS:
+        raise ValueError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(_BUILDERS)}")
+    splits = _BUILDERS[cfg.name](cfg)
     data_config = {
-        "name": name, "img_size": list(hw), "in_chans": in_chans, "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std], "num_classes": len(classes), "class_names": list(classes),
+        "name": cfg.name, "img_size": list(splits.size), "in_chans": splits.in_chans,
+        "mean": [float(m) for m in splits.mean], "std": [float(s) for s in splits.std],
+        "num_classes": len(splits.classes), "class_names": list(splits.classes),
     }
-    return train, test, data_config
+    return splits.train, splits.test, data_config
