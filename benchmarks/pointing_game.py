@@ -29,10 +29,10 @@ from torch import Tensor, nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from visattn import maps, record_attention
-from visattn.attention import SelfAttention2d
-from visattn.checkpoint import load_checkpoint, model_from_checkpoint
-from visattn.data import DigitsCanvas
-from visattn.overlay import overlay_grid
+from visattn.explain.overlay import overlay_grid
+from visattn.layers.attention import SelfAttention2d
+from visattn.train.data import DigitsCanvas
+from visattn.weights.checkpoint import load_checkpoint, model_from_checkpoint
 
 MapFn = Callable[[nn.Module, Tensor], Tensor]  # (model, normalized batch) -> (B, H, W) on pixels
 

@@ -4,7 +4,7 @@ For each ``configs/*.yaml`` the model is built as ``train.py`` builds it (datase
 classes, the config's model keywords) and one training step (forward, loss, backward, optimizer
 step) on a random batch of the config's batch size and image size is timed in fp32 and under
 bf16 autocast, alternating the two. The last column is what ``train.amp=auto`` would choose here
-(bf16 only when at least 10 % faster; see ``visattn.engine.choose_precision``).
+(bf16 only when at least 10 % faster; see ``visattn.train.engine.choose_precision``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from timm.optim import create_optimizer_v2
 
-from visattn.config import load_config
-from visattn.engine import BF16_MIN_GAIN, build_model
+from visattn.train.config import load_config
+from visattn.train.engine import BF16_MIN_GAIN, build_model
 
 from .common import REPO_ROOT, Config, Part, bf16_enabled, measure
 

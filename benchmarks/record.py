@@ -7,7 +7,7 @@
   still comes from the fused kernel; only three rows of weights are computed. Goal: at most 2× the
   peak memory.
 - For contrast, every query recorded on a 64×64 grid (the full ``(HW)²`` matrix, 64 MiB), and at
-  128×128 only its size (``visattn.functional.attention_matrix_bytes``: 1 GiB), never built.
+  128×128 only its size (``visattn.layers.functional.attention_matrix_bytes``: 1 GiB), never built.
 
 Forward = eval mode under ``torch.inference_mode``; a recording call opens ``record_attention``,
 runs the model and keeps the recording alive until the call returns, so its peak memory includes
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from visattn import SelfAttention2d, create_model, record_attention
-from visattn.functional import attention_matrix_bytes
+from visattn.layers.functional import attention_matrix_bytes
 from visattn.profiling import attention_kernels
 
 from .common import (
@@ -145,8 +145,8 @@ def child(case: dict, device: str) -> dict:
 
 def _describe(recording) -> dict:
     """How many modules were recorded, their weights' shapes and the bytes they keep."""
-    shapes = sorted({tuple(r["weights"].shape) for r in recording.values()})
-    kept = sum(r["weights"].numel() * r["weights"].element_size() for r in recording.values())
+    shapes = sorted({tuple(r.weights.shape) for r in recording.values()})
+    kept = sum(r.weights.numel() * r.weights.element_size() for r in recording.values())
     return {"layers": len(recording), "shapes": [list(s) for s in shapes], "bytes": kept}
 
 

@@ -26,7 +26,7 @@ from timm.layers import NonLocalAttn
 from torch import Tensor, nn
 
 from visattn import SelfAttention2d
-from visattn.functional import attention_matrix_bytes
+from visattn.layers.functional import attention_matrix_bytes
 from visattn.profiling import FUSED_KERNELS, attention_kernels
 
 from .common import (

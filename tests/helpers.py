@@ -6,21 +6,21 @@ import contextlib
 
 import torch
 
-from visattn.attention import _RecordableAttention
+from visattn.layers.attention import RecordableAttention, RecordingRequest
 
 
 @contextlib.contextmanager
 def explicit_attention(model: torch.nn.Module):
     """Make every visattn attention module in ``model`` take the explicit-weights path."""
-    modules = [m for m in model.modules() if isinstance(m, _RecordableAttention)]
+    modules = [m for m in model.modules() if isinstance(m, RecordableAttention)]
     assert modules, "model has no visattn attention modules"
     for m in modules:
-        m.recorder = lambda module, record: None
+        m.recording = RecordingRequest(lambda module, record: None)
     try:
         yield
     finally:
         for m in modules:
-            m.recorder = None
+            m.recording = None
 
 
 def assert_every_parameter_gets_gradient(model: torch.nn.Module) -> None:

@@ -8,9 +8,9 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from visattn.augment import AffineParams, BatchAugment, apply_affine
-from visattn.config import load_config
-from visattn.data import TensorImageDataset, build_datasets
+from visattn.train.augment import AffineParams, BatchAugment, apply_affine
+from visattn.train.config import load_config
+from visattn.train.data import TensorImageDataset, build_datasets
 
 B, C, H, W = 5, 2, 12, 16  # non-square, several channels
 

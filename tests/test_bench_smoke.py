@@ -15,7 +15,7 @@ import torch
 from benchmarks import record, selfattention2d, training, vit
 from benchmarks.__main__ import PARTS, main
 from benchmarks.common import PeakMemory, peak_memory_supported
-from visattn.functional import attention_matrix_bytes
+from visattn.layers.functional import attention_matrix_bytes
 
 MB = 2**20
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from visattn import create_model
-from visattn.checkpoint import (
+from visattn.weights.checkpoint import (
     CheckpointError,
     load_checkpoint,
     model_from_checkpoint,

@@ -11,9 +11,9 @@ from PIL import Image
 from torch import nn
 
 from visattn import SelfAttention2d, registry
-from visattn.checkpoint import save_checkpoint
 from visattn.cli import main
-from visattn.vit import VisionTransformer
+from visattn.models.vit import VisionTransformer
+from visattn.weights.checkpoint import save_checkpoint
 
 DATA_CONFIG = {"name": "digits_canvas", "img_size": [16, 24], "in_chans": 1, "mean": [0.1], "std": [0.3],
                "num_classes": 4, "class_names": ["zero", "one", "two", "three"]}

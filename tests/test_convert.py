@@ -19,7 +19,8 @@ from torch import nn
 
 import visattn
 from visattn import create_model, from_timm, from_torchvision
-from visattn.convert import (
+from visattn.layers.attention import RecordingRequest
+from visattn.weights.convert import (
     PretrainedUnavailableError,
     UnsupportedModelError,
     torchvision_to_timm_names,
@@ -53,12 +54,12 @@ def _timm_attention(peer: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 def _visattn_attention(model: visattn.VisionTransformer, x: torch.Tensor) -> list[torch.Tensor]:
     weights = []
     for block in model.blocks:
-        block.attn.recorder = lambda module, record: weights.append(record["weights"])
+        block.attn.recording = RecordingRequest(lambda module, record: weights.append(record.weights))
     try:
         model(x)
     finally:
         for block in model.blocks:
-            block.attn.recorder = None
+            block.attn.recording = None
     return weights
 
 

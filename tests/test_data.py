@@ -10,8 +10,14 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from visattn.config import load_config
-from visattn.data import DigitsCanvas, _build_canvases, build_datasets, digits_images, digits_split
+from visattn.train.config import load_config
+from visattn.train.data import (
+    DigitsCanvas,
+    _build_canvases,
+    build_datasets,
+    digits_images,
+    digits_split,
+)
 
 
 def data_cfg(*overrides):

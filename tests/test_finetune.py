@@ -5,9 +5,9 @@ from __future__ import annotations
 import timm
 import torch
 
-from visattn.checkpoint import model_from_checkpoint
-from visattn.config import load_config
-from visattn.engine import fit
+from visattn.train.config import load_config
+from visattn.train.engine import fit
+from visattn.weights.checkpoint import model_from_checkpoint
 
 
 def test_finetune_timm_weights_from_a_local_file(tmp_path):

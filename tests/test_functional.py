@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from visattn.functional import attention
+from visattn.layers.functional import attention
 from visattn.profiling import FUSED_KERNELS, UNFUSED_KERNELS, attention_kernels
 
 

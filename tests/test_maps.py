@@ -16,8 +16,7 @@ from torch import nn
 
 import visattn
 from visattn import SelfAttention2d, VisionTransformer
-from visattn.functional import attention_matrix_bytes
-from visattn.maps import (
+from visattn.explain.maps import (
     cls_attention,
     grad_rollout,
     key_extent,
@@ -28,6 +27,7 @@ from visattn.maps import (
     rollout,
     to_image,
 )
+from visattn.layers.functional import attention_matrix_bytes
 from visattn.profiling import FUSED_KERNELS, UNFUSED_KERNELS, attention_kernels
 
 # a non-square 2×3 token grid (8×12 pixels, 4×4 patches), three images, two heads
@@ -95,12 +95,12 @@ def test_recorded_weights_equal_timm_unfused_attention(kw):
         ours(x)
     assert list(rec) == [f"blocks.{i}.attn" for i in range(3)]
     for (path, r), want in zip(rec.items(), expected, strict=True):
-        torch.testing.assert_close(r["weights"], want, atol=1e-10, rtol=1e-10)
-        assert r["query_grid"] == r["key_grid"] == (2, 3), path
-        assert r["num_prefix_tokens"] == (3 if kw else 1)
-        assert r["image_size"] == (8, 12)
-        assert r["class_token"] is True
-        assert r["pool"] == ("mean" if kw else "cls")
+        torch.testing.assert_close(r.weights, want, atol=1e-10, rtol=1e-10)
+        assert r.query_grid == r.key_grid == (2, 3), path
+        assert r.num_prefix_tokens == (3 if kw else 1)
+        assert r.image_size == (8, 12)
+        assert r.class_token is True
+        assert r.pool == ("mean" if kw else "cls")
     # the class token's attention over the patches, per head, as the DINO picture reads it
     last = expected[-1][:, :, 0, (3 if kw else 1):].reshape(3, 2, 2, 3)
     torch.testing.assert_close(cls_attention(rec), last, atol=1e-10, rtol=1e-10)
@@ -116,14 +116,14 @@ def test_closing_restores_the_fused_path_and_keeps_nothing():
     assert len(rec) == 3
     for module in model.modules():
         if isinstance(module, visattn.MultiHeadAttention):
-            assert module.recorder is None and module.query_subset is None and module.record_max_bytes is None
+            assert module.recording is None
     assert not model._forward_pre_hooks
     kernels = attention_kernels(lambda: model(x))
     assert kernels and kernels <= FUSED_KERNELS and not kernels & UNFUSED_KERNELS
     # a forward after closing adds nothing to the recording
-    before = {p: r["weights"] for p, r in rec.items()}
+    before = {p: r.weights for p, r in rec.items()}
     model(torch.randn(IMAGES))
-    assert all(rec[p]["weights"] is w for p, w in before.items())
+    assert all(rec[p].weights is w for p, w in before.items())
 
 
 def test_a_new_forward_replaces_the_records_and_keep_grad():
@@ -132,12 +132,12 @@ def test_a_new_forward_replaces_the_records_and_keep_grad():
         model(torch.randn(IMAGES))
         model(torch.randn(1, 3, 16, 8))
     assert list(rec) == ["blocks.1.attn"]
-    assert rec["blocks.1.attn"]["weights"].shape == (1, 2, 1 + 8, 1 + 8)
-    assert rec.image_size == (16, 8) and rec["blocks.1.attn"]["query_grid"] == (4, 2)
-    assert not rec["blocks.1.attn"]["weights"].requires_grad
+    assert rec["blocks.1.attn"].weights.shape == (1, 2, 1 + 8, 1 + 8)
+    assert rec.image_size == (16, 8) and rec["blocks.1.attn"].query_grid == (4, 2)
+    assert not rec["blocks.1.attn"].weights.requires_grad
     with record_attention(model, layers=["blocks.0.attn"], keep_grad=True) as rec:
         model(torch.randn(IMAGES)).sum()
-    weights = rec["blocks.0.attn"]["weights"]
+    weights = rec["blocks.0.attn"].weights
     assert weights.requires_grad
     (grad,) = torch.autograd.grad(weights.sum(), [model.blocks[0].attn.qkv.weight], allow_unused=True)
     assert grad is not None
@@ -168,11 +168,11 @@ def test_memory_limit_refuses_with_the_bytes_it_would_need():
         block(x)
     with record_attention(block, max_bytes=need) as rec:
         block(x)
-    assert rec[""]["weights"].shape == (2, 2, 120, 120)
+    assert rec[""].weights.shape == (2, 2, 120, 120)
     # three query cells cost three rows
     with record_attention(block, queries=[(0, 0), (9, 11), (5, 5)], max_bytes=attention_matrix_bytes(2, 2, 3, 120)) as rec:
         block(x)
-    assert rec[""]["weights"].shape == (2, 2, 3, 120)
+    assert rec[""].weights.shape == (2, 2, 3, 120)
 
 
 # --- SelfAttention2d: query maps on a non-square, pooled grid -------------------------------
@@ -217,8 +217,8 @@ def test_query_map_and_received_equal_the_hand_computation(cnn):
     with record_attention(cnn) as rec:
         cnn(x)
     r = rec["attn"]
-    assert (r["query_grid"], r["key_grid"], r["key_stride"]) == ((5, 7), (3, 4), (2, 2))
-    torch.testing.assert_close(r["weights"], expected)
+    assert (r.query_grid, r.key_grid, r.key_stride) == ((5, 7), (3, 4), (2, 2))
+    torch.testing.assert_close(r.weights, expected)
     # pixel (x=9, y=3) lies in row 3·5/10 = 1, column 9·7/14 = 4 of the 5×7 grid
     assert point_to_cell((9, 3), (10, 14), (5, 7)) == (1, 4)
     want = expected[:, :, 1 * 7 + 4].reshape(4, 2, 3, 4)
@@ -237,8 +237,8 @@ def test_queries_record_only_the_asked_cells(cnn):
         out = cnn(x)
     torch.testing.assert_close(out, cnn(x))  # the output is the fused one, unchanged
     r = rec["attn"]
-    assert r["query_index"].tolist() == [1 * 7 + 4, 0, 4 * 7 + 6]
-    assert r["weights"].shape == (2, 2, 3, 12)
+    assert r.query_index.tolist() == [1 * 7 + 4, 0, 4 * 7 + 6]
+    assert r.weights.shape == (2, 2, 3, 12)
     torch.testing.assert_close(query_map(rec, "attn", (13, 9)), expected[:, :, 34].reshape(2, 2, 3, 4))
     torch.testing.assert_close(received(rec, "attn"), expected[:, :, [11, 0, 34]].mean(dim=2).reshape(2, 2, 3, 4))
     with pytest.raises(ValueError, match=r"\(row 0, col 3\).*not recorded.*queries=\[point\]"):
@@ -266,10 +266,10 @@ def test_self_attention_inside_a_resnet(make):
         resnet(x)
     assert list(rec) == ["layer3.1"]
     r = rec["layer3.1"]
-    assert r["weights"].shape == (2, 4, 4 * 6, 4 * 6) and r["query_grid"] == (4, 6)
-    assert r["image_size"] == (64, 96)
+    assert r.weights.shape == (2, 4, 4 * 6, 4 * 6) and r.query_grid == (4, 6)
+    assert r.image_size == (64, 96)
     expected = block_weights(copy.deepcopy(block).double(), seen[0].double()).float()
-    torch.testing.assert_close(r["weights"], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(r.weights, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(query_map(rec, "layer3.1", (95, 63)), expected[:, :, 23].reshape(2, 4, 4, 6), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="Transformer.*query_map.*received"):
         rollout(rec)
@@ -313,7 +313,7 @@ def test_rollout_equals_the_hand_computation(fusion, discard, pool):
     with record_attention(model) as rec:
         model(x)
     prefix = 1 if pool == "cls" else 0
-    product = reference_rollout([r["weights"].numpy() for r in rec.values()], fusion, discard, prefix)
+    product = reference_rollout([r.weights.numpy() for r in rec.values()], fusion, discard, prefix)
     by_mean = product[:, prefix:, prefix:].mean(axis=1).reshape(3, 2, 3)
     got = rollout(rec, head_fusion=fusion, discard_ratio=discard)
     assert (got >= 0).all()

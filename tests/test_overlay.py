@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 
 from visattn import SelfAttention2d
-from visattn.overlay import (
+from visattn.explain.overlay import (
     Preprocess,
     attention_panels,
     load_image,
@@ -173,7 +173,7 @@ def test_readme_similarity_example_heads_are_gaussian_kernels():
     spec = importlib.util.spec_from_file_location("similarity_attention", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    from visattn.maps import record_attention
+    from visattn.explain.maps import record_attention
 
     features = example.PixelFeatures(stride=2)(torch.rand(2, 3, 12, 16) * 2 - 1)  # (2, 7, 6, 8)
     block = example.similarity_block().eval()
@@ -184,4 +184,4 @@ def test_readme_similarity_example_heads_are_gaussian_kernels():
     for head, (s_colour, s_position) in enumerate(example.HEADS.values()):
         distance = s_colour * torch.cdist(colour, colour) ** 2 + s_position * torch.cdist(position, position) ** 2
         want = torch.softmax(-distance / 2, dim=-1)
-        torch.testing.assert_close(rec[""]["weights"][:, head].double(), want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(rec[""].weights[:, head].double(), want, atol=1e-5, rtol=1e-4)

@@ -12,8 +12,8 @@ from torch import nn
 
 import visattn
 from visattn import VisionTransformer, create_model, from_timm, load_pretrained
-from visattn.checkpoint import CheckpointError
-from visattn.hub import CONFIG_NAME, WEIGHTS_NAME
+from visattn.weights.checkpoint import CheckpointError
+from visattn.weights.hub import CONFIG_NAME, WEIGHTS_NAME
 
 
 @pytest.fixture

@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import visattn.engine
+import visattn.train.engine
 from visattn import create_model
-from visattn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from visattn.cli import main
-from visattn.config import ConfigError, load_config
-from visattn.engine import NonFiniteLossError, choose_precision, fit, load_run_config
+from visattn.train.config import ConfigError, load_config
+from visattn.train.engine import NonFiniteLossError, choose_precision, fit, load_run_config
+from visattn.weights.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "train.epochs=2", "train.batch_size=64",
@@ -133,7 +133,7 @@ def test_resume_refuses_a_broken_checkpoint(tmp_path, one_thread):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, one_thread):
-    build = visattn.engine.build_datasets
+    build = visattn.train.engine.build_datasets
 
     class PoisonAfterOneEpoch(torch.utils.data.Dataset):
         def __init__(self, dataset):
@@ -151,7 +151,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
         train, test, data_config = build(cfg)
         return PoisonAfterOneEpoch(train), test, data_config
 
-    monkeypatch.setattr(visattn.engine, "build_datasets", poisoned)
+    monkeypatch.setattr(visattn.train.engine, "build_datasets", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 23 \(epoch 2\).*last good state is .*last.pt"):
         fit(tiny(tmp_path, "run.name=nan", "train.epochs=3"))
     assert load_checkpoint(tmp_path / "nan" / "last.pt")["epoch"] == 1
@@ -200,7 +200,7 @@ def test_cifar_vit_recipe_runs_end_to_end_on_fake_images(tmp_path, one_thread):
     (0.010, 0.0600, None),  # emulated bf16: fp32
 ])
 def test_auto_precision_takes_the_faster_of_two_timings(monkeypatch, fp32, bf16, expected):
-    monkeypatch.setattr(visattn.engine, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(visattn.train.engine, "cpu_has_native_bf16", lambda: True)
     timings = {None: fp32, torch.bfloat16: bf16}
     dtype, reason = choose_precision("auto", torch.device("cpu"), timings.__getitem__)
     assert dtype == expected
@@ -208,7 +208,7 @@ def test_auto_precision_takes_the_faster_of_two_timings(monkeypatch, fp32, bf16,
 
 
 def test_auto_precision_skips_the_timing_without_native_bf16(monkeypatch):
-    monkeypatch.setattr(visattn.engine, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(visattn.train.engine, "cpu_has_native_bf16", lambda: False)
 
     def never(dtype):
         raise AssertionError("timed although bf16 is emulated")
@@ -221,15 +221,15 @@ def test_auto_precision_skips_the_timing_without_native_bf16(monkeypatch):
 
 
 def test_first_log_line_names_the_precision_and_resume_keeps_it(tmp_path, monkeypatch, capsys, one_thread):
-    monkeypatch.setattr(visattn.engine, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(visattn.engine, "step_timer", lambda *a, **k: {None: 2.0, torch.bfloat16: 1.0}.__getitem__)
+    monkeypatch.setattr(visattn.train.engine, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(visattn.train.engine, "step_timer", lambda *a, **k: {None: 2.0, torch.bfloat16: 1.0}.__getitem__)
     overrides = [o for o in TINY if not o.startswith("train.amp")] + ["train.epochs=1", f"run.out_dir={tmp_path}"]
     fit(load_config(overrides=overrides + ["run.name=p"]))
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("precision bf16: train.amp=auto: a training step took 1000.0 ms in bf16"), first
     assert load_checkpoint(tmp_path / "p" / "last.pt")["precision"] == "bf16"
     # resumed (here: for one more epoch) with timings that now favour fp32: it keeps bf16
-    monkeypatch.setattr(visattn.engine, "step_timer", lambda *a, **k: {None: 1.0, torch.bfloat16: 2.0}.__getitem__)
+    monkeypatch.setattr(visattn.train.engine, "step_timer", lambda *a, **k: {None: 1.0, torch.bfloat16: 2.0}.__getitem__)
     cfg, run_dir = load_run_config(tmp_path / "p", ["train.epochs=2"])
     fit(cfg, resume=run_dir)
     first = capsys.readouterr().out.splitlines()[0]

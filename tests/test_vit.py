@@ -8,7 +8,7 @@ import torch
 
 import visattn
 from visattn import VisionTransformer, create_model, list_models
-from visattn.pos_embed import sincos_2d
+from visattn.layers.pos_embed import sincos_2d
 
 from .helpers import assert_every_parameter_gets_gradient, explicit_attention
 

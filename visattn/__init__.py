@@ -1,18 +1,25 @@
-"""visattn: vision self-attention modules and Vision Transformers around one attention core."""
+"""visattn: vision self-attention modules and Vision Transformers around one attention core.
 
-from . import functional, maps
-from .attention import AttentionRecord, MultiHeadAttention, SelfAttention2d
-from .blocks import EncoderBlock
-from .cnn import resnet18_small
-from .convert import from_timm, from_torchvision
-from .hub import load_pretrained, save_pretrained
-from .hybrid import HybridEmbed, HybridViT
-from .insert import AttentionSite, attention_sites, format_sites, insert_attention
-from .maps import AttentionRecording, record_attention
-from .overlay import overlay, overlay_grid
-from .pos_embed import resample_pos_embed, sincos_2d
-from .registry import create_model, list_models, register_model, register_source
-from .vit import PatchEmbed, VisionTransformer
+The package is layered (imports only go down): the leaves ``_io`` and ``_utils``; ``layers``
+(the attention arithmetic and modules); ``models`` (named models, CNN insertion); ``weights``
+(conversion, save/load, checkpoints); ``explain`` and ``train``; and ``cli`` on top.
+"""
+
+from .explain import maps
+from .explain.overlay import overlay, overlay_grid
+from .explain.recording import AttentionRecording, record_attention
+from .layers import functional
+from .layers.attention import AttentionRecord, MultiHeadAttention, SelfAttention2d
+from .layers.blocks import EncoderBlock
+from .layers.patch_embed import PatchEmbed
+from .layers.pos_embed import resample_pos_embed, sincos_2d
+from .models.cnn import resnet18_small
+from .models.hybrid import HybridEmbed, HybridViT
+from .models.insert import AttentionSite, attention_sites, format_sites, insert_attention
+from .models.registry import create_model, list_models, register_model, register_source
+from .models.vit import VisionTransformer
+from .weights.convert import from_timm, from_torchvision
+from .weights.hub import load_pretrained, save_pretrained
 
 __version__ = "0.1.0"
 
@@ -29,21 +36,21 @@ __all__ = [
     "VisionTransformer",
     "attention_sites",
     "create_model",
+    "format_sites",
     "from_timm",
     "from_torchvision",
-    "format_sites",
     "functional",
     "insert_attention",
     "list_models",
+    "load_pretrained",
     "maps",
     "overlay",
     "overlay_grid",
     "record_attention",
-    "load_pretrained",
     "register_model",
     "register_source",
-    "resnet18_small",
     "resample_pos_embed",
+    "resnet18_small",
     "save_pretrained",
     "sincos_2d",
 ]

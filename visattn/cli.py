@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .registry import create_model, list_models
+from .models.registry import create_model, list_models
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -41,8 +41,8 @@ def _pair(text: str, kind: type = float) -> tuple:
 
 def _cmd_overlay(args: argparse.Namespace) -> int:
     """Draw an attention map of one picture (see visattn.overlay.attention_overlay)."""
-    from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .overlay import Preprocess, attention_overlay, default_data_config, load_image
+    from .explain.overlay import Preprocess, attention_overlay, default_data_config, load_image
+    from .weights.checkpoint import load_checkpoint, model_from_checkpoint
 
     try:
         if args.checkpoint and args.img_size:
@@ -76,7 +76,7 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
 
 def _cmd_sites(args: argparse.Namespace) -> int:
     """Where attention could go in a CNN and what it would cost there (a Markdown table)."""
-    from .insert import attention_sites, format_sites
+    from .models.insert import attention_sites, format_sites
 
     model = create_model(args.model, in_chans=args.input_size[0]).eval()
     sites = attention_sites(
@@ -101,7 +101,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _user_errors(command):
     """Report configuration, data and checkpoint mistakes as one line (exit status 1), not a traceback."""
     def run(args: argparse.Namespace) -> int:
-        from .engine import NonFiniteLossError
+        from .train.engine import NonFiniteLossError
 
         try:
             return command(args)
@@ -113,8 +113,8 @@ def _user_errors(command):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """Train from a config (or resume a run); the loop is :func:`visattn.engine.fit`."""
-    from .config import load_config
-    from .engine import fit, load_run_config
+    from .train.config import load_config
+    from .train.engine import fit, load_run_config
 
     overrides = [*args.overrides, *args.set]
     if args.resume:
@@ -131,10 +131,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     """Top-1/top-5 and a per-class table of a checkpoint on its dataset's held-out split."""
     from torch.utils.data import DataLoader
 
-    from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .config import load_config
-    from .data import build_datasets
-    from .engine import evaluate
+    from .train.config import load_config
+    from .train.data import build_datasets
+    from .train.engine import evaluate
+    from .weights.checkpoint import load_checkpoint, model_from_checkpoint
 
     state = load_checkpoint(args.checkpoint)
     if "config" not in state:

@@ -2,14 +2,15 @@
 
 Both call :func:`visattn.functional.attention`; neither writes the softmax itself.
 While :func:`visattn.record_attention` is open, each module computes its weights explicitly
-and hands them to its ``recorder``; otherwise the fused kernel runs and nothing is kept.
+and hands them to its recording's ``sink``; otherwise the fused kernel runs and nothing is kept.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,70 +20,97 @@ from torch import Tensor, nn
 from .functional import attention, attention_matrix_bytes, attention_weights
 from .pos_embed import sincos_2d
 
-__all__ = ["AttentionRecord", "MultiHeadAttention", "SelfAttention2d"]
+__all__ = ["AttentionRecord", "MultiHeadAttention", "RecordableAttention", "RecordingRequest", "SelfAttention2d"]
 
 
-class AttentionRecord(dict):
-    """What one attention call produced for a recorder (a ``dict`` with fixed keys).
+@dataclass
+class AttentionRecord:
+    """What one attention call produced for a recording.
 
-    Keys:
+    Attributes:
         weights: ``(B, heads, Nq, Nk)`` attention weights (rows sum to one).
         query_grid: ``(gh, gw)`` of the query tokens after the prefix, or ``None``.
         key_grid: ``(gh, gw)`` of the key tokens after the prefix (a pooled key grid has its
-            own size), or ``None``.
+            own size), or ``None`` (cross-attention: keys without image positions).
         key_stride: ``(sh, sw)`` query cells per key cell (``kv_pool`` of a ``SelfAttention2d``,
             ``(1, 1)`` otherwise); the key grid spans ``query_grid / key_stride`` of its cells.
         num_prefix_tokens: class/register tokens in front of the grid tokens.
         query_index: flat indices (row-major) into the query grid of the recorded query rows
             (``None`` = all of them, prefix included).
-
-    :func:`visattn.record_attention` adds ``image_size`` ``(H, W)`` of the model input (or
-    ``None``), ``class_token`` (whether prefix token 0 is a class token) and ``pool``
-    (``"cls"`` or ``"mean"``: how the owning model reads its tokens out).
+        image_size: ``(H, W)`` of the model input, or ``None`` (set by ``record_attention``).
+        class_token: whether prefix token 0 is a class token (set by ``record_attention``).
+        pool: ``"cls"`` or ``"mean"``, how the owning model reads its tokens out (set by
+            ``record_attention``).
     """
 
+    weights: Tensor
+    query_grid: tuple[int, int] | None
+    key_grid: tuple[int, int] | None
+    key_stride: tuple[int, int] = (1, 1)
+    num_prefix_tokens: int = 0
+    query_index: Tensor | None = None
+    image_size: tuple[int, int] | None = None
+    class_token: bool = False
+    pool: str = "mean"
 
-Recorder = Callable[[nn.Module, AttentionRecord], None]
+    @property
+    def key_extent(self) -> tuple[float, float]:
+        """How many cells of the key grid the input image spans: ``query_grid / key_stride``.
+
+        Equal to the key grid for unpooled keys; smaller when ``kv_pool`` pooled an odd-sized
+        grid in ceil mode (the last key row/column then reaches past the image).
+        """
+        if self.query_grid is None:
+            raise ValueError("this record has no query grid, so its keys have no image extent")
+        (qh, qw), (sh, sw) = self.query_grid, self.key_stride
+        return qh / sh, qw / sw
 
 
-class _RecordableAttention(nn.Module):
-    """Base of the modules :func:`visattn.record_attention` knows about.
+@dataclass
+class RecordingRequest:
+    """The one switch of a :class:`RecordableAttention`: set while a recording is open.
 
-    ``recorder`` is ``None`` except while a recording is open; then the module also computes its
-    weights and passes an :class:`AttentionRecord` to it. ``query_subset`` (``SelfAttention2d``
-    only) limits the recorded rows to chosen query cells. ``record_max_bytes`` refuses, before
-    anything is computed, weights that would need more memory than that.
+    Attributes:
+        sink: receives ``(module, record)`` after each forward call.
+        max_bytes: refuse, before computing them, weights larger than this (``None``: no limit).
+        query_subset: flat query-cell indices to record (``SelfAttention2d``; ``None``: all).
     """
 
-    recorder: Recorder | None
-    query_subset: Tensor | None
-    record_max_bytes: int | None
+    sink: Callable[[nn.Module, AttentionRecord], None]
+    max_bytes: int | None = None
+    query_subset: Tensor | None = None
+
+
+class RecordableAttention(nn.Module):
+    """Base of the attention modules :func:`visattn.record_attention` records.
+
+    ``recording`` is ``None`` except while a recording is open; then the module also computes
+    its weights and hands an :class:`AttentionRecord` to ``recording.sink``.
+    """
+
+    #: advice added to the too-large error (how this kind of module records less)
+    record_hint: ClassVar[str] = ""
+    recording: RecordingRequest | None
 
     def __init__(self) -> None:
         super().__init__()
-        self.recorder = None
-        self.query_subset = None
-        self.record_max_bytes = None
+        self.recording = None
 
     def _check_record_size(self, batch: int, heads: int, num_queries: int, num_keys: int, dtype: torch.dtype) -> None:
-        """Raise before materializing ``(batch, heads, Nq, Nk)`` weights over ``record_max_bytes``."""
-        limit = self.record_max_bytes
+        """Raise before materializing ``(batch, heads, Nq, Nk)`` weights over ``recording.max_bytes``."""
+        limit = self.recording.max_bytes if self.recording is not None else None
         if limit is None:
             return
         need = attention_matrix_bytes(batch, heads, num_queries, num_keys, dtype)
         if need > limit:
-            hint = (
-                "pass record_attention(..., queries=[(x, y), ...]) to record only some query cells, "
-                if isinstance(self, SelfAttention2d) else ""
-            )
             raise ValueError(
                 f"recording {type(self).__name__} weights (B={batch}, heads={heads}, Nq={num_queries}, "
                 f"Nk={num_keys}, {dtype}) would need {need} bytes ({need / 2**20:.1f} MiB), over the "
-                f"limit of {limit} bytes; {hint}record a smaller batch, or raise max_bytes"
+                f"limit of {limit} bytes; {self.record_hint}record a smaller batch, or raise max_bytes"
             )
 
 
-class MultiHeadAttention(_RecordableAttention):
+class MultiHeadAttention(RecordableAttention):
     """Multi-head attention over tokens (self-attention, or cross-attention with ``context``).
 
     Parameter names follow timm's ``Attention`` (``qkv``, ``q_norm``, ``k_norm``, ``proj``), so
@@ -161,15 +189,14 @@ class MultiHeadAttention(_RecordableAttention):
         q, k, v = self._project(x, context)
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop if self.training else 0.0
-        if self.recorder is None:
+        if self.recording is None:
             out = attention(q, k, v, mask=mask, dropout_p=dropout_p)
         else:
             self._check_record_size(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype)
             out, weights = attention(q, k, v, mask=mask, dropout_p=dropout_p, need_weights=True)
-            self.recorder(self, AttentionRecord(
-                weights=weights, query_grid=grid_size,
-                key_grid=grid_size if context is None else None, key_stride=(1, 1),
-                num_prefix_tokens=self.num_prefix_tokens, query_index=None,
+            self.recording.sink(self, AttentionRecord(
+                weights=weights, query_grid=grid_size, key_grid=grid_size if context is None else None,
+                num_prefix_tokens=self.num_prefix_tokens,
             ))
         out = rearrange(out, "b h n d -> b n (h d)")
         return self.proj_drop(self.proj(out))
@@ -178,7 +205,7 @@ class MultiHeadAttention(_RecordableAttention):
 GateKind = Literal["scalar", "channel"]
 
 
-class SelfAttention2d(_RecordableAttention):
+class SelfAttention2d(RecordableAttention):
     """Spatial self-attention over a CNN feature map, with a gated residual.
 
     Three 1×1 convolutions turn the grid ``x`` ``(B, C, H, W)`` into queries, keys and values;
@@ -211,6 +238,8 @@ class SelfAttention2d(_RecordableAttention):
     Shapes:
         ``(B, C, H, W)`` → ``(B, C, H, W)``.
     """
+
+    record_hint = "pass record_attention(..., queries=[(x, y), ...]) to record only some query cells, "
 
     def __init__(
         self,
@@ -348,7 +377,7 @@ class SelfAttention2d(_RecordableAttention):
         to_tokens = "b (h d) y x -> b h (y x) d"
         q, k, v = (rearrange(t, to_tokens, h=self.num_heads) for t in (q, k, v))
         dropout_p = self.attn_drop if self.training else 0.0
-        if self.recorder is None:
+        if self.recording is None:
             y = attention(q, k, v, scale=self.scale, dropout_p=dropout_p)
         else:
             y = self._attend_and_record(q, k, v, dropout_p, (height, width), (key_height, key_width))
@@ -364,8 +393,8 @@ class SelfAttention2d(_RecordableAttention):
         query_grid: tuple[int, int], key_grid: tuple[int, int],
     ) -> Tensor:
         """The forward's attention while recording: weights for all or only the chosen queries."""
-        assert self.recorder is not None
-        subset = self.query_subset
+        assert self.recording is not None
+        subset = self.recording.query_subset
         num_queries = query_grid[0] * query_grid[1] if subset is None else subset.numel()
         self._check_record_size(q.shape[0], q.shape[1], num_queries, k.shape[2], q.dtype)
         if subset is None:
@@ -375,9 +404,9 @@ class SelfAttention2d(_RecordableAttention):
             y = attention(q, k, v, scale=self.scale, dropout_p=dropout_p)
             subset = subset.to(q.device)
             weights = attention_weights(q[:, :, subset], k, scale=self.scale)  # no unused weights·v
-        self.recorder(self, AttentionRecord(
+        self.recording.sink(self, AttentionRecord(
             weights=weights, query_grid=query_grid, key_grid=key_grid,
-            key_stride=(self.kv_pool, self.kv_pool), num_prefix_tokens=0, query_index=subset,
+            key_stride=(self.kv_pool, self.kv_pool), query_index=subset,
         ))
         return y
 

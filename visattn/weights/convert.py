@@ -15,9 +15,7 @@ Entry points:
 from __future__ import annotations
 
 import os
-import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import torch
 import torchvision
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention as TimmAttention
 from timm.layers import LayerScale, Mlp
 from timm.layers import PatchEmbed as TimmPatchEmbed
@@ -38,7 +37,9 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
-from .vit import VisionTransformer
+from .._io import CheckpointError, read_torch_file
+from ..models.registry import PeerLoader, register_peer_loader
+from ..models.vit import VisionTransformer
 
 __all__ = [
     "PretrainedUnavailableError",
@@ -58,7 +59,7 @@ StateDict = Mapping[str, Tensor]
 
 TORCHVISION_VITS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
 _TORCHVISION_HEADS = {768: 12, 1024: 16, 1280: 16}  # width -> heads of the torchvision family
-_IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+_IMAGENET = {"mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD)}
 
 
 class UnsupportedModelError(ValueError):
@@ -143,17 +144,13 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
             "timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH)) "
             "and convert the model with visattn.from_timm"
         )
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        try:
             state = load_safetensors(path, device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(
-            f"{path} is not a readable weights file (truncated, corrupt, or it holds objects other "
-            f"than tensors, which are refused for safety): {reason}"
-        ) from err
+        except SafetensorError as err:
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt): {err}") from err
+    else:
+        state = read_torch_file(path, what="weights file")
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     return _unwrap(state)
@@ -587,3 +584,6 @@ def pretrained_model(
         url = f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors" if cfg and cfg.hf_hub_id else (cfg.url if cfg else None)
         raise _unavailable(name, url, err) from err
     return from_timm(peer)
+
+
+register_peer_loader(PeerLoader(knows=is_convertible_name, load=pretrained_model))

@@ -19,16 +19,16 @@ torchvision's ``create_feature_extractor``) do not see the blocks.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from .attention import SelfAttention2d
-from .functional import attention_matrix_bytes
+from .._utils import dry_forward
+from ..layers.attention import SelfAttention2d
+from ..layers.functional import attention_matrix_bytes
 
 __all__ = ["AttentionSite", "attention_sites", "format_sites", "hooked_blocks", "insert_attention"]
 
@@ -87,18 +87,6 @@ def _guess_in_chans(model: nn.Module) -> int:
     )
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for a dry run (BatchNorm statistics untouched); each module's flag restored."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags.items():
-            module.training = flag
-
-
 def _output_shapes(
     model: nn.Module, modules: dict[str, nn.Module], input_size: tuple[int, int, int]
 ) -> dict[str, tuple[int, ...] | str]:
@@ -116,18 +104,11 @@ def _output_shapes(
         return hook
 
     handles = [m.register_forward_hook(recorder(p)) for p, m in modules.items()]
-    param = next(model.parameters(), None)
-    x = torch.zeros(
-        1, *input_size,
-        device=param.device if param is not None else None,
-        dtype=param.dtype if param is not None and param.is_floating_point() else None,
-    )
     try:
-        with torch.no_grad(), _eval_mode(model):
-            model(x)
+        dry_forward(model, input_size)
     except Exception as error:
         raise RuntimeError(
-            f"the dry forward pass of {type(model).__name__} on a {tuple(x.shape)} input failed "
+            f"the dry forward pass of {type(model).__name__} on a {(1, *input_size)} input failed "
             f"({error}); pass input_size=(C, H, W) that the model accepts"
         ) from error
     finally:

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .checkpoint import CheckpointError, atomic_write
+from .._io import CheckpointError, atomic_write_json, save_safetensors
+from ..models.vit import VisionTransformer
 from .convert import load_state_dict_exactly
-from .vit import VisionTransformer
 
 __all__ = ["CONFIG_NAME", "PRETRAINED_FORMAT", "WEIGHTS_NAME", "load_pretrained", "save_pretrained"]
 
@@ -32,13 +32,6 @@ PRETRAINED_FORMAT = "visattn-pretrained"
 PRETRAINED_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def _write_json(obj: Any, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def save_pretrained(model: VisionTransformer, directory: str | os.PathLike) -> None:
@@ -68,9 +61,8 @@ def save_pretrained(model: VisionTransformer, directory: str | os.PathLike) -> N
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda tmp: _write_json(meta, tmp))
+    save_safetensors(model, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    atomic_write_json(directory / CONFIG_NAME, meta)
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -24,23 +24,17 @@ epoch from ``(seed, epoch, rank)``, so ``epoch`` fixes it.
 from __future__ import annotations
 
 import os
-import pickle
-import tempfile
-import zipfile
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .registry import create_model
+from .._io import CheckpointError, atomic_torch_save, read_torch_file
+from ..models.registry import create_model
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
-    "atomic_torch_save",
-    "atomic_write",
     "load_checkpoint",
     "model_from_checkpoint",
     "save_checkpoint",
@@ -48,39 +42,6 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "visattn-checkpoint"
 CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A file is missing, truncated, unsafe, or not a visattn checkpoint."""
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(temporary_path)`` in ``path``'s folder, then rename the file over ``path``.
-
-    A kill at any moment leaves either the old file or the new one, never a partial one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through :func:`atomic_write` (synced to disk before the rename)."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    atomic_write(path, write)
 
 
 def save_checkpoint(
@@ -105,17 +66,7 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a visattn checkpoint with ``weights_only=True``; clear errors for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(
-            f"{path} is not a loadable visattn checkpoint (truncated, corrupt, or it holds objects "
-            f"other than tensors and plain values, which are refused for safety): {reason}"
-        ) from err
+    state = read_torch_file(path, map_location, what="visattn checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not a visattn checkpoint (no 'format': '{CHECKPOINT_FORMAT}' entry); "

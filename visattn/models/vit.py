@@ -9,65 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from einops import rearrange
 from timm.layers import get_act_layer, trunc_normal_
 from torch import Tensor, nn
 
-from .blocks import EncoderBlock
-from .pos_embed import resample_pos_embed, sincos_2d
+from .._utils import to_pair
+from ..layers.blocks import EncoderBlock
+from ..layers.patch_embed import PatchEmbed
+from ..layers.pos_embed import resample_pos_embed, sincos_2d
 from .registry import register_model
 
 __all__ = ["PatchEmbed", "VisionTransformer"]
-
-def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
-class PatchEmbed(nn.Module):
-    """Cut an image into non-overlapping patches and project each to a token (one strided conv).
-
-    Shapes:
-        ``(B, C, H, W)`` → tokens ``(B, (H/p)·(W/p), D)``; both sides must be multiples of the
-        patch size ``p``.
-    """
-
-    def __init__(self, patch_size: int | tuple[int, int] = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
-        super().__init__()
-        self.patch_size = _pair(patch_size)
-        self.in_chans = in_chans
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
-
-    def tokenize(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Images → tokens ``(B, gh·gw, D)`` and their grid ``(gh, gw)`` (the token-stem interface)."""
-        return self(x), self.grid_size(*x.shape[-2:])
-
-    def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """The token grid ``(gh, gw)`` for an input of ``height × width``; raises if it does not tile."""
-        ph, pw = self.patch_size
-        if height % ph or width % pw:
-            def nearest(side: int, patch: int) -> str:
-                lower = max(patch, side // patch * patch)
-                return f"{lower} or {lower + patch}" if lower != side else str(side)
-            raise ValueError(
-                f"input size {height}×{width} is not a multiple of the patch size {ph}×{pw}; "
-                f"nearest valid sizes: height {nearest(height, ph)}, width {nearest(width, pw)} "
-                "(resize or crop the image)"
-            )
-        return height // ph, width // pw
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"expected images (B, {self.in_chans}, H, W), got {tuple(x.shape)}"
-                + (f"; build the model with in_chans={x.shape[1]}" if x.dim() == 4 else "")
-            )
-        self.grid_size(*x.shape[-2:])
-        return rearrange(self.proj(x), "b d gh gw -> b (gh gw) d")
-
 
 class VisionTransformer(nn.Module):
     """Vision Transformer (Dosovitskiy et al. 2021).
@@ -167,7 +121,7 @@ class VisionTransformer(nn.Module):
         class_token = pool == "cls" if class_token is None else class_token
         if pool == "cls" and not class_token:
             raise ValueError("pool='cls' needs class_token=True; use pool='mean' without a class token")
-        self.img_size = _pair(img_size)
+        self.img_size = to_pair(img_size)
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.pool = pool
@@ -283,12 +237,6 @@ class VisionTransformer(nn.Module):
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (see :mod:`visattn.hub`)."""
-        from .hub import save_pretrained
-
-        save_pretrained(self, directory)
 
     @property
     def patch_size(self) -> tuple[int, int]:

@@ -10,15 +10,26 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["create_model", "list_models", "register_model", "register_source"]
+__all__ = ["PeerLoader", "create_model", "list_models", "register_model", "register_peer_loader", "register_source"]
 
 ModelFactory = Callable[..., nn.Module]
 SourceFactory = Callable[..., nn.Module]  # (name without prefix, **kwargs) -> model
 _MODELS: dict[str, ModelFactory] = {}
 _SOURCES: dict[str, SourceFactory] = {}
+_PEERS: list[PeerLoader] = []
+
+
+@dataclass(frozen=True)
+class PeerLoader:
+    """How names of another library's models are built and converted (registered by
+    :mod:`visattn.weights.convert` for timm and torchvision ViTs)."""
+
+    knows: Callable[[str], bool]  # whether a name is one of its models
+    load: Callable[..., nn.Module]  # (name, *, pretrained, pretrained_file, **kwargs) -> model
 
 
 def register_model(fn: ModelFactory) -> ModelFactory:
@@ -34,6 +45,11 @@ def register_source(prefix: str, factory: SourceFactory) -> None:
     if prefix in _SOURCES:
         raise ValueError(f"model source {prefix!r} is registered twice")
     _SOURCES[prefix] = factory
+
+
+def register_peer_loader(loader: PeerLoader) -> None:
+    """Let :func:`create_model` build names that ``loader.knows`` (after visattn's own names)."""
+    _PEERS.append(loader)
 
 
 def list_models() -> list[str]:
@@ -56,7 +72,8 @@ def create_model(
     (``"vit_b_16"``) that visattn does not register, or any such name with ``pretrained=True``
     (fetched by timm/torchvision: network or local cache) or ``pretrained_file=PATH`` (a local
     ``.safetensors``/``.pth``/``.bin`` state dict), builds the peer and converts it exactly
-    (:func:`visattn.convert.pretrained_model`; ``kwargs`` are then the peer's arguments, and a
+    (:func:`visattn.weights.convert.pretrained_model`, registered with
+    :func:`register_peer_loader`; ``kwargs`` are then the peer's arguments, and a
     ``num_classes`` other than the weights' gets a fresh head).
     """
     if ":" in name:
@@ -70,14 +87,13 @@ def create_model(
             kwargs["pretrained_file"] = pretrained_file
         return _SOURCES[prefix](rest, **kwargs)
     if pretrained or pretrained_file is not None or name not in _MODELS:
-        from .convert import is_convertible_name, pretrained_model
-
-        if is_convertible_name(name):
-            return pretrained_model(name, pretrained=pretrained, pretrained_file=pretrained_file, **kwargs)
+        peer = next((loader for loader in _PEERS if loader.knows(name)), None)
+        if peer is not None:
+            return peer.load(name, pretrained=pretrained, pretrained_file=pretrained_file, **kwargs)
         if name in _MODELS:
             raise ValueError(
                 f"{name!r} is visattn's own model with no published weights (not a timm or "
-                "torchvision name); load a visattn checkpoint with visattn.checkpoint.model_from_checkpoint"
+                "torchvision name); load a visattn checkpoint with visattn.weights.model_from_checkpoint"
             )
         close = difflib.get_close_matches(name, _MODELS, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""

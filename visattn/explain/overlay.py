@@ -21,8 +21,8 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
+from ..layers.attention import SelfAttention2d
 from . import maps
-from .attention import SelfAttention2d
 from .maps import Point, to_image
 
 __all__ = [

@@ -15,9 +15,10 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .insert import _eval_mode, hooked_blocks
+from .._utils import check_images, dry_forward, to_pair
+from .insert import hooked_blocks
 from .registry import create_model, register_model
-from .vit import VisionTransformer, _pair
+from .vit import VisionTransformer
 
 __all__ = ["HybridEmbed", "HybridViT", "cnn_trunk"]
 
@@ -70,17 +71,16 @@ def cnn_trunk(model: nn.Module, out_layer: str, input_size: tuple[int, int, int]
     site = model.get_submodule(out_layer)
     seen: list[Tensor] = []
     handle = site.register_forward_hook(lambda module, args, output: seen.append(output))
-    x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
-    param = next(model.parameters(), None)
-    if param is not None:
-        x = x.to(param)
+
+    def run_both(x: Tensor) -> Tensor | None:
+        model(x)
+        try:
+            return trunk(x)
+        except Exception:  # the children do not chain: a forward that does more than that
+            return None
+
     try:
-        with torch.no_grad(), _eval_mode(model):
-            model(x)
-            try:
-                cut = trunk(x)
-            except Exception:  # the children do not chain: a forward that does more than that
-                cut = None
+        cut = dry_forward(model, input_size, run_both, random=True)
     finally:
         handle.remove()
     same = (
@@ -122,11 +122,7 @@ class HybridEmbed(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """Images ``(B, in_chans, H, W)`` → the backbone's grid ``(B, C, h, w)``."""
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"expected images (B, {self.in_chans}, H, W), got {tuple(x.shape)}"
-                + (f"; build the model with in_chans={x.shape[1]}" if x.dim() == 4 else "")
-            )
+        check_images(x, self.in_chans)
         out = self.backbone(x)
         if isinstance(out, Mapping):
             out = list(out.values())
@@ -138,10 +134,7 @@ class HybridEmbed(nn.Module):
         return out
 
     def _feature_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        param = next(self.backbone.parameters(), None)
-        x = torch.zeros(1, self.in_chans, height, width, device=param.device if param is not None else None)
-        with torch.no_grad(), _eval_mode(self.backbone):
-            _, channels, grid_h, grid_w = self.features(x).shape
+        _, channels, grid_h, grid_w = dry_forward(self.backbone, (self.in_chans, height, width), self.features).shape
         return channels, grid_h, grid_w
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
@@ -192,7 +185,7 @@ class HybridViT(VisionTransformer):
     ) -> None:
         if "patch_size" in vit_kwargs or "embed_layer" in vit_kwargs:
             raise ValueError("HybridViT takes its tokens from the backbone: drop patch_size / embed_layer")
-        size = _pair(img_size)
+        size = to_pair(img_size)
         if isinstance(backbone, str):
             cnn = create_model(backbone, in_chans=in_chans, **(backbone_kwargs or {}))
             if out_layer is None:

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -39,10 +38,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from .._io import CheckpointError, atomic_write_json, atomic_write_text, save_safetensors
+from ..models.registry import create_model
+from ..weights.checkpoint import load_checkpoint, save_checkpoint
 from .config import config_to_dict, load_config
 from .data import build_datasets
-from .registry import create_model
 
 __all__ = [
     "NonFiniteLossError",
@@ -367,10 +367,8 @@ def evaluate(
 
 def write_safetensors(run_dir: Path, model: nn.Module, model_config: dict, data_config: dict) -> None:
     """``model.safetensors`` (weights, no pickle) and ``model.json`` (``{"model_config", "data_config"}``)."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(run_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "visattn"}))
-    config = json.dumps({"model_config": model_config, "data_config": data_config}, indent=2)
-    atomic_write(run_dir / "model.json", lambda tmp: Path(tmp).write_text(config))
+    save_safetensors(model, run_dir / "model.safetensors", metadata={"format": "visattn"})
+    atomic_write_json(run_dir / "model.json", {"model_config": model_config, "data_config": data_config})
 
 
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
@@ -613,9 +611,7 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
     """Drop lines of epochs after the checkpoint (written before a kill, then redone)."""
     if path.is_file():
         keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epochs_done]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:

@@ -1,0 +1,57 @@
+"""Small helpers shared across layers: pairs, a dry forward pass in eval mode, input checks.
+
+A leaf: imports nothing of visattn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["check_images", "dry_forward", "eval_mode", "to_pair"]
+
+
+def to_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``7`` → ``(7, 7)``; ``(h, w)`` or ``[h, w]`` → ``(h, w)``."""
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for a dry run (BatchNorm statistics untouched); each module's flag restored."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+
+
+def dry_forward(model: nn.Module, input_size: tuple[int, ...], call: Callable[[Tensor], Any] | None = None,
+                random: bool = False) -> Any:
+    """``call(x)`` (default ``model(x)``) on one ``(1, *input_size)`` image in eval mode without
+    gradients, on the model's device and floating dtype. The image is zeros, or seeded normal
+    noise with ``random``."""
+    param = next(model.parameters(), None)
+    if random:
+        x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
+    else:
+        x = torch.zeros(1, *input_size)
+    if param is not None:
+        x = x.to(param.device, param.dtype if param.is_floating_point() else None)
+    with torch.no_grad(), eval_mode(model):
+        return (call or model)(x)
+
+
+def check_images(x: Tensor, in_chans: int) -> None:
+    """Raise a clear error unless ``x`` is a batch of images ``(B, in_chans, H, W)``."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(
+            f"expected images (B, {in_chans}, H, W), got {tuple(x.shape)}"
+            + (f"; build the model with in_chans={x.shape[1]}" if x.dim() == 4 else "")
+        )
