@@ -17,21 +17,20 @@ import torch
 from timm.optim import create_optimizer_v2
 
 from visattn.train.config import load_config
+from visattn.train.data import DATASET_DEFAULTS
 from visattn.train.engine import BF16_MIN_GAIN, build_model
 
 from .common import REPO_ROOT, Config, Part, bf16_enabled, measure
 
 NAME = "precision"
 TITLE = "Part 6: a training step of each shipped config in fp32 and in bf16 autocast"
-#: channels, classes and side of each dataset (what build_datasets reports)
-DATASETS = {"digits": (1, 10, 16), "digits_canvas": (1, 10, 64), "cifar10": (3, 10, 32), "cifar100": (3, 100, 32),
-            "fake": (3, 10, 32), "imagefolder": (3, 1000, 224)}
 
 
 def _step(config_path: Path, device: str, quick: bool):
     """``(step(dtype), batch size)`` for one shipped config."""
     cfg = load_config(config_path)
-    chans, classes, side = DATASETS[cfg.data.name]
+    chans, classes, side = DATASET_DEFAULTS[cfg.data.name]
+    classes = classes or cfg.data.fake_classes
     side = cfg.data.canvas_size if cfg.data.name == "digits_canvas" else (cfg.data.img_size or side)
     batch = min(cfg.train.batch_size, 32) if quick else cfg.train.batch_size
     model = build_model({**dict(cfg.model), "num_classes": classes, "in_chans": chans}).to(device).train()

@@ -113,16 +113,21 @@ def run(config: Config) -> Part:
                 "command": _shown(job),
             })
             print(f"  [{NAME}] {job.slug}: {part.rows[-1]['images_per_s']:.0f} img/s", flush=True)
-    single = {r["config"]: r["images_per_s"] for r in part.rows if r["processes"] == r["threads"] == 1}
-    for row in part.rows:
-        if row["config"] in single:
-            row["speedup"] = row["images_per_s"] / single[row["config"]]
+    add_speedups(part.rows)
     part.notes += [f"{r['config']}, {r['processes']} process(es) x {r['threads']} thread(s): {r['command']}"
                    for r in part.rows]
     part.notes += _scaling_notes(part.rows)
     if config.quick:
         part.notes.append("quick mode: one tiny 1-process job, torchrun not run")
     return part
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """``speedup``: each row's images/s over its config's 1-process × 1-thread row (when there is one)."""
+    single = {r["config"]: r["images_per_s"] for r in rows if r["processes"] == r["threads"] == 1}
+    for row in rows:
+        if row["config"] in single:
+            row["speedup"] = row["images_per_s"] / single[row["config"]]
 
 
 def _shown(job: Job) -> str:

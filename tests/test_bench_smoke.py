@@ -87,7 +87,16 @@ def _check_train_part(part: dict) -> None:
     (row,) = part["rows"]
     assert row["processes"] == row["threads"] == 1 and row["batch"] == 16 and [e["epoch"] for e in row["epochs"]] == [1, 2]
     assert row["images_per_s"] == row["epochs"][1]["images_per_s"] > 0  # the first epoch is not timed
-    assert row["speedup"] == 1.0
+
+
+def test_speedups_are_against_each_configs_one_process_one_thread_row() -> None:
+    rows = [{"config": "a", "processes": 1, "threads": 1, "images_per_s": 100.0},
+            {"config": "a", "processes": 2, "threads": 1, "images_per_s": 150.0},
+            {"config": "b", "processes": 1, "threads": 2, "images_per_s": 80.0},
+            {"config": "b", "processes": 1, "threads": 1, "images_per_s": 40.0},
+            {"config": "c", "processes": 1, "threads": 2, "images_per_s": 10.0}]
+    training.add_speedups(rows)
+    assert [r.get("speedup") for r in rows] == [1.0, 1.5, 2.0, 1.0, None]
 
 
 def _check_precision_part(part: dict) -> None:

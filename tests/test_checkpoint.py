@@ -27,8 +27,13 @@ def test_round_trip(tmp_path):
 
 
 class Exploit:
+    """Unpickling this creates the file ``marker``: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
     def __reduce__(self):
-        return (print, ("code ran",))
+        return (open, (self.marker, "w"))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the hand-made pickle below
@@ -44,6 +49,11 @@ def test_refuses_foreign_truncated_and_unsafe_files(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(tmp_path / "cut.pt")
-    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"format": "visattn-checkpoint", "x": Exploit()}))
-    with pytest.raises(CheckpointError):
+    marker = tmp_path / "code-ran"
+    payload = pickle.dumps({"format": "visattn-checkpoint", "x": Exploit(marker)})
+    (tmp_path / "evil.pt").write_bytes(payload)
+    with pytest.raises(CheckpointError, match="refused for safety"):
         load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists(), "loading the checkpoint ran the pickled code"
+    pickle.loads(payload)  # the control: a plain unpickler does run it
+    assert marker.exists()

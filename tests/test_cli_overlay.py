@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from visattn import SelfAttention2d, registry
+from visattn import SelfAttention2d
 from visattn.cli import main
+from visattn.explain.overlay import Preprocess, attention_overlay
+from visattn.models import registry
 from visattn.models.vit import VisionTransformer
 from visattn.weights.checkpoint import save_checkpoint
 
@@ -75,10 +77,18 @@ def test_cnn_checkpoint_query_and_received(tmp_path, cat, capsys, registered_cnn
     nn.init.ones_(model.attn.gamma)
     data_config = {**DATA_CONFIG, "img_size": [40, 60], "in_chans": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
     save_checkpoint(tmp_path / "cnn.pt", model, {"name": registered_cnn}, data_config=data_config)
-    for method, extra in (("query", ["--query", "112,0"]), ("received", ["--layer", "attn"])):
+    drawn = {}
+    for method, extra, kwargs in (("query", ["--query", "112,0"], {"query": (112.0, 0.0)}),
+                                  ("received", ["--layer", "attn"], {"layer": "attn"})):
         code, _, err = run(capsys, "--checkpoint", tmp_path / "cnn.pt", "--image", cat, "--method", method, *extra, "--out", tmp_path / f"{method}.png")
         assert code == 0, err
-        assert Image.open(tmp_path / f"{method}.png").size[0] > 0
+        # the command draws exactly what the library draws for the same checkpoint and arguments
+        expected = attention_overlay(model.eval(), Image.open(cat).convert("RGB"), method,
+                                     preprocess=Preprocess.from_data_config(data_config), **kwargs)
+        drawn[method] = Image.open(tmp_path / f"{method}.png").convert("RGB")
+        assert drawn[method].size == expected.size
+        assert drawn[method].tobytes() == expected.convert("RGB").tobytes()
+    assert drawn["query"].tobytes() != drawn["received"].tobytes()  # two different maps
     code, _, err = run(capsys, "--checkpoint", tmp_path / "cnn.pt", "--image", cat, "--method", "rollout", "--out", tmp_path / "r.png")
     assert code == 2 and err.count("\n") == 1
     assert "Transformer" in err and "query_map" in err and "received" in err

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from visattn.train.config import ConfigError, load_config
+from visattn.train.data import DATASET_DEFAULTS
+from visattn.train.engine import build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -19,10 +22,15 @@ def test_default_yaml_is_the_builtin_default():
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_load(path):
+def test_shipped_configs_build_their_models_and_run_a_forward_pass(path):
     cfg = load_config(path)
     assert cfg.run.name == path.stem
-    assert isinstance(cfg.model.name, str)
+    chans, classes, side = DATASET_DEFAULTS[cfg.data.name]
+    side = cfg.data.canvas_size if cfg.data.name == "digits_canvas" else (cfg.data.img_size or side)
+    model = build_model({**dict(cfg.model), "num_classes": classes, "in_chans": chans}).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, chans, side, side))
+    assert logits.shape == (2, classes) and torch.isfinite(logits).all()
 
 
 def test_overrides_layer_in_order():

@@ -256,7 +256,7 @@ def test_pretrained_file_errors(tmp_path):
     truncated = tmp_path / "truncated.pth"
     torch.save({"w": torch.zeros(1000)}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:300])
-    with pytest.raises(ValueError, match="not a readable weights file"):
+    with pytest.raises(ValueError, match="not a loadable weights file"):
         create_model("vit_tiny_patch16_224", pretrained_file=truncated)
     pickled = tmp_path / "pickled.pth"
     torch.save({"layer": nn.Linear(2, 2)}, pickled)  # a module, not tensors: refused by weights_only

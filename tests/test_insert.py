@@ -6,13 +6,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
-from sklearn.datasets import load_digits
 from torch import nn
-from torchvision.models.resnet import BasicBlock, conv1x1
 
-import visattn
+from benchmarks.insert_digits import TinyResNet, train_digits
 from visattn import SelfAttention2d, attention_sites, create_model, format_sites, insert_attention
 from visattn.cli import main
 
@@ -79,51 +76,6 @@ def test_identity_at_insertion_keys_and_the_block_runs(name):
         for block in blocks.values():
             block.gamma.fill_(1.0)
     assert not torch.allclose(forward(model, x), forward(original, x))
-
-
-class TinyResNet(nn.Module):
-    """A small ResNet from torchvision's BasicBlock, for fast training on 16×16 digits."""
-
-    def __init__(self, in_chans: int = 1, num_classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.layer1 = BasicBlock(16, 16)
-        downsample = nn.Sequential(conv1x1(16, 32, 2), nn.BatchNorm2d(32))
-        self.layer2 = BasicBlock(16, 32, stride=2, downsample=downsample)
-        self.fc = nn.Linear(32, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.layer2(self.layer1(self.stem(x))).mean((2, 3)))
-
-
-def train_digits(model: nn.Module, epochs: int = 4, lr: float = 1e-2, block_lr: float = 0.1) -> tuple[float, int]:
-    """Train on scikit-learn's digits (8×8 → 16×16); the held-out accuracy and the test-set size.
-
-    AdamW with one-cycle schedule; inserted blocks (``*_attn``) learn at ``block_lr × lr``.
-    """
-    digits = load_digits()
-    images = F.interpolate(torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16, scale_factor=2, mode="bilinear")
-    labels = torch.tensor(digits.target)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    train, test = order[:1300], order[1300:]
-    blocks = [p for n, p in model.named_parameters() if "_attn." in n]
-    rest = [p for n, p in model.named_parameters() if "_attn." not in n]
-    groups = [{"params": rest, "lr": lr}] + ([{"params": blocks, "lr": lr * block_lr}] if blocks else [])
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    steps = epochs * -(-len(train) // 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.2)
-    torch.manual_seed(1)
-    model.train()
-    for _ in range(epochs):
-        for batch in torch.randperm(len(train)).split(64):
-            i = train[batch]
-            opt.zero_grad()
-            F.cross_entropy(model(images[i]), labels[i]).backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    with torch.no_grad():
-        return (model(images[test]).argmax(1) == labels[test]).float().mean().item(), len(test)
 
 
 def test_digits_training_with_attention_learns_and_the_gate_moves():
@@ -288,8 +240,8 @@ def test_sites_depth_and_the_cli(capsys):
     assert "| `layer2` | Sequential | 128 × 16 × 20 | 320 | 80 | 100.0 KiB |" in out
 
 
-def test_sites_skip_inserted_blocks_and_package_exports():
+def test_sites_skip_inserted_blocks():
     model = TinyResNet()
     insert_attention(model, "layer1")
-    assert all(s.kind != "SelfAttention2d" for s in attention_sites(model, (1, 16, 16), leaves=True))
-    assert visattn.insert_attention is insert_attention
+    sites = attention_sites(model, (1, 16, 16), leaves=True)
+    assert sites and all(s.kind != "SelfAttention2d" for s in sites)

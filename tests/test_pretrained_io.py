@@ -30,7 +30,7 @@ def converted() -> VisionTransformer:
 
 
 def test_round_trip_is_identical(converted, tmp_path):
-    converted.save_pretrained(tmp_path / "model")
+    visattn.save_pretrained(converted, tmp_path / "model")
     loaded = load_pretrained(tmp_path / "model")
     x = torch.randn(2, 3, 32, 48)
     assert torch.equal(loaded(x), converted(x))
@@ -47,14 +47,14 @@ def test_round_trip_of_a_visattn_model_after_a_new_head(tmp_path):
     loaded = load_pretrained(tmp_path)
     x = torch.randn(2, 1, 16, 20)
     assert loaded.num_classes == 3 and torch.equal(loaded(x), model(x))
-    model.save_pretrained(tmp_path)  # overwriting works
+    visattn.save_pretrained(model, tmp_path)  # overwriting works
     assert torch.equal(load_pretrained(tmp_path)(x), model(x))
 
 
 def test_custom_callables_cannot_be_saved(tmp_path):
     model = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, act_layer=nn.SiLU)
     with pytest.raises(ValueError, match="act_layer=.*SiLU.*cannot be written to JSON"):
-        model.save_pretrained(tmp_path)
+        visattn.save_pretrained(model, tmp_path)
     with pytest.raises(TypeError, match="VisionTransformer"):
         visattn.save_pretrained(nn.Linear(2, 2), tmp_path)
 
@@ -80,14 +80,14 @@ def _edit_config(directory, **changes) -> None:
     (dict(config={"embed_dim": 64, "num_heads": 4}), "wrong shape: cls_token"),
 ])
 def test_tampered_config(converted, tmp_path, changes, message):
-    converted.save_pretrained(tmp_path)
+    visattn.save_pretrained(converted, tmp_path)
     _edit_config(tmp_path, **changes)
     with pytest.raises(CheckpointError, match=message):
         load_pretrained(tmp_path)
 
 
 def test_tampered_or_foreign_weights(converted, tmp_path):
-    converted.save_pretrained(tmp_path)
+    visattn.save_pretrained(converted, tmp_path)
     weights = tmp_path / WEIGHTS_NAME
     state = load_file(weights)
     state["head.weight"] = state["head.weight"][:3]

@@ -24,7 +24,7 @@ from visattn.weights.checkpoint import CheckpointError, load_checkpoint, model_f
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "train.epochs=2", "train.batch_size=64",
         "train.warmup_epochs=1", "train.lr=3e-3", "train.amp=none", "data.augment.affine_degrees=5"]
-TIMING_KEYS = {"time", "images_per_s", "epoch_s"}
+TIMING_KEYS = {"time", "images_per_s", "epoch_s", "data_s"}
 
 
 def tiny(tmp_path, *extra):

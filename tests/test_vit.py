@@ -118,6 +118,20 @@ def test_clear_errors():
         VisionTransformer(pool="max")
 
 
-def test_public_api_is_exported():
+#: the public names users' code relies on (the README's API); removing one breaks them
+PUBLIC_API = {
+    "AttentionRecord", "AttentionRecording", "AttentionSite", "EncoderBlock", "HybridEmbed", "HybridViT",
+    "MultiHeadAttention", "PatchEmbed", "SelfAttention2d", "VisionTransformer", "attention_sites",
+    "create_model", "format_sites", "from_timm", "from_torchvision", "functional", "insert_attention",
+    "list_models", "load_pretrained", "maps", "overlay", "overlay_grid", "record_attention", "register_model",
+    "register_source", "resample_pos_embed", "resnet18_small", "save_pretrained", "sincos_2d",
+}
+
+
+def test_public_api_is_complete_documented_and_from_the_layers():
+    assert set(visattn.__all__) >= PUBLIC_API, PUBLIC_API - set(visattn.__all__)
     for name in visattn.__all__:
-        assert hasattr(visattn, name), name
+        obj = getattr(visattn, name)
+        assert (obj.__doc__ or "").strip(), f"visattn.{name} has no docstring"
+        home = obj.__name__ if isinstance(obj, type(visattn)) else obj.__module__
+        assert home.split(".")[1] in {"layers", "models", "weights", "explain", "train"}, (name, home)

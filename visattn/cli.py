@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,16 +89,14 @@ def _cmd_sites(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    """Run the benchmark suite of a source checkout (``benchmarks/`` next to ``visattn/``)."""
+    """Run the benchmark suite of a source checkout (``python -m benchmarks`` next to ``visattn/``)."""
     root = Path(__file__).resolve().parent.parent
     if not (root / "benchmarks" / "__main__.py").is_file():
         print(f"visattn bench needs a source checkout: no benchmarks/ folder in {root}", file=sys.stderr)
         return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks.__main__ import main as bench_main
+    return subprocess.call([sys.executable, "-m", "benchmarks", *args.bench_args], cwd=root)
 
-    return bench_main(args.bench_args)
+
 def _user_errors(command):
     """Report configuration, data and checkpoint mistakes as one line (exit status 1), not a traceback."""
     def run(args: argparse.Namespace) -> int:

@@ -205,6 +205,52 @@ class MultiHeadAttention(RecordableAttention):
 GateKind = Literal["scalar", "channel"]
 
 
+def default_qk_channels(channels: int, num_heads: int) -> int:
+    """:class:`SelfAttention2d`'s default query/key width: ``C / 8``, rounded up to the heads."""
+    return math.ceil(max(1, channels // 8) / num_heads) * num_heads
+
+
+def pooled_grid(height: int, width: int, kv_pool: int) -> tuple[int, int]:
+    """The key/value grid of a ``height × width`` query grid pooled by ``kv_pool`` (ceil mode)."""
+    return math.ceil(height / kv_pool), math.ceil(width / kv_pool)
+
+
+def _resolve_widths(
+    channels: int, num_heads: int, qk_channels: int | None, v_channels: int | None
+) -> tuple[int, int]:
+    """``(qk_channels, v_channels)`` of a :class:`SelfAttention2d`: defaults filled in, checked."""
+    if channels < 1:
+        raise ValueError(f"channels must be positive, got {channels}")
+    if qk_channels is None:
+        qk_channels = default_qk_channels(channels, num_heads)
+    v_channels = qk_channels if v_channels is None else v_channels
+    for name, width in (("qk_channels", qk_channels), ("v_channels", v_channels)):
+        if width % num_heads != 0:
+            raise ValueError(f"{name}={width} must be a multiple of num_heads={num_heads}")
+    return qk_channels, v_channels
+
+
+def _check_options(
+    kv_pool: int, kv_pool_mode: str, pos: str | None, out_norm: str | None, gate: str | None
+) -> None:
+    """Raise a ``ValueError`` for a :class:`SelfAttention2d` option outside its choices."""
+    if kv_pool < 1:
+        raise ValueError(f"kv_pool must be >= 1, got {kv_pool}")
+    if kv_pool_mode not in ("max", "avg"):
+        raise ValueError(f"kv_pool_mode must be 'max' or 'avg', got {kv_pool_mode!r}")
+    if pos not in (None, "sincos"):
+        raise ValueError(f"pos must be None or 'sincos', got {pos!r}")
+    if out_norm not in (None, "batchnorm"):
+        raise ValueError(f"out_norm must be None or 'batchnorm', got {out_norm!r}")
+    if gate not in (None, "scalar", "channel"):
+        raise ValueError(f"gate must be 'scalar', 'channel' or None, got {gate!r}")
+    if gate is None and out_norm is None:
+        raise ValueError(
+            "gate=None needs out_norm='batchnorm' (its zero-initialized weight keeps the block "
+            "the identity at insertion); use gate='scalar' otherwise"
+        )
+
+
 class SelfAttention2d(RecordableAttention):
     """Spatial self-attention over a CNN feature map, with a gated residual.
 
@@ -259,30 +305,8 @@ class SelfAttention2d(RecordableAttention):
         attn_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        if channels < 1:
-            raise ValueError(f"channels must be positive, got {channels}")
-        if qk_channels is None:
-            qk_channels = max(1, channels // 8)
-            qk_channels = math.ceil(qk_channels / num_heads) * num_heads
-        v_channels = qk_channels if v_channels is None else v_channels
-        for name, width in (("qk_channels", qk_channels), ("v_channels", v_channels)):
-            if width % num_heads != 0:
-                raise ValueError(f"{name}={width} must be a multiple of num_heads={num_heads}")
-        if kv_pool < 1:
-            raise ValueError(f"kv_pool must be >= 1, got {kv_pool}")
-        if kv_pool_mode not in ("max", "avg"):
-            raise ValueError(f"kv_pool_mode must be 'max' or 'avg', got {kv_pool_mode!r}")
-        if pos not in (None, "sincos"):
-            raise ValueError(f"pos must be None or 'sincos', got {pos!r}")
-        if out_norm not in (None, "batchnorm"):
-            raise ValueError(f"out_norm must be None or 'batchnorm', got {out_norm!r}")
-        if gate not in (None, "scalar", "channel"):
-            raise ValueError(f"gate must be 'scalar', 'channel' or None, got {gate!r}")
-        if gate is None and out_norm is None:
-            raise ValueError(
-                "gate=None needs out_norm='batchnorm' (its zero-initialized weight keeps the block "
-                "the identity at insertion); use gate='scalar' otherwise"
-            )
+        qk_channels, v_channels = _resolve_widths(channels, num_heads, qk_channels, v_channels)
+        _check_options(kv_pool, kv_pool_mode, pos, out_norm, gate)
         self.channels = channels
         self.num_heads = num_heads
         self.qk_channels = qk_channels
@@ -355,7 +379,7 @@ class SelfAttention2d(RecordableAttention):
 
     def key_grid_size(self, height: int, width: int) -> tuple[int, int]:
         """The key/value grid ``(h, w)`` for a query grid ``(height, width)`` (pooling, ceil mode)."""
-        return math.ceil(height / self.kv_pool), math.ceil(width / self.kv_pool)
+        return pooled_grid(height, width, self.kv_pool)
 
     def _pool(self, t: Tensor) -> Tensor:
         if self.kv_pool == 1:

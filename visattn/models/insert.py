@@ -19,6 +19,7 @@ torchvision's ``create_feature_extractor``) do not see the blocks.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import dry_forward
-from ..layers.attention import SelfAttention2d
+from ..layers.attention import SelfAttention2d, default_qk_channels, pooled_grid
 from ..layers.functional import attention_matrix_bytes
 
 __all__ = ["AttentionSite", "attention_sites", "format_sites", "hooked_blocks", "insert_attention"]
@@ -266,10 +267,9 @@ def attention_sites(
         if not isinstance(shape, tuple) or len(shape) != 4:
             continue
         _, channels, height, width = shape
-        width_qk = -(-max(1, channels // 8) // num_heads) * num_heads  # SelfAttention2d's default
-        head_dim = width_qk // num_heads
+        head_dim = default_qk_channels(channels, num_heads) // num_heads
         tokens = height * width
-        keys = -(-height // kv_pool) * -(-width // kv_pool)
+        keys = math.prod(pooled_grid(height, width, kv_pool))
         rows.append(AttentionSite(
             path=path, kind=type(modules[path]).__name__, channels=channels, height=height,
             width=width, tokens=tokens, keys=keys,

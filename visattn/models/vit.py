@@ -114,13 +114,7 @@ class VisionTransformer(nn.Module):
         self.pretrained_cfg: dict[str, Any] | None = None
         act_layer = _activation(act_layer)
         norm_layer = partial(nn.LayerNorm, eps=norm_eps) if norm_layer is None else norm_layer
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
-        if pos_embed not in ("learned", "sincos"):
-            raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
-        class_token = pool == "cls" if class_token is None else class_token
-        if pool == "cls" and not class_token:
-            raise ValueError("pool='cls' needs class_token=True; use pool='mean' without a class token")
+        class_token = _resolve_class_token(pool, pos_embed, class_token)
         self.img_size = to_pair(img_size)
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
@@ -130,34 +124,64 @@ class VisionTransformer(nn.Module):
         self.num_reg_tokens = reg_tokens
         self.num_prefix_tokens = int(class_token) + reg_tokens
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim) if embed_layer is None else embed_layer
+        self._build_tokens(patch_size, in_chans, class_token, reg_tokens, embed_layer)
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        make_block = partial(
+            EncoderBlock, embed_dim, num_heads, mlp_ratio, norm=norm, qkv_bias=qkv_bias,
+            qk_norm=qk_norm, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+            layer_scale=layer_scale, act_layer=act_layer, norm_layer=norm_layer,
+        )
+        self._build_blocks(make_block, depth, drop_path_rate)
+        self._build_head(norm_layer, final_norm and norm == "pre", fc_norm, drop_rate)
+        self.init_weights()
+
+    def _build_tokens(
+        self,
+        patch_size: int | tuple[int, int],
+        in_chans: int,
+        class_token: bool,
+        reg_tokens: int,
+        embed_layer: nn.Module | None,
+    ) -> None:
+        """The token stem, the class/register tokens and the learned positions (or none)."""
+        embed_dim = self.embed_dim
+        if embed_layer is None:
+            embed_layer = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = embed_layer
         self.grid_size = self.patch_embed.grid_size(*self.img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
-        if pos_embed == "learned":
-            embedded_prefix = 0 if no_embed_class else self.num_prefix_tokens
+        if self.pos_embed_kind == "learned":
+            embedded_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
             num_pos = embedded_prefix + self.grid_size[0] * self.grid_size[1]
             self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
         else:
             self.pos_embed = None
-        self.pos_drop = nn.Dropout(pos_drop_rate)
 
-        drop_paths = [rate.item() for rate in torch.linspace(0, drop_path_rate, depth, device="cpu")]
-        self.blocks = nn.Sequential(*[
-            EncoderBlock(
-                embed_dim, num_heads, mlp_ratio, norm=norm, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=drop_paths[i],
-                layer_scale=layer_scale, act_layer=act_layer, norm_layer=norm_layer,
-            )
-            for i in range(depth)
-        ])
+    def _build_blocks(
+        self, make_block: Callable[..., EncoderBlock], depth: int, drop_path_rate: float
+    ) -> None:
+        """``depth`` blocks from ``make_block(drop_path=...)``, stochastic depth rising linearly."""
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu")
+        drop_paths = [rate.item() for rate in rates]
+        self.blocks = nn.Sequential(*[make_block(drop_path=rate) for rate in drop_paths])
         for block in self.blocks:
             block.attn.num_prefix_tokens = self.num_prefix_tokens
-        self.norm = norm_layer(embed_dim) if final_norm and norm == "pre" and not fc_norm else nn.Identity()
+
+    def _build_head(
+        self,
+        norm_layer: Callable[[int], nn.Module],
+        final_norm: bool,
+        fc_norm: bool,
+        drop_rate: float,
+    ) -> None:
+        """The norm after the blocks or after pooling, the head dropout and the linear head."""
+        embed_dim = self.embed_dim
+        self.norm = norm_layer(embed_dim) if final_norm and not fc_norm else nn.Identity()
         self.fc_norm = norm_layer(embed_dim) if fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
+        num_classes = self.num_classes
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.init_weights()
 
     # --- initialization ------------------------------------------------------------------
 
@@ -245,6 +269,20 @@ class VisionTransformer(nn.Module):
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         """Token grid ``(gh, gw)`` for an input ``height × width`` (raises a clear error if it does not tile)."""
         return self.patch_embed.grid_size(height, width)
+
+
+def _resolve_class_token(pool: str, pos_embed: str, class_token: bool | None) -> bool:
+    """Whether the model has a class token (default: ``pool == "cls"``); checks the choices."""
+    if pool not in ("cls", "mean"):
+        raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+    if pos_embed not in ("learned", "sincos"):
+        raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
+    class_token = pool == "cls" if class_token is None else class_token
+    if pool == "cls" and not class_token:
+        raise ValueError(
+            "pool='cls' needs class_token=True; use pool='mean' without a class token"
+        )
+    return class_token
 
 
 def _activation(act_layer: str | Callable[..., nn.Module]) -> Callable[..., nn.Module]:

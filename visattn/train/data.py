@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from timm.data import create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torch import Tensor
@@ -40,11 +40,17 @@ __all__ = [
     "digits_split",
 ]
 
+#: what each dataset gives a model when the config does not say otherwise: (channels, classes,
+#: side); ``None`` classes: read from the data (image folders) or from ``data.fake_classes``
+DATASET_DEFAULTS: dict[str, tuple[int, int | None, int]] = {
+    "digits": (1, 10, 16), "digits_canvas": (1, 10, 64), "cifar10": (3, 10, 32), "cifar100": (3, 100, 32),
+    "imagefolder": (3, None, 224), "fake": (3, None, 32),
+}
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGENET_STATS = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
 
 # --- transforms ---------------------------------------------------------------------------
@@ -408,7 +414,7 @@ class DataSplits:
 
 
 def _digits(cfg: Any) -> DataSplits:
-    size = cfg.img_size or 16
+    size = cfg.img_size or DATASET_DEFAULTS["digits"][2]
     (train_x, train_y), (test_x, test_y) = (digits_images(s, size, cfg.split_seed) for s in ("train", "test"))
     mean, std = (float(train_x.mean()),), (float(train_x.std()),)
     classes = [str(d) for d in range(10)]
@@ -429,7 +435,7 @@ def _digits_canvas(cfg: Any) -> DataSplits:
 
 
 def _cifar_splits(cfg: Any) -> DataSplits:
-    size = cfg.img_size or 32
+    size = cfg.img_size or DATASET_DEFAULTS[cfg.name][2]
     mean, std = CIFAR_STATS[cfg.name]
     (train_x, train_y, classes), (test_x, test_y, _) = (
         _cifar(cfg.name, cfg.root, train, cfg.download) for train in (True, False)
@@ -443,13 +449,13 @@ def _cifar_splits(cfg: Any) -> DataSplits:
 
 
 def _imagefolder_splits(cfg: Any) -> DataSplits:
-    size = cfg.img_size or 224
+    size = cfg.img_size or DATASET_DEFAULTS["imagefolder"][2]
     train, test, classes = _imagefolder(cfg, (size, size))
     return DataSplits(train, test, (size, size), 3, *IMAGENET_STATS, classes)
 
 
 def _fake(cfg: Any) -> DataSplits:
-    size, aug = cfg.img_size or 32, cfg.augment
+    size, aug = cfg.img_size or DATASET_DEFAULTS["fake"][2], cfg.augment
     mean, std = (0.5,) * 3, (0.5,) * 3
     make = functools.partial(tv_datasets.FakeData, image_size=(3, size, size), num_classes=cfg.fake_classes)
     train = make(cfg.fake_size, transform=build_transform(True, aug, mean, std, (size, size)), random_offset=cfg.split_seed)

@@ -271,15 +271,19 @@ def train_one_epoch(
     cfg: DictConfig | None = None,
     checkpoint: Path | None = None,
 ) -> tuple[dict[str, float], int]:
-    """One pass over ``loader``; returns ``({"train_loss", "lr", "images_per_s", "epoch_s"}, step)``.
+    """One pass over ``loader``; returns ``({"train_loss", "lr", "images_per_s", "epoch_s", "data_s"}, step)``.
+
+    ``data_s`` is the part of ``epoch_s`` spent waiting for the loader (batches and augmentation).
 
     The scheduler is stepped per update. The loss is averaged over processes every step, and a
     NaN/inf loss raises :class:`NonFiniteLossError` naming the step (in every process at once).
     """
     model.train()
-    total_loss, images, started = 0.0, 0, time.perf_counter()
+    total_loss, images, data_seconds, started = 0.0, 0, 0.0, time.perf_counter()
     progress = _progress(loader, epoch, cfg, procs)
+    waited = time.perf_counter()
     for batch, (x, y) in enumerate(progress):
+        data_seconds += time.perf_counter() - waited
         x, y = x.to(procs.device, non_blocking=True), y.to(procs.device, non_blocking=True)
         if recipe.mixup is not None:
             x, y = recipe.mixup(x, y)
@@ -301,9 +305,10 @@ def train_one_epoch(
             progress.set_postfix(loss=f"{reduced.item():.4f}")
         elif cfg is not None and procs.is_main and cfg.run.log_every and (batch + 1) % cfg.run.log_every == 0:
             print(f"  epoch {epoch + 1} step {batch + 1}/{len(loader)} loss {reduced.item():.4f}", flush=True)
+        waited = time.perf_counter()
     seconds = time.perf_counter() - started
     return {"train_loss": total_loss / max(1, len(loader)), "lr": recipe.optimizer.param_groups[0]["lr"],
-            "images_per_s": images / seconds, "epoch_s": seconds}, step
+            "images_per_s": images / seconds, "epoch_s": seconds, "data_s": data_seconds}, step
 
 
 def _update(model: nn.Module, loss: Tensor, recipe: Recipe) -> None:

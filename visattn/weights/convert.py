@@ -14,11 +14,12 @@ Entry points:
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import timm
 import torch
@@ -174,6 +175,21 @@ def _is_plain(module: nn.Module) -> bool:
     return isinstance(module, nn.Identity)
 
 
+class _BlockSignature(NamedTuple):
+    """What all blocks of a convertible timm ViT share: one visattn ``EncoderBlock`` config."""
+
+    num_heads: int
+    mlp_hidden: int
+    qkv_bias: bool
+    qk_norm: bool
+    layer_scale: bool
+    act_layer: str | None
+
+
+#: the arguments of :class:`VisionTransformer` in their order (the order of ``timm_config``'s keys)
+_VIT_ARGUMENTS = tuple(inspect.signature(VisionTransformer).parameters)
+
+
 def timm_config(model: nn.Module) -> dict[str, Any]:
     """The :class:`VisionTransformer` arguments equivalent to a timm ViT (on any device, meta too):
     ``VisionTransformer(**timm_config(model))`` has the same architecture and parameter names.
@@ -186,6 +202,31 @@ def timm_config(model: nn.Module) -> dict[str, Any]:
             f"{type(model).__name__} is not timm's VisionTransformer; visattn converts timm "
             "VisionTransformer models (ViT, DeiT without distillation token, DINO, AugReg, ...)"
         )
+    refused = _refused_layout(model)
+    signatures: set[_BlockSignature] = set()
+    for block in model.blocks:
+        signature = _check_block(block, model.embed_dim, refused)
+        if signature is not None:
+            signatures.add(signature)
+    eps_values = _check_norms(model, refused)
+    if len(signatures) > 1:
+        refused.append("blocks that differ from each other")
+    if refused:
+        raise UnsupportedModelError(
+            "this timm model uses features visattn's VisionTransformer does not implement: "
+            + "; ".join(dict.fromkeys(refused))
+        )
+    config = {
+        **_block_arguments(signatures.pop(), model.embed_dim),
+        **_layout_arguments(model),
+        **_dropout_arguments(model),
+        "norm_eps": eps_values.pop() if eps_values else 1e-6,
+    }
+    return {name: config[name] for name in _VIT_ARGUMENTS if name in config}
+
+
+def _refused_layout(model: TimmVisionTransformer) -> list[str]:
+    """The unsupported features of ``model``'s pooling, tokens, patch embedding and head."""
     refused: list[str] = []
     if model.attn_pool is not None:
         refused.append(f"global_pool={model.global_pool!r} (attention-pool head)")
@@ -211,62 +252,82 @@ def timm_config(model: nn.Module) -> dict[str, Any]:
             refused.append("a patch embedding without bias")
     if model.num_classes > 0 and not isinstance(model.head, nn.Linear):
         refused.append(f"head {type(model.head).__name__} (only a linear head)")
+    return refused
 
-    block_signatures = set()
-    for block in model.blocks:
-        if type(block) is not TimmBlock:
-            refused.append(f"block type {type(block).__name__} (only timm's Block)")
-            continue
-        attn, mlp = block.attn, block.mlp
-        if type(attn) is not TimmAttention:
-            refused.append(f"attention {type(attn).__name__} (only timm's Attention)")
-            continue
-        if not _is_plain(attn.norm):
-            refused.append("scale_attn_norm=True (norm before the attention projection)")
-        if getattr(attn, "gate", None) is not None:
-            refused.append("gated attention")
-        if attn.proj.bias is None:
-            refused.append("proj_bias=False")
-        if attn.num_heads * attn.head_dim != model.embed_dim:
-            refused.append("attn_head_dim other than embed_dim / num_heads")
-        if type(mlp) is not Mlp:
-            refused.append(f"MLP {type(mlp).__name__} (only the GELU Mlp, not SwiGLU or gated MLPs)")
-            continue
-        if not isinstance(mlp.fc1, nn.Linear) or mlp.fc1.bias is None or mlp.fc2.bias is None:
-            refused.append("a convolutional or bias-free MLP")
-        if not _is_plain(mlp.norm):
-            refused.append("scale_mlp_norm=True (norm inside the MLP)")
-        act = _activation_name(mlp.act)
-        if act is None:
-            refused.append(f"activation {mlp.act!r} (only GELU, exact or tanh)")
-        block_signatures.add((
-            attn.num_heads, mlp.fc1.out_features, attn.qkv.bias is not None, not _is_plain(attn.q_norm),
-            isinstance(block.ls1, LayerScale), act,
-        ))
+
+def _check_block(block: nn.Module, embed_dim: int, refused: list[str]) -> _BlockSignature | None:
+    """Add to ``refused`` what ``block`` uses that visattn lacks; its signature, if it has one."""
+    if type(block) is not TimmBlock:
+        refused.append(f"block type {type(block).__name__} (only timm's Block)")
+        return None
+    attn, mlp = block.attn, block.mlp
+    if type(attn) is not TimmAttention:
+        refused.append(f"attention {type(attn).__name__} (only timm's Attention)")
+        return None
+    if not _is_plain(attn.norm):
+        refused.append("scale_attn_norm=True (norm before the attention projection)")
+    if getattr(attn, "gate", None) is not None:
+        refused.append("gated attention")
+    if attn.proj.bias is None:
+        refused.append("proj_bias=False")
+    if attn.num_heads * attn.head_dim != embed_dim:
+        refused.append("attn_head_dim other than embed_dim / num_heads")
+    if type(mlp) is not Mlp:
+        refused.append(f"MLP {type(mlp).__name__} (only the GELU Mlp, not SwiGLU or gated MLPs)")
+        return None
+    if not isinstance(mlp.fc1, nn.Linear) or mlp.fc1.bias is None or mlp.fc2.bias is None:
+        refused.append("a convolutional or bias-free MLP")
+    if not _is_plain(mlp.norm):
+        refused.append("scale_mlp_norm=True (norm inside the MLP)")
+    act = _activation_name(mlp.act)
+    if act is None:
+        refused.append(f"activation {mlp.act!r} (only GELU, exact or tanh)")
+    return _BlockSignature(
+        attn.num_heads, mlp.fc1.out_features, attn.qkv.bias is not None,
+        not _is_plain(attn.q_norm), isinstance(block.ls1, LayerScale), act,
+    )
+
+
+def _check_norms(model: TimmVisionTransformer, refused: list[str]) -> set[float]:
+    """Add to ``refused`` norms other than one LayerNorm kind; the eps values of the LayerNorms."""
     norms = [model.norm, model.fc_norm] + [
         m for block in model.blocks if type(block) is TimmBlock and type(block.attn) is TimmAttention
         for m in (block.norm1, block.norm2, block.attn.q_norm, block.attn.k_norm)
     ]
     norms = [m for m in norms if not _is_plain(m)]
-    not_layer_norm = {type(m).__name__ for m in norms if not (isinstance(m, nn.LayerNorm) and m.bias is not None)}
+    not_layer_norm = {
+        type(m).__name__ for m in norms if not (isinstance(m, nn.LayerNorm) and m.bias is not None)
+    }
     if not_layer_norm:
-        refused.append(f"norm layer {', '.join(sorted(not_layer_norm))} (only LayerNorm with weight and bias)")
+        names = ", ".join(sorted(not_layer_norm))
+        refused.append(f"norm layer {names} (only LayerNorm with weight and bias)")
     eps_values = {m.eps for m in norms if isinstance(m, nn.LayerNorm)}
     if len(eps_values) > 1:
         refused.append(f"LayerNorms with different eps {sorted(eps_values)}")
-    if len(block_signatures) > 1:
-        refused.append("blocks that differ from each other")
-    if refused:
-        raise UnsupportedModelError(
-            "this timm model uses features visattn's VisionTransformer does not implement: "
-            + "; ".join(dict.fromkeys(refused))
-        )
+    return eps_values
 
-    num_heads, hidden, qkv_bias, qk_norm, layer_scale, act = block_signatures.pop()
-    mlp_ratio = hidden / model.embed_dim
-    if int(model.embed_dim * mlp_ratio) != hidden:
-        raise UnsupportedModelError(f"MLP width {hidden} is not int(embed_dim * mlp_ratio) for any ratio")
-    last = model.blocks[-1]
+
+def _block_arguments(signature: _BlockSignature, embed_dim: int) -> dict[str, Any]:
+    """The block hyper-parameters (heads, MLP ratio, biases, norms, layer scale, activation)."""
+    mlp_ratio = signature.mlp_hidden / embed_dim
+    if int(embed_dim * mlp_ratio) != signature.mlp_hidden:
+        raise UnsupportedModelError(
+            f"MLP width {signature.mlp_hidden} is not int(embed_dim * mlp_ratio) for any ratio"
+        )
+    return dict(
+        num_heads=signature.num_heads,
+        mlp_ratio=mlp_ratio,
+        qkv_bias=signature.qkv_bias,
+        qk_norm=signature.qk_norm,
+        # the value is overwritten by the weights
+        layer_scale=1e-5 if signature.layer_scale else None,
+        act_layer=signature.act_layer,
+    )
+
+
+def _layout_arguments(model: TimmVisionTransformer) -> dict[str, Any]:
+    """The input size, patches, width, depth, prefix tokens, pooling and final norms."""
+    embed = model.patch_embed
     return dict(
         img_size=list(embed.img_size),
         patch_size=list(embed.patch_size),
@@ -274,24 +335,24 @@ def timm_config(model: nn.Module) -> dict[str, Any]:
         num_classes=model.num_classes,
         embed_dim=model.embed_dim,
         depth=len(model.blocks),
-        num_heads=num_heads,
-        mlp_ratio=mlp_ratio,
-        qkv_bias=qkv_bias,
-        qk_norm=qk_norm,
         pool="cls" if model.global_pool == "token" else "mean",
         class_token=model.cls_token is not None,
         reg_tokens=model.num_reg_tokens,
         no_embed_class=model.no_embed_class,
         final_norm=not (_is_plain(model.norm) and _is_plain(model.fc_norm)),
         fc_norm=not _is_plain(model.fc_norm),
-        layer_scale=1e-5 if layer_scale else None,  # the value is overwritten by the weights
+    )
+
+
+def _dropout_arguments(model: TimmVisionTransformer) -> dict[str, Any]:
+    """The dropout rates, and stochastic depth as the last block's (it rises linearly to it)."""
+    last = model.blocks[-1]
+    return dict(
         drop_rate=model.head_drop.p,
         pos_drop_rate=model.pos_drop.p,
         proj_drop_rate=last.attn.proj_drop.p,
         attn_drop_rate=last.attn.attn_drop.p,
         drop_path_rate=getattr(last.drop_path1, "drop_prob", 0.0),
-        act_layer=act,
-        norm_eps=eps_values.pop() if eps_values else 1e-6,
     )
 
 
