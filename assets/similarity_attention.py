@@ -79,9 +79,15 @@ def main() -> None:
     preprocess = Preprocess(img_size=(150, 225), in_chans=3, mean=(0.5,) * 3, std=(0.5,) * 3)
     panels = attention_panels(model, image, "query", preprocess=preprocess, query=query)
     overlay_grid(
-        image, panels.panels[:3], titles=[f"head {i}: {name}" for i, name in enumerate(HEADS)],
+        image,
+        panels.panels[:3],
+        titles=[f"head {i}: {name}" for i, name in enumerate(HEADS)],
         suptitle=f"hand-set SelfAttention2d (no training): where the cell at ({args.query}) attends",
-        box=panels.box, extent=panels.extent, marker=panels.marker, panel_size=3.2, out=args.out,
+        box=panels.box,
+        extent=panels.extent,
+        marker=panels.marker,
+        panel_size=3.2,
+        out=args.out,
     )
     print(f"wrote {args.out}")
 

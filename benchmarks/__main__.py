@@ -22,30 +22,46 @@ from . import peak, precision, record, selfattention2d, training, vit
 from .common import DEFAULT_OUT, Config, machine_info
 
 #: the parts in the order they run; a new part is a module with NAME, TITLE and run(config)
-PARTS: dict[str, ModuleType] = {module.NAME: module for module in (selfattention2d, vit, peak, record, training, precision)}
+PARTS: dict[str, ModuleType] = {
+    module.NAME: module for module in (selfattention2d, vit, peak, record, training, precision)
+}
 
 
 def _csv(kind: type) -> Callable[[str], list]:
     def parse(text: str) -> list:
         return [kind(item) for item in text.split(",") if item]
+
     return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", type=_csv(str), default=None,
-                        help=f"comma-separated parts to run (default: all of {','.join(PARTS)})")
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer sizes and repeats (grids up to 64x64, the 32x32 ViT only, one tiny train.py job)")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only", type=_csv(str), default=None, help=f"comma-separated parts to run (default: all of {','.join(PARTS)})"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer sizes and repeats (grids up to 64x64, the 32x32 ViT only, one tiny train.py job)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default 5, quick 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per contender first")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--max-memory-gb", type=float, default=6.0,
-                        help="skip (and estimate) cases expected to need more than this (default 6)")
-    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
-                        help="bf16 autocast cases; auto = only where the hardware has native bf16")
+    parser.add_argument(
+        "--max-memory-gb",
+        type=float,
+        default=6.0,
+        help="skip (and estimate) cases expected to need more than this (default 6)",
+    )
+    parser.add_argument(
+        "--bf16",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="bf16 autocast cases; auto = only where the hardware has native bf16",
+    )
     parser.add_argument("--grids", type=_csv(int), default=None, help="part 1 grid sides, e.g. 16,32,64")
     parser.add_argument("--models", type=_csv(str), default=None, help=f"part 2 models (from {','.join(vit.MODELS)})")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
@@ -60,10 +76,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if unknown:
         raise SystemExit(f"--only: unknown part(s) {unknown}; choose from {','.join(PARTS)}")
     return Config(
-        device=args.device, quick=args.quick, warmup=args.warmup,
-        repeats=args.repeats or (3 if args.quick else 5), threads=args.threads,
-        max_memory_gb=args.max_memory_gb, bf16=args.bf16, grids=args.grids, models=args.models,
-        plots=args.plots, out=args.out,
+        device=args.device,
+        quick=args.quick,
+        warmup=args.warmup,
+        repeats=args.repeats or (3 if args.quick else 5),
+        threads=args.threads,
+        max_memory_gb=args.max_memory_gb,
+        bf16=args.bf16,
+        grids=args.grids,
+        models=args.models,
+        plots=args.plots,
+        out=args.out,
     )
 
 
@@ -73,9 +96,11 @@ def run_suite(config: Config, only: Sequence[str] | None = None, command: str = 
         torch.set_num_threads(config.threads)
     info = machine_info(config.device)
     busy = info["loadavg_start"][0] > 0.5
-    print(f"visattn benchmarks on {info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads)"
-          f"{', ' + info.get('gpu', '') if config.device.startswith('cuda') else ''}; torch {info['torch']}; "
-          f"load average {info['loadavg_start'][0]:.1f}{' (busy: timings are noisy)' if busy else ''}")
+    print(
+        f"visattn benchmarks on {info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads)"
+        f"{', ' + info.get('gpu', '') if config.device.startswith('cuda') else ''}; torch {info['torch']}; "
+        f"load average {info['loadavg_start'][0]:.1f}{' (busy: timings are noisy)' if busy else ''}"
+    )
     doc = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,

@@ -290,8 +290,11 @@ def run_in_fresh_processes(
     results: list[dict | None] = [None] * len(cases)
     while pending or running:
         in_use = sum(estimates[i] for i in running)
-        while pending and len(running) < jobs and (
-                not running or in_use + estimates[pending[0]] <= config.max_memory_bytes):
+        while (
+            pending
+            and len(running) < jobs
+            and (not running or in_use + estimates[pending[0]] <= config.max_memory_bytes)
+        ):
             i = pending.pop(0)
             receive, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_child_entry, args=(module, cases[i], config.device, config.threads, send))
@@ -311,7 +314,9 @@ def run_in_fresh_processes(
             if status != "ok":
                 for other, _ in running.values():
                     other.kill()
-                raise RuntimeError(f"benchmark child for {module} {cases[i]} failed (exit code {proc.exitcode}):\n{value}")
+                raise RuntimeError(
+                    f"benchmark child for {module} {cases[i]} failed (exit code {proc.exitcode}):\n{value}"
+                )
             results[i] = value
     return results
 

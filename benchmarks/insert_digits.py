@@ -41,7 +41,9 @@ def train_digits(model: nn.Module, epochs: int = 4, lr: float = 1e-2, block_lr: 
     AdamW with one-cycle schedule; inserted blocks (``*_attn``) learn at ``block_lr × lr``.
     """
     digits = load_digits()
-    images = F.interpolate(torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16, scale_factor=2, mode="bilinear")
+    images = F.interpolate(
+        torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16, scale_factor=2, mode="bilinear"
+    )
     labels = torch.tensor(digits.target)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     train, test = order[:1300], order[1300:]

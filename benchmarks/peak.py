@@ -39,8 +39,9 @@ def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...], config: Config) -> d
     for n in sizes:
         a = torch.randn(n, n, device=config.device).to(dtype)
         b = torch.randn(n, n, device=config.device).to(dtype)
-        samples = measure({"mm": lambda a=a, b=b: torch.mm(a, b)}, warmup=1,
-                          repeats=config.repeats, device=config.device)["mm"]
+        samples = measure(
+            {"mm": lambda a=a, b=b: torch.mm(a, b)}, warmup=1, repeats=config.repeats, device=config.device
+        )["mm"]
         gflops = 2 * n**3 / summary(samples)["median_s"] / 1e9
         if gflops > best["gflops"]:
             best = {"gflops": gflops, "size": n}
@@ -54,29 +55,50 @@ def _workloads(config: Config, dtypes: list[torch.dtype]) -> list[tuple[str, str
     x = selfattention2d.make_input(grid, config.device)
     blocks = selfattention2d.make_contenders(device=config.device)
     for mode in selfattention2d.MODES:
-        groups.append((f"SelfAttention2d {grid}x{grid} {mode}", "float32",
-                       {name: selfattention2d.step(m, x, mode) for name, m in blocks.items()}))
+        groups.append(
+            (
+                f"SelfAttention2d {grid}x{grid} {mode}",
+                "float32",
+                {name: selfattention2d.step(m, x, mode) for name, m in blocks.items()},
+            )
+        )
     name = "vit_tiny_patch4_32" if config.quick else "vit_small_patch16_224"
     pair = vit.make_pair(name, config.device)
     images, labels = vit.make_batch(name, config.device, batch=8)
     for dtype in dtypes:
         for mode in vit.MODES:
-            groups.append((f"{name} b8 {mode}", str(dtype).removeprefix("torch."),
-                           {lib: vit.step(m, images, labels, mode, dtype, config.device) for lib, m in pair.items()}))
+            groups.append(
+                (
+                    f"{name} b8 {mode}",
+                    str(dtype).removeprefix("torch."),
+                    {lib: vit.step(m, images, labels, mode, dtype, config.device) for lib, m in pair.items()},
+                )
+            )
     return groups
 
 
 def run(config: Config) -> Part:
     use_bf16, why_not = bf16_enabled(config)
-    part = Part(NAME, TITLE, columns=[
-        ("workload", "workload"), ("dtype", "dtype"), ("contender", "contender"),
-        ("gflop", "GFLOP/call"), ("ms", "ms"), ("gflops", "GFLOP/s"), ("percent_of_peak", "% of peak"),
-    ])
+    part = Part(
+        NAME,
+        TITLE,
+        columns=[
+            ("workload", "workload"),
+            ("dtype", "dtype"),
+            ("contender", "contender"),
+            ("gflop", "GFLOP/call"),
+            ("ms", "ms"),
+            ("gflops", "GFLOP/s"),
+            ("percent_of_peak", "% of peak"),
+        ],
+    )
     sizes = QUICK_MATMUL_SIZES if config.quick else MATMUL_SIZES
     bf16_native = config.device.startswith("cuda") or torch.ops.mkldnn._is_mkldnn_bf16_supported()
     slow_sizes = QUICK_SLOW_BF16_SIZES if config.quick else SLOW_BF16_SIZES
-    peaks = {"float32": matmul_peak(torch.float32, sizes, config),
-             "bfloat16": matmul_peak(torch.bfloat16, sizes if bf16_native else slow_sizes, config)}
+    peaks = {
+        "float32": matmul_peak(torch.float32, sizes, config),
+        "bfloat16": matmul_peak(torch.bfloat16, sizes if bf16_native else slow_sizes, config),
+    }
     part.extra["matmul_peak"] = peaks
     for dtype, peak in peaks.items():
         part.notes.append(f"{dtype} matmul peak: {peak['gflops']:.1f} GFLOP/s ({peak['size']}x{peak['size']} mm)")
@@ -89,11 +111,18 @@ def run(config: Config) -> Part:
         for name, s in samples.items():
             seconds = summary(s)["median_s"]
             gflops = flops[name] / seconds / 1e9
-            part.rows.append({
-                "workload": workload, "dtype": dtype, "contender": name, "gflop": flops[name] / 1e9,
-                "ms": seconds * 1e3, "gflops": gflops,
-                "percent_of_peak": 100 * gflops / peaks[dtype]["gflops"], "samples_s": s,
-            })
+            part.rows.append(
+                {
+                    "workload": workload,
+                    "dtype": dtype,
+                    "contender": name,
+                    "gflop": flops[name] / 1e9,
+                    "ms": seconds * 1e3,
+                    "gflops": gflops,
+                    "percent_of_peak": 100 * gflops / peaks[dtype]["gflops"],
+                    "samples_s": s,
+                }
+            )
         del fns
         free_memory()
         print(f"  [{NAME}] {workload} {dtype} done", flush=True)

@@ -93,7 +93,7 @@ def _batches(dataset: DigitsCanvas, batch_size: int) -> Iterator[tuple[Tensor, T
         index = range(start, min(start + batch_size, len(dataset)))
         x = torch.stack([dataset[i][0] for i in index])
         raw = torch.stack([dataset.raw_image(i) for i in index])
-        yield x, raw, dataset.labels[start:index.stop], dataset.boxes[start:index.stop]
+        yield x, raw, dataset.labels[start : index.stop], dataset.boxes[start : index.stop]
 
 
 def test_canvases(state: dict) -> DigitsCanvas:
@@ -170,8 +170,12 @@ def figure(vit_ckpt: str, cnn_ckpt: str | None, out: str, count: int = 4) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vit", required=True, action="append",
-                        help="last.pt of a digits_canvas ViT run (repeat for several; the figure uses the first)")
+    parser.add_argument(
+        "--vit",
+        required=True,
+        action="append",
+        help="last.pt of a digits_canvas ViT run (repeat for several; the figure uses the first)",
+    )
     parser.add_argument("--cnn", help="last.pt of the digits_canvas CNN-with-attention run")
     parser.add_argument("--out", default="benchmarks/results/pointing_game.json")
     parser.add_argument("--figure", help="PNG grid of a few canvases and their maps")

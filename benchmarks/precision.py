@@ -49,10 +49,18 @@ def _step(config_path: Path, device: str, quick: bool):
 
 
 def run(config: Config) -> Part:
-    part = Part(NAME, TITLE, columns=[
-        ("config", "config"), ("batch", "batch"), ("fp32_ms", "fp32 ms/step"), ("bf16_ms", "bf16 ms/step"),
-        ("ratio", "bf16 / fp32"), ("auto", "train.amp=auto picks"),
-    ])
+    part = Part(
+        NAME,
+        TITLE,
+        columns=[
+            ("config", "config"),
+            ("batch", "batch"),
+            ("fp32_ms", "fp32 ms/step"),
+            ("bf16_ms", "bf16 ms/step"),
+            ("ratio", "bf16 / fp32"),
+            ("auto", "train.amp=auto picks"),
+        ],
+    )
     enabled, why = bf16_enabled(config)
     configs = sorted((REPO_ROOT / "configs").glob("*.yaml"))
     for path in configs[:2] if config.quick else configs:

@@ -71,12 +71,16 @@ class Workload:
 def workloads(quick: bool) -> list[Workload]:
     """The workloads of a run (quick: the tiny ViT and a 32×32 grid)."""
     if quick:
-        return [Workload("vit_tiny_patch16_224", 224, ("plain", "all")),
-                Workload("SelfAttention2d", 32, ("plain", "few queries", "all")),
-                Workload("SelfAttention2d", 128, (), estimated=("all",))]
-    return [Workload("vit_small_patch16_224", 224, ("plain", "all")),
-            Workload("SelfAttention2d", 128, ("plain", "few queries"), estimated=("all",)),
-            Workload("SelfAttention2d", 64, ("plain", "few queries", "all"))]
+        return [
+            Workload("vit_tiny_patch16_224", 224, ("plain", "all")),
+            Workload("SelfAttention2d", 32, ("plain", "few queries", "all")),
+            Workload("SelfAttention2d", 128, (), estimated=("all",)),
+        ]
+    return [
+        Workload("vit_small_patch16_224", 224, ("plain", "all")),
+        Workload("SelfAttention2d", 128, ("plain", "few queries"), estimated=("all",)),
+        Workload("SelfAttention2d", 64, ("plain", "few queries", "all")),
+    ]
 
 
 def query_points(side: int) -> list[tuple[int, int]]:
@@ -101,9 +105,11 @@ def forward(model: nn.Module, x: Tensor, contender: str) -> Callable[[], object]
     Returns ``(output, recording)`` so the recorded weights are alive until the caller drops them.
     """
     if contender == "plain":
+
         def plain() -> tuple[Tensor, None]:
             with torch.inference_mode():
                 return model(x), None
+
         return plain
     options = {"queries": query_points(x.shape[-1])} if contender == "few queries" else {}
 
@@ -111,6 +117,7 @@ def forward(model: nn.Module, x: Tensor, contender: str) -> Callable[[], object]
         with torch.inference_mode(), record_attention(model, **options) as recording:
             out = model(x)
         return out, recording
+
     return recorded
 
 
@@ -151,10 +158,20 @@ def _describe(recording) -> dict:
 
 
 def run(config: Config) -> Part:
-    part = Part(NAME, TITLE, columns=[
-        ("workload", "workload"), ("contender", "recording"), ("ms", "fwd ms"), ("time_ratio", "time ×plain"),
-        ("peak_mb", "peak MB"), ("memory_ratio", "MB ×plain"), ("recorded_mb", "kept MB"), ("note", "note"),
-    ])
+    part = Part(
+        NAME,
+        TITLE,
+        columns=[
+            ("workload", "workload"),
+            ("contender", "recording"),
+            ("ms", "fwd ms"),
+            ("time_ratio", "time ×plain"),
+            ("peak_mb", "peak MB"),
+            ("memory_ratio", "MB ×plain"),
+            ("recorded_mb", "kept MB"),
+            ("note", "note"),
+        ],
+    )
     part.extra.update(kernels={}, recorded={})
     rows: list[dict] = []
     for workload in workloads(config.quick):
@@ -167,16 +184,29 @@ def run(config: Config) -> Part:
             recorded = part.extra["recorded"][label]
             samples = measure(fns, warmup=config.warmup, repeats=config.repeats, device=config.device)
             for name, s in samples.items():
-                rows.append({"workload": label, "side": workload.side, "contender": name,
-                             "ms": summary(s)["median_s"] * 1e3, "samples_s": s,
-                             "recorded_bytes": recorded[name]["bytes"] if name in recorded else 0,
-                             "case": {"workload": vars(workload), "contender": name}})
+                rows.append(
+                    {
+                        "workload": label,
+                        "side": workload.side,
+                        "contender": name,
+                        "ms": summary(s)["median_s"] * 1e3,
+                        "samples_s": s,
+                        "recorded_bytes": recorded[name]["bytes"] if name in recorded else 0,
+                        "case": {"workload": vars(workload), "contender": name},
+                    }
+                )
             del fns, model, x
             free_memory()
         for name in workload.estimated:
-            rows.append({"workload": label, "side": workload.side, "contender": name,
-                         "recorded_bytes": recorded_bytes(workload, name),
-                         "note": "not run: size of the weights alone (attention_matrix_bytes)"})
+            rows.append(
+                {
+                    "workload": label,
+                    "side": workload.side,
+                    "contender": name,
+                    "recorded_bytes": recorded_bytes(workload, name),
+                    "note": "not run: size of the weights alone (attention_matrix_bytes)",
+                }
+            )
         print(f"  [{NAME}] {label} timed", flush=True)
     measured = [r for r in rows if "case" in r]
     if peak_memory_supported(config.device):
@@ -210,9 +240,11 @@ def _finish_rows(rows: list[dict]) -> None:
 
 
 def _kernel_notes(kernels: dict[str, dict[str, list[str]]]) -> list[str]:
-    return [f"{label}: attention kernels " + "; ".join(f"{name}: {', '.join(k) or 'none (explicit weights)'}"
-                                                      for name, k in by_name.items())
-            for label, by_name in kernels.items()]
+    return [
+        f"{label}: attention kernels "
+        + "; ".join(f"{name}: {', '.join(k) or 'none (explicit weights)'}" for name, k in by_name.items())
+        for label, by_name in kernels.items()
+    ]
 
 
 def _goal_notes(rows: list[dict]) -> list[str]:
@@ -221,12 +253,16 @@ def _goal_notes(rows: list[dict]) -> list[str]:
     for row in rows:
         if row["workload"].startswith("vit_") and row["contender"] == "all" and row.get("time_ratio"):
             ok = row["time_ratio"] <= VIT_TIME_GOAL
-            notes.append(f"goal {row['workload']} record all layers <= {VIT_TIME_GOAL}x the plain time: "
-                         f"{row['time_ratio']:.2f}x {'met' if ok else 'NOT met'}")
+            notes.append(
+                f"goal {row['workload']} record all layers <= {VIT_TIME_GOAL}x the plain time: "
+                f"{row['time_ratio']:.2f}x {'met' if ok else 'NOT met'}"
+            )
     few = [r for r in rows if r["contender"] == "few queries" and r.get("memory_ratio")]
     if few:
         row = max(few, key=lambda r: r["side"])  # the largest grid run
         ok = row["memory_ratio"] <= FEW_QUERIES_MEMORY_GOAL
-        notes.append(f"goal {row['workload']} record {NUM_POINTS} queries <= {FEW_QUERIES_MEMORY_GOAL}x the plain "
-                     f"peak memory: {row['memory_ratio']:.2f}x {'met' if ok else 'NOT met'}")
+        notes.append(
+            f"goal {row['workload']} record {NUM_POINTS} queries <= {FEW_QUERIES_MEMORY_GOAL}x the plain "
+            f"peak memory: {row['memory_ratio']:.2f}x {'met' if ok else 'NOT met'}"
+        )
     return notes

@@ -12,9 +12,11 @@ from .common import markdown_table
 def render(results: dict) -> str:
     """Each part's title, Markdown table and notes, in the order they ran."""
     machine = results["machine"]
-    out = [f"Machine: {machine.get('cpu')} ({machine.get('cpu_count')} cores, "
-           f"{machine.get('torch_threads')} torch threads), torch {machine.get('torch')}; "
-           f"command: `{results.get('command', '')}`"]
+    out = [
+        f"Machine: {machine.get('cpu')} ({machine.get('cpu_count')} cores, "
+        f"{machine.get('torch_threads')} torch threads), torch {machine.get('torch')}; "
+        f"command: `{results.get('command', '')}`"
+    ]
     for part in results["parts"].values():
         out += ["", f"**{part['title']}**", "", markdown_table(part["columns"], part["rows"])]
         out += [f"- {note}" for note in part["notes"]]

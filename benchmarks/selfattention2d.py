@@ -88,18 +88,22 @@ def make_contenders(channels: int = CHANNELS, device: str = "cpu") -> dict[str, 
     nn.init.ones_(theirs.norm.weight)  # timm starts it at zero: the block would output x alone
     width, scale = theirs.t.out_channels, theirs.scale
     state = {
-        next(new + key[len(old):] for old, new in _TIMM_TO_VISATTN.items() if key.startswith(old)): value
+        next(new + key[len(old) :] for old, new in _TIMM_TO_VISATTN.items() if key.startswith(old)): value
         for key, value in theirs.state_dict().items()
     }
     ours = SelfAttention2d(
-        channels, num_heads=1, qk_channels=width, v_channels=width, scale=scale,
-        out_norm="batchnorm", gate=None,
+        channels,
+        num_heads=1,
+        qk_channels=width,
+        v_channels=width,
+        scale=scale,
+        out_norm="batchnorm",
+        gate=None,
     )
     ours.load_state_dict(state)
     materialized = MaterializedAttention2d(channels, width, scale)
     materialized.load_state_dict(state)
-    return {name: m.to(device) for name, m in
-            (("visattn", ours), ("materialized", materialized), ("timm", theirs))}
+    return {name: m.to(device) for name, m in (("visattn", ours), ("materialized", materialized), ("timm", theirs))}
 
 
 def check_same_function(contenders: dict[str, nn.Module], channels: int, device: str) -> float:
@@ -113,10 +117,12 @@ def check_same_function(contenders: dict[str, nn.Module], channels: int, device:
 def step(module: nn.Module, x: Tensor, mode: str) -> Callable[[], Tensor]:
     """One forward (eval, inference mode) or forward+backward (train) of ``module`` on ``x``."""
     if mode == "forward":
+
         def forward() -> Tensor:
             module.eval()
             with torch.inference_mode():
                 return module(x)
+
         return forward
 
     leaf = x.detach().requires_grad_(True)
@@ -128,6 +134,7 @@ def step(module: nn.Module, x: Tensor, mode: str) -> Callable[[], Tensor]:
         out = module(leaf)
         out.sum().backward()
         return out.detach()
+
     return forward_backward
 
 
@@ -150,8 +157,11 @@ def memory_estimate(contender: str, mode: str, grid: int, measured: list[dict]) 
     """
     if contender == "visattn":
         return ASSUMED_FEATURE_MAPS * BATCH * CHANNELS * grid * grid * 4
-    known = [r for r in measured if r["contender"] == contender and r.get(f"{mode}_peak_bytes")
-             and not r.get("memory_estimated")]
+    known = [
+        r
+        for r in measured
+        if r["contender"] == contender and r.get(f"{mode}_peak_bytes") and not r.get("memory_estimated")
+    ]
     if known:
         ref = max(known, key=lambda r: r["grid"])
         ratio = ref[f"{mode}_peak_bytes"] / matrix_bytes(ref["grid"])
@@ -193,12 +203,21 @@ def run(config: Config) -> Part:
     memory_grids = grids[-1:] if config.quick else grids
     measure_memory = peak_memory_supported(config.device)
     contenders = make_contenders(CHANNELS, config.device)
-    part = Part(NAME, TITLE, columns=[
-        ("grid", "grid"), ("contender", "contender"),
-        ("forward_ms", "fwd ms"), ("forward_backward_ms", "fwd+bwd ms"),
-        ("forward_peak_mb", "fwd MB"), ("forward_backward_peak_mb", "fwd+bwd MB"),
-        ("time_vs_timm", "fwd+bwd ×timm"), ("memory_vs_timm", "MB ×timm"), ("note", "note"),
-    ])
+    part = Part(
+        NAME,
+        TITLE,
+        columns=[
+            ("grid", "grid"),
+            ("contender", "contender"),
+            ("forward_ms", "fwd ms"),
+            ("forward_backward_ms", "fwd+bwd ms"),
+            ("forward_peak_mb", "fwd MB"),
+            ("forward_backward_peak_mb", "fwd+bwd MB"),
+            ("time_vs_timm", "fwd+bwd ×timm"),
+            ("memory_vs_timm", "MB ×timm"),
+            ("note", "note"),
+        ],
+    )
     part.extra["max_abs_difference_between_contenders"] = check_same_function(contenders, CHANNELS, config.device)
     part.notes.append(
         "same function, same weights: timm NonLocalAttn arithmetic (q/k/v widths 32 = make_divisible(C/8), "
@@ -207,13 +226,14 @@ def run(config: Config) -> Part:
     )
     kernels = attention_kernels(step(contenders["visattn"], make_input(16, config.device), "forward_backward"))
     part.extra["visattn_attention_kernels"] = sorted(kernels)
-    part.notes.append(f"attention kernel run by visattn (training forward): {', '.join(sorted(kernels))}"
-                      + ("" if kernels and kernels <= FUSED_KERNELS else "  <-- NOT the fused kernel"))
+    part.notes.append(
+        f"attention kernel run by visattn (training forward): {', '.join(sorted(kernels))}"
+        + ("" if kernels and kernels <= FUSED_KERNELS else "  <-- NOT the fused kernel")
+    )
     rows: list[dict] = []
     for grid in grids:
         x = make_input(grid, config.device)
-        grid_rows = {name: {"grid": grid, "contender": name}
-                     for name in CONTENDERS}
+        grid_rows = {name: {"grid": grid, "contender": name} for name in CONTENDERS}
         runnable = {}
         for name in CONTENDERS:
             if memory_estimate(name, "forward_backward", grid, rows) > config.max_memory_bytes:
@@ -274,12 +294,17 @@ def _growth_notes(rows: list[dict]) -> list[str]:
     notes = []
     for name in CONTENDERS:
         for key, label in (("forward_backward_ms", "fwd+bwd time"), ("forward_backward_peak_bytes", "fwd+bwd memory")):
-            pts = [(r["grid_side"] ** 2, r[key]) for r in rows
-                   if r["contender"] == name and r.get(key) and not (key.endswith("bytes") and r.get("memory_estimated"))]
+            pts = [
+                (r["grid_side"] ** 2, r[key])
+                for r in rows
+                if r["contender"] == name and r.get(key) and not (key.endswith("bytes") and r.get("memory_estimated"))
+            ]
             if len(pts) >= 2:
                 (n1, v1), (n2, v2) = sorted(pts)[-2:]
-                notes.append(f"{name} {label} grows as (HW)^{math.log(v2 / v1) / math.log(n2 / n1):.2f} "
-                             f"(from {int(n1 ** 0.5)}² to {int(n2 ** 0.5)}²)")
+                notes.append(
+                    f"{name} {label} grows as (HW)^{math.log(v2 / v1) / math.log(n2 / n1):.2f} "
+                    f"(from {int(n1**0.5)}² to {int(n2**0.5)}²)"
+                )
     return notes
 
 
@@ -290,10 +315,14 @@ def _goal_notes(rows: list[dict]) -> list[str]:
     ours64 = at.get((64, "visattn"))
     if ours64 and ours64.get("time_vs_timm") is not None:
         ok = ours64["time_vs_timm"] <= 0.4
-        notes.append(f"goal 64x64 fwd+bwd time <= 0.4x timm: {ours64['time_vs_timm']:.2f}x {'met' if ok else 'NOT met'}")
+        notes.append(
+            f"goal 64x64 fwd+bwd time <= 0.4x timm: {ours64['time_vs_timm']:.2f}x {'met' if ok else 'NOT met'}"
+        )
     if ours64 and ours64.get("memory_vs_timm") is not None:
         ok = ours64["memory_vs_timm"] <= 0.25
-        notes.append(f"goal 64x64 fwd+bwd memory <= 0.25x timm: {ours64['memory_vs_timm']:.2f}x {'met' if ok else 'NOT met'}")
+        notes.append(
+            f"goal 64x64 fwd+bwd memory <= 0.25x timm: {ours64['memory_vs_timm']:.2f}x {'met' if ok else 'NOT met'}"
+        )
     ours128 = at.get((128, "visattn"))
     if ours128 and ours128.get("forward_backward_peak_bytes") is not None:
         gb = ours128["forward_backward_peak_bytes"] / 2**30
@@ -308,20 +337,31 @@ def _plot(rows: list[dict], config: Config) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = [("forward_ms", "forward time (ms)"), ("forward_backward_ms", "forward+backward time (ms)"),
-              ("forward_backward_peak_mb", "forward+backward peak memory (MB)")]
+    panels = [
+        ("forward_ms", "forward time (ms)"),
+        ("forward_backward_ms", "forward+backward time (ms)"),
+        ("forward_backward_peak_mb", "forward+backward peak memory (MB)"),
+    ]
     for ax, (key, label) in zip(axes, panels, strict=True):
         for name in CONTENDERS:
-            pts = [(r["grid_side"] ** 2, r[key], bool(r.get("memory_estimated")) and key.endswith("_mb"))
-                   for r in rows if r["contender"] == name and r.get(key) is not None]
+            pts = [
+                (r["grid_side"] ** 2, r[key], bool(r.get("memory_estimated")) and key.endswith("_mb"))
+                for r in rows
+                if r["contender"] == name and r.get(key) is not None
+            ]
             if not pts:
                 continue
-            line, = ax.plot([p[0] for p in pts if not p[2]], [p[1] for p in pts if not p[2]], "o-", label=name)
+            (line,) = ax.plot([p[0] for p in pts if not p[2]], [p[1] for p in pts if not p[2]], "o-", label=name)
             est = [p for p in pts if p[2]]
             if est:  # dashed from the last measured point to the estimates
                 est = [p for p in pts if not p[2]][-1:] + est
-                ax.plot([p[0] for p in est], [p[1] for p in est], "x--", color=line.get_color(),
-                        label=f"{name} (estimated, not run)")
+                ax.plot(
+                    [p[0] for p in est],
+                    [p[1] for p in est],
+                    "x--",
+                    color=line.get_color(),
+                    label=f"{name} (estimated, not run)",
+                )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("grid cells H·W")
@@ -331,4 +371,3 @@ def _plot(rows: list[dict], config: Config) -> str:
     axes[2].legend(fontsize=8)
     fig.suptitle(f"{TITLE} — {config.device}", fontsize=10)
     return save_figure(fig, config, NAME)
-

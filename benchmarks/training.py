@@ -56,24 +56,49 @@ def jobs(quick: bool) -> list[Job]:
     if quick:
         return [Job("configs/default.yaml", 1, 1, 2, QUICK_OVERRIDES)]
     cores = os.cpu_count() or 1
-    return [Job("configs/default.yaml", 1, 1, 3), Job("configs/default.yaml", 1, cores, 3),
-            Job("configs/default.yaml", 2, max(1, cores // 2), 3),
-            Job("configs/digits_resnet_attn.yaml", 1, 1, 2), Job("configs/digits_resnet_attn.yaml", 1, cores, 2)]
+    return [
+        Job("configs/default.yaml", 1, 1, 3),
+        Job("configs/default.yaml", 1, cores, 3),
+        Job("configs/default.yaml", 2, max(1, cores // 2), 3),
+        Job("configs/digits_resnet_attn.yaml", 1, 1, 2),
+        Job("configs/digits_resnet_attn.yaml", 1, cores, 2),
+    ]
 
 
 def command(job: Job, run_root: Path) -> list[str]:
     """The command line of ``job``, writing its run folder to ``run_root / job.slug``."""
     script = str(REPO_ROOT / "train.py")
-    launcher = [sys.executable, script] if job.processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.processes}", script]
-    return [*launcher, "--config", str(REPO_ROOT / job.config), f"train.epochs={job.epochs}",
-            f"run.out_dir={run_root}", f"run.name={job.slug}", "run.progress=lines", *job.overrides]
+    launcher = (
+        [sys.executable, script]
+        if job.processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={job.processes}",
+            script,
+        ]
+    )
+    return [
+        *launcher,
+        "--config",
+        str(REPO_ROOT / job.config),
+        f"train.epochs={job.epochs}",
+        f"run.out_dir={run_root}",
+        f"run.name={job.slug}",
+        "run.progress=lines",
+        *job.overrides,
+    ]
 
 
 def run_job(job: Job, run_root: Path) -> dict:
     """Run ``job`` to the end; its per-epoch metrics and how long the whole process took."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(job.threads),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(job.threads),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
     load = os.getloadavg()[0]
     start = time.perf_counter()
     done = subprocess.run(command(job, run_root), cwd=REPO_ROOT, env=env, capture_output=True, text=True)
@@ -93,29 +118,46 @@ def images_per_s(epochs: list[dict]) -> float:
 
 
 def run(config: Config) -> Part:
-    part = Part(NAME, TITLE, columns=[
-        ("config", "config"), ("processes", "processes"), ("threads", "threads/process"),
-        ("batch", "global batch"), ("epochs_timed", "epochs timed"), ("images_per_s", "img/s"),
-        ("speedup", "×(1 process, 1 thread)"), ("wall_s", "wall s"), ("loadavg", "load avg"),
-    ])
+    part = Part(
+        NAME,
+        TITLE,
+        columns=[
+            ("config", "config"),
+            ("processes", "processes"),
+            ("threads", "threads/process"),
+            ("batch", "global batch"),
+            ("epochs_timed", "epochs timed"),
+            ("images_per_s", "img/s"),
+            ("speedup", "×(1 process, 1 thread)"),
+            ("wall_s", "wall s"),
+            ("loadavg", "load avg"),
+        ],
+    )
     if config.device != "cpu":
         part.notes.append(f"train.py runs on its own device choice (train.device=auto), not --device {config.device}")
     with tempfile.TemporaryDirectory(prefix="visattn-bench-train-") as tmp:
         for job in jobs(config.quick):
             result = run_job(job, Path(tmp))
             run_config = (Path(tmp) / job.slug / "config.yaml").read_text()
-            part.rows.append({
-                "config": Path(job.config).stem + (" (quick: fake data)" if job.overrides else ""),
-                "processes": job.processes, "threads": job.threads,
-                "batch": _global_batch(run_config), "epochs_timed": max(1, len(result["epochs"]) - 1),
-                "images_per_s": images_per_s(result["epochs"]), "wall_s": result["wall_s"],
-                "loadavg": result["loadavg"], "epochs": result["epochs"],
-                "command": _shown(job),
-            })
+            part.rows.append(
+                {
+                    "config": Path(job.config).stem + (" (quick: fake data)" if job.overrides else ""),
+                    "processes": job.processes,
+                    "threads": job.threads,
+                    "batch": _global_batch(run_config),
+                    "epochs_timed": max(1, len(result["epochs"]) - 1),
+                    "images_per_s": images_per_s(result["epochs"]),
+                    "wall_s": result["wall_s"],
+                    "loadavg": result["loadavg"],
+                    "epochs": result["epochs"],
+                    "command": _shown(job),
+                }
+            )
             print(f"  [{NAME}] {job.slug}: {part.rows[-1]['images_per_s']:.0f} img/s", flush=True)
     add_speedups(part.rows)
-    part.notes += [f"{r['config']}, {r['processes']} process(es) x {r['threads']} thread(s): {r['command']}"
-                   for r in part.rows]
+    part.notes += [
+        f"{r['config']}, {r['processes']} process(es) x {r['threads']} thread(s): {r['command']}" for r in part.rows
+    ]
     part.notes += _scaling_notes(part.rows)
     if config.quick:
         part.notes.append("quick mode: one tiny 1-process job, torchrun not run")
@@ -132,8 +174,9 @@ def add_speedups(rows: list[dict]) -> None:
 
 def _shown(job: Job) -> str:
     """``job``'s command as a user types it in the repository root."""
-    words = ["python" if w == sys.executable else w.replace(str(REPO_ROOT) + os.sep, "")
-             for w in command(job, Path("RUNS"))]
+    words = [
+        "python" if w == sys.executable else w.replace(str(REPO_ROOT) + os.sep, "") for w in command(job, Path("RUNS"))
+    ]
     return " ".join([f"OMP_NUM_THREADS={job.threads}", *words])
 
 

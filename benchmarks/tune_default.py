@@ -30,22 +30,34 @@ CANDIDATES: dict[str, list[str]] = {
     "50 epochs, batch 128, lr 3e-3": ["train.epochs=50", "train.batch_size=128", "train.lr=3e-3"],
     "40 epochs, batch 128, lr 3e-3": ["train.epochs=40", "train.batch_size=128", "train.lr=3e-3"],
     "60 epochs, batch 128, lr 3e-3, width 48": [
-        "train.epochs=60", "train.batch_size=128", "train.lr=3e-3", "model.embed_dim=48",
+        "train.epochs=60",
+        "train.batch_size=128",
+        "train.lr=3e-3",
+        "model.embed_dim=48",
     ],
 }
 
 
 def run_once(overrides: list[str], seed: int, out_dir: str) -> dict:
     """One ``python train.py`` in a fresh process: ``{"acc1", "wall_s", "precision"}``."""
-    command = [sys.executable, str(ROOT / "train.py"), *overrides, f"train.seed={seed}",
-               f"run.out_dir={out_dir}", f"run.name=seed{seed}", "run.progress=lines"]
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *overrides,
+        f"train.seed={seed}",
+        f"run.out_dir={out_dir}",
+        f"run.name=seed{seed}",
+        "run.progress=lines",
+    ]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=os.environ.copy())
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}")
     rows = [json.loads(line) for line in (Path(out_dir) / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
-    precision = next(line.split(":")[0].split()[-1] for line in done.stdout.splitlines() if line.startswith("precision"))
+    precision = next(
+        line.split(":")[0].split()[-1] for line in done.stdout.splitlines() if line.startswith("precision")
+    )
     return {"acc1": rows[-1]["test_acc1"], "wall_s": wall, "precision": precision}
 
 
@@ -55,7 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", help="candidate names (or a unique start of one)")
     args = parser.parse_args(argv)
     chosen = {n: o for n, o in CANDIDATES.items() if not args.only or any(n.startswith(k) for k in args.only)}
-    print("| recipe | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± sd | min | wall s (max) | precision |")
+    print(
+        "| recipe | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± sd | min | wall s (max) | precision |"
+    )
     print("|---|" + "---|" * (len(args.seeds) + 5))
     for name, overrides in chosen.items():
         with tempfile.TemporaryDirectory() as out_dir:
@@ -63,9 +77,13 @@ def main(argv: list[str] | None = None) -> None:
         accs = [100 * r["acc1"] for r in runs]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         walls = [r["wall_s"] for r in runs]
-        print(f"| {name} | " + " | ".join(f"{a:.2f}" for a in accs)
-              + f" | {statistics.mean(accs):.2f} ± {spread:.2f} | {min(accs):.2f} | "
-              + f"{statistics.mean(walls):.1f} ({max(walls):.1f}) | {runs[0]['precision']} |", flush=True)
+        print(
+            f"| {name} | "
+            + " | ".join(f"{a:.2f}" for a in accs)
+            + f" | {statistics.mean(accs):.2f} ± {spread:.2f} | {min(accs):.2f} | "
+            + f"{statistics.mean(walls):.1f} ({max(walls):.1f}) | {runs[0]['precision']} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

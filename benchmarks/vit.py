@@ -62,10 +62,12 @@ def _autocast(device: str, dtype: torch.dtype) -> contextlib.AbstractContextMana
 def step(model: nn.Module, x: Tensor, y: Tensor, mode: str, dtype: torch.dtype, device: str) -> Callable[[], object]:
     """One inference forward, or one training step (forward, loss, backward, AdamW step)."""
     if mode == "inference":
+
         def infer() -> Tensor:
             model.eval()
             with torch.inference_mode(), _autocast(device, dtype):
                 return model(x)
+
         return infer
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -78,6 +80,7 @@ def step(model: nn.Module, x: Tensor, y: Tensor, mode: str, dtype: torch.dtype, 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
     return train_step
 
 
@@ -91,11 +94,20 @@ def run(config: Config) -> Part:
     names = list(config.models or (QUICK_MODELS if config.quick else MODELS))
     use_bf16, why_not = bf16_enabled(config)
     dtypes = [torch.float32] + ([torch.bfloat16] if use_bf16 else [])
-    part = Part(NAME, TITLE, columns=[
-        ("model", "model"), ("dtype", "dtype"), ("mode", "mode"), ("batch", "batch"),
-        ("visattn_img_s", "visattn img/s"), ("timm_img_s", "timm img/s"), ("ratio", "visattn/timm"),
-        ("note", "note"),
-    ])
+    part = Part(
+        NAME,
+        TITLE,
+        columns=[
+            ("model", "model"),
+            ("dtype", "dtype"),
+            ("mode", "mode"),
+            ("batch", "batch"),
+            ("visattn_img_s", "visattn img/s"),
+            ("timm_img_s", "timm img/s"),
+            ("ratio", "visattn/timm"),
+            ("note", "note"),
+        ],
+    )
     for name in names:
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r} for the ViT benchmark; choose from {sorted(MODELS)}")
@@ -107,8 +119,13 @@ def run(config: Config) -> Part:
             for mode in MODES:
                 fns = {lib: step(m, x, y, mode, dtype, config.device) for lib, m in pair.items()}
                 samples = measure(fns, warmup=config.warmup, repeats=config.repeats, device=config.device)
-                row = {"model": name, "dtype": str(dtype).removeprefix("torch."), "mode": mode,
-                       "batch": batch, "max_abs_logit_difference": diff}
+                row = {
+                    "model": name,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "mode": mode,
+                    "batch": batch,
+                    "max_abs_logit_difference": diff,
+                }
                 for lib, s in samples.items():
                     stats = summary(s)
                     row[f"{lib}_img_s"] = batch / stats["median_s"]
@@ -126,6 +143,8 @@ def run(config: Config) -> Part:
             f"visattn/timm throughput ratio: min {min(ratios):.2f}, max {max(ratios):.2f} (goal >= 1.0; "
             "differences within a few % are noise on a shared machine)"
         )
-    part.notes.append("weights copied from timm into visattn (strict load); logits agree to "
-                      f"{max(r.get('max_abs_logit_difference', 0) for r in part.rows):.1e}")
+    part.notes.append(
+        "weights copied from timm into visattn (strict load); logits agree to "
+        f"{max(r.get('max_abs_logit_difference', 0) for r in part.rows):.1e}"
+    )
     return part

@@ -24,5 +24,7 @@ def explicit_attention(model: torch.nn.Module):
 
 
 def assert_every_parameter_gets_gradient(model: torch.nn.Module) -> None:
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert not missing, f"parameters without gradient: {missing}"

@@ -32,8 +32,14 @@ def test_flip_and_affine_equal_torchvision_per_image():
     out = apply_affine(x, p)
     for i in range(B):
         image = TF.horizontal_flip(x[i]) if p.flip[i] else x[i]
-        expected = TF.affine(image, angle=float(p.angle[i]), translate=p.translate[i].tolist(),
-                             scale=float(p.scale[i]), shear=[0.0, 0.0], interpolation=InterpolationMode.BILINEAR)
+        expected = TF.affine(
+            image,
+            angle=float(p.angle[i]),
+            translate=p.translate[i].tolist(),
+            scale=float(p.scale[i]),
+            shear=[0.0, 0.0],
+            interpolation=InterpolationMode.BILINEAR,
+        )
         torch.testing.assert_close(out[i], expected, atol=1e-10, rtol=0)
 
 
@@ -41,12 +47,13 @@ def test_crop_equals_a_zero_padded_crop():
     x = torch.rand(B, C, H, W, dtype=torch.float64)
     crop = torch.tensor([[0, 0], [1, -2], [0, 3], [-3, 2], [2, 2]], dtype=torch.float64)
     zero = torch.zeros(B, dtype=torch.float64)
-    out = apply_affine(x, AffineParams(zero, zero + 1, torch.zeros(B, 2, dtype=torch.float64),
-                                       torch.zeros(B, dtype=torch.bool), crop))
+    out = apply_affine(
+        x, AffineParams(zero, zero + 1, torch.zeros(B, 2, dtype=torch.float64), torch.zeros(B, dtype=torch.bool), crop)
+    )
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for i in range(B):
         dx, dy = (int(v) for v in crop[i])
-        torch.testing.assert_close(out[i], padded[i, :, 4 + dy:4 + dy + H, 4 + dx:4 + dx + W], atol=1e-10, rtol=0)
+        torch.testing.assert_close(out[i], padded[i, :, 4 + dy : 4 + dy + H, 4 + dx : 4 + dx + W], atol=1e-10, rtol=0)
 
 
 def test_draws_are_per_image_within_bounds_and_seeded():
@@ -80,10 +87,13 @@ def test_tensor_dataset_serves_normalized_batches_through_a_dataloader():
     assert torch.equal(single_x, x[7]) and single_y == 7
 
 
-@pytest.mark.parametrize("augment", [
-    ["data.augment.crop_padding=2", "data.augment.hflip=0.5"],
-    ["data.augment.auto_augment=rand-m9-mstd0.5", "data.augment.re_prob=0.5"],
-])
+@pytest.mark.parametrize(
+    "augment",
+    [
+        ["data.augment.crop_padding=2", "data.augment.hflip=0.5"],
+        ["data.augment.auto_augment=rand-m9-mstd0.5", "data.augment.re_prob=0.5"],
+    ],
+)
 def test_every_augmentation_option_works_on_in_memory_datasets(augment):
     for name in ("digits", "digits_canvas"):
         train, _, _ = build_datasets(load_config(overrides=[f"data.name={name}", *augment]).data)

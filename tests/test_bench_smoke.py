@@ -21,10 +21,28 @@ MB = 2**20
 
 
 def test_quick_suite_runs_and_writes_valid_json(tmp_path: Path) -> None:
-    assert main([
-        "--quick", "--grids", "8", "--models", "vit_tiny_patch4_32", "--repeats", "1",
-        "--warmup", "0", "--threads", "1", "--device", "cpu", "--out", str(tmp_path),
-    ]) == 0
+    assert (
+        main(
+            [
+                "--quick",
+                "--grids",
+                "8",
+                "--models",
+                "vit_tiny_patch4_32",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--threads",
+                "1",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     doc = json.loads((tmp_path / "bench-cpu-quick.json").read_text())
     assert set(doc["parts"]) == set(PARTS) and doc["machine"]["torch"] == torch.__version__
 
@@ -62,8 +80,14 @@ def _check_record_part(part: dict) -> None:
     """Part 4 recorded what it says, the plain forwards ran the fused kernel, the bytes add up."""
     vit_label, grid_label = (w.label for w in record.workloads(quick=True)[:2])
     kernels, recorded = part["extra"]["kernels"], part["extra"]["recorded"]
-    assert kernels[vit_label]["plain"] == kernels[grid_label]["plain"] == ["aten::_scaled_dot_product_flash_attention_for_cpu"]
-    assert kernels[grid_label]["few queries"] == kernels[grid_label]["plain"]  # the output still comes from the fused kernel
+    assert (
+        kernels[vit_label]["plain"]
+        == kernels[grid_label]["plain"]
+        == ["aten::_scaled_dot_product_flash_attention_for_cpu"]
+    )
+    assert (
+        kernels[grid_label]["few queries"] == kernels[grid_label]["plain"]
+    )  # the output still comes from the fused kernel
     assert kernels[vit_label]["all"] == kernels[grid_label]["all"] == []  # explicit weights, not the kernel
     assert recorded[vit_label]["all"]["layers"] == 12  # vit_tiny: 12 blocks, 3 heads, 1 + 14² tokens
     assert recorded[vit_label]["all"]["shapes"] == [[1, 3, 197, 197]]
@@ -85,16 +109,20 @@ def _check_record_part(part: dict) -> None:
 def _check_train_part(part: dict) -> None:
     """Part 5 ran train.py to the end and read its images/s back from metrics.jsonl."""
     (row,) = part["rows"]
-    assert row["processes"] == row["threads"] == 1 and row["batch"] == 16 and [e["epoch"] for e in row["epochs"]] == [1, 2]
+    assert (
+        row["processes"] == row["threads"] == 1 and row["batch"] == 16 and [e["epoch"] for e in row["epochs"]] == [1, 2]
+    )
     assert row["images_per_s"] == row["epochs"][1]["images_per_s"] > 0  # the first epoch is not timed
 
 
 def test_speedups_are_against_each_configs_one_process_one_thread_row() -> None:
-    rows = [{"config": "a", "processes": 1, "threads": 1, "images_per_s": 100.0},
-            {"config": "a", "processes": 2, "threads": 1, "images_per_s": 150.0},
-            {"config": "b", "processes": 1, "threads": 2, "images_per_s": 80.0},
-            {"config": "b", "processes": 1, "threads": 1, "images_per_s": 40.0},
-            {"config": "c", "processes": 1, "threads": 2, "images_per_s": 10.0}]
+    rows = [
+        {"config": "a", "processes": 1, "threads": 1, "images_per_s": 100.0},
+        {"config": "a", "processes": 2, "threads": 1, "images_per_s": 150.0},
+        {"config": "b", "processes": 1, "threads": 2, "images_per_s": 80.0},
+        {"config": "b", "processes": 1, "threads": 1, "images_per_s": 40.0},
+        {"config": "c", "processes": 1, "threads": 2, "images_per_s": 10.0},
+    ]
     training.add_speedups(rows)
     assert [r.get("speedup") for r in rows] == [1.0, 1.5, 2.0, 1.0, None]
 

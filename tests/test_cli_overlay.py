@@ -17,9 +17,23 @@ from visattn.models import registry
 from visattn.models.vit import VisionTransformer
 from visattn.weights.checkpoint import save_checkpoint
 
-DATA_CONFIG = {"name": "digits_canvas", "img_size": [16, 24], "in_chans": 1, "mean": [0.1], "std": [0.3],
-               "num_classes": 4, "class_names": ["zero", "one", "two", "three"]}
-VIT_CONFIG = {"name": "vit_digits_patch4_16", "img_size": [16, 24], "num_classes": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+DATA_CONFIG = {
+    "name": "digits_canvas",
+    "img_size": [16, 24],
+    "in_chans": 1,
+    "mean": [0.1],
+    "std": [0.3],
+    "num_classes": 4,
+    "class_names": ["zero", "one", "two", "three"],
+}
+VIT_CONFIG = {
+    "name": "vit_digits_patch4_16",
+    "img_size": [16, 24],
+    "num_classes": 4,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+}
 
 
 class SmallCNNWithAttention(nn.Module):
@@ -57,14 +71,20 @@ def run(capsys, *args) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("pool,method", [("cls", "cls"), ("cls", "rollout"), ("mean", "grad_rollout"), ("mean", "query")])
+@pytest.mark.parametrize(
+    "pool,method", [("cls", "cls"), ("cls", "rollout"), ("mean", "grad_rollout"), ("mean", "query")]
+)
 def test_vit_checkpoint(tmp_path, cat, capsys, pool, method):
     config = {**VIT_CONFIG, "pool": pool}
-    model = VisionTransformer(**{k: v for k, v in config.items() if k != "name"}, in_chans=1, patch_size=4, mlp_ratio=2.0)
+    model = VisionTransformer(
+        **{k: v for k, v in config.items() if k != "name"}, in_chans=1, patch_size=4, mlp_ratio=2.0
+    )
     save_checkpoint(tmp_path / "best.pt", model, config, data_config=DATA_CONFIG)
     out = tmp_path / "out.png"
     query = ["--query", "100,70"] if method == "query" else []
-    code, stdout, err = run(capsys, "--checkpoint", tmp_path / "best.pt", "--image", cat, "--method", method, *query, "--out", out)
+    code, stdout, err = run(
+        capsys, "--checkpoint", tmp_path / "best.pt", "--image", cat, "--method", method, *query, "--out", out
+    )
     assert code == 0, err
     assert f"wrote {out}" in stdout
     columns = {"cls": 4, "rollout": 2, "grad_rollout": 2, "query": 4}[method]  # picture, 2 heads, mean
@@ -78,30 +98,54 @@ def test_cnn_checkpoint_query_and_received(tmp_path, cat, capsys, registered_cnn
     data_config = {**DATA_CONFIG, "img_size": [40, 60], "in_chans": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
     save_checkpoint(tmp_path / "cnn.pt", model, {"name": registered_cnn}, data_config=data_config)
     drawn = {}
-    for method, extra, kwargs in (("query", ["--query", "112,0"], {"query": (112.0, 0.0)}),
-                                  ("received", ["--layer", "attn"], {"layer": "attn"})):
-        code, _, err = run(capsys, "--checkpoint", tmp_path / "cnn.pt", "--image", cat, "--method", method, *extra, "--out", tmp_path / f"{method}.png")
+    for method, extra, kwargs in (
+        ("query", ["--query", "112,0"], {"query": (112.0, 0.0)}),
+        ("received", ["--layer", "attn"], {"layer": "attn"}),
+    ):
+        code, _, err = run(
+            capsys,
+            "--checkpoint",
+            tmp_path / "cnn.pt",
+            "--image",
+            cat,
+            "--method",
+            method,
+            *extra,
+            "--out",
+            tmp_path / f"{method}.png",
+        )
         assert code == 0, err
         # the command draws exactly what the library draws for the same checkpoint and arguments
-        expected = attention_overlay(model.eval(), Image.open(cat).convert("RGB"), method,
-                                     preprocess=Preprocess.from_data_config(data_config), **kwargs)
+        expected = attention_overlay(
+            model.eval(),
+            Image.open(cat).convert("RGB"),
+            method,
+            preprocess=Preprocess.from_data_config(data_config),
+            **kwargs,
+        )
         drawn[method] = Image.open(tmp_path / f"{method}.png").convert("RGB")
         assert drawn[method].size == expected.size
         assert drawn[method].tobytes() == expected.convert("RGB").tobytes()
     assert drawn["query"].tobytes() != drawn["received"].tobytes()  # two different maps
-    code, _, err = run(capsys, "--checkpoint", tmp_path / "cnn.pt", "--image", cat, "--method", "rollout", "--out", tmp_path / "r.png")
+    code, _, err = run(
+        capsys, "--checkpoint", tmp_path / "cnn.pt", "--image", cat, "--method", "rollout", "--out", tmp_path / "r.png"
+    )
     assert code == 2 and err.count("\n") == 1
     assert "Transformer" in err and "query_map" in err and "received" in err
 
 
 def test_untrained_named_model(tmp_path, cat, capsys):
-    code, _, err = run(capsys, "--model", "vit_digits_patch4_16", "--image", cat, "--method", "rollout", "--out", tmp_path / "u.png")
+    code, _, err = run(
+        capsys, "--model", "vit_digits_patch4_16", "--image", cat, "--method", "rollout", "--out", tmp_path / "u.png"
+    )
     assert code == 0, err
     assert Image.open(tmp_path / "u.png").mode == "RGB"
 
 
 def test_bad_input_gets_one_line_errors(tmp_path, cat, capsys):
-    model = VisionTransformer(**{k: v for k, v in VIT_CONFIG.items() if k != "name"}, in_chans=1, patch_size=4, mlp_ratio=2.0, pool="mean")
+    model = VisionTransformer(
+        **{k: v for k, v in VIT_CONFIG.items() if k != "name"}, in_chans=1, patch_size=4, mlp_ratio=2.0, pool="mean"
+    )
     save_checkpoint(tmp_path / "best.pt", model, {**VIT_CONFIG, "pool": "mean"}, data_config=DATA_CONFIG)
     torch.save({"state_dict": model.state_dict()}, tmp_path / "foreign.pt")
     (tmp_path / "notes.txt").write_text("hello")
@@ -109,7 +153,19 @@ def test_bad_input_gets_one_line_errors(tmp_path, cat, capsys):
     cases = [
         ([*good, "--image", tmp_path / "missing.png", "--method", "rollout"], "does not exist"),
         ([*good, "--image", tmp_path / "notes.txt", "--method", "rollout"], "not an image"),
-        (["--checkpoint", tmp_path / "foreign.pt", "--image", cat, "--method", "rollout", "--out", tmp_path / "x.png"], "not a visattn checkpoint"),
+        (
+            [
+                "--checkpoint",
+                tmp_path / "foreign.pt",
+                "--image",
+                cat,
+                "--method",
+                "rollout",
+                "--out",
+                tmp_path / "x.png",
+            ],
+            "not a visattn checkpoint",
+        ),
         ([*good, "--image", cat, "--method", "query", "--query", "113,10"], "outside the 113×75"),
         ([*good, "--image", cat, "--method", "query"], "needs a query point"),
         ([*good, "--image", cat, "--method", "cls"], "has none.*rollout or grad_rollout"),

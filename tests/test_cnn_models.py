@@ -16,7 +16,10 @@ from visattn import SelfAttention2d, attention_sites, create_model
 
 def test_contract_example_from_the_brief():
     model = visattn.create_model(
-        "torchvision:resnet18", num_classes=10, in_chans=1, pretrained=False,
+        "torchvision:resnet18",
+        num_classes=10,
+        in_chans=1,
+        pretrained=False,
         attention={"at": ["layer3", "layer4"], "num_heads": 4},
     )
     assert isinstance(model, torchvision.models.ResNet)
@@ -24,7 +27,9 @@ def test_contract_example_from_the_brief():
     assert [model.layer3_attn.channels, model.layer4_attn.channels] == [256, 512]
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 10)
 
-    atto = create_model("timm:convnext_atto", num_classes=4, in_chans=2, attention={"at": "stages.2", "preset": "sagan"})
+    atto = create_model(
+        "timm:convnext_atto", num_classes=4, in_chans=2, attention={"at": "stages.2", "preset": "sagan"}
+    )
     assert isinstance(atto.stages_2_attn, SelfAttention2d) and atto.stages_2_attn.kv_pool == 2
     assert atto(torch.randn(2, 2, 64, 64)).shape == (2, 4)
 
@@ -82,7 +87,9 @@ def test_unknown_names():
 
 
 def test_resnet18_small_is_torchvision_resnet18_with_a_small_stem():
-    model = create_model("resnet18_small", num_classes=10, in_chans=1, attention={"at": ["layer3", "layer4"], "num_heads": 2})
+    model = create_model(
+        "resnet18_small", num_classes=10, in_chans=1, attention={"at": ["layer3", "layer4"], "num_heads": 2}
+    )
     assert isinstance(model, ResNet)
     reference = torchvision.models.resnet18(num_classes=10)
     # torchvision's keys (plus the blocks'); only the stem's kernel differs

@@ -47,7 +47,10 @@ def test_naming_another_model_drops_the_previous_models_arguments():
 
 
 def test_unknown_key_names_the_key_and_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown config key 'train.epoch'.*did you mean train.epochs\?.*Valid keys here: epochs, batch_size"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown config key 'train.epoch'.*did you mean train.epochs\?.*Valid keys here: epochs, batch_size",
+    ):
         load_config(overrides=["train.epoch=3"])
     with pytest.raises(ConfigError, match=r"'data.augment.hfilp'.*did you mean data.augment.hflip"):
         load_config(overrides=["data.augment.hfilp=0.5"])

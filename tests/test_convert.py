@@ -99,7 +99,9 @@ def test_timm_peer_logits_features_and_attention(name, kwargs):
 @torch.no_grad()
 def test_dynamic_size_peer_matches_at_other_input_sizes():
     """Both resample the learned positions for other grids the same way (timm's resampler)."""
-    peer = _perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True, img_size=64, reg_tokens=1))
+    peer = _perturb(
+        timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True, img_size=64, reg_tokens=1)
+    )
     ours = from_timm(peer).eval()
     for size in [(48, 80), (96, 64)]:
         x = torch.randn(1, 3, *size)
@@ -123,18 +125,21 @@ def _tiny_timm(**kwargs) -> nn.Module:
     return timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, **kwargs)
 
 
-@pytest.mark.parametrize(("kwargs", "feature"), [
-    (dict(global_pool="map"), "attention-pool head"),
-    (dict(global_pool="max"), "global_pool='max'"),
-    (dict(pre_norm=True), "pre_norm"),
-    (dict(patch_drop_rate=0.1), "PatchDropout"),
-    (dict(dynamic_img_pad=True), "dynamic_img_pad"),
-    (dict(scale_attn_norm=True), "scale_attn_norm"),
-    (dict(mlp_layer=SwiGLUPacked, act_layer="silu"), "SwiGLU"),
-    (dict(act_layer="relu"), "activation"),
-    (dict(norm_layer="rmsnorm"), "norm layer RmsNorm"),
-    (dict(pos_embed="none"), "no positional embedding"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "feature"),
+    [
+        (dict(global_pool="map"), "attention-pool head"),
+        (dict(global_pool="max"), "global_pool='max'"),
+        (dict(pre_norm=True), "pre_norm"),
+        (dict(patch_drop_rate=0.1), "PatchDropout"),
+        (dict(dynamic_img_pad=True), "dynamic_img_pad"),
+        (dict(scale_attn_norm=True), "scale_attn_norm"),
+        (dict(mlp_layer=SwiGLUPacked, act_layer="silu"), "SwiGLU"),
+        (dict(act_layer="relu"), "activation"),
+        (dict(norm_layer="rmsnorm"), "norm layer RmsNorm"),
+        (dict(pos_embed="none"), "no positional embedding"),
+    ],
+)
 def test_unsupported_timm_features_are_named(kwargs, feature):
     with pytest.raises(UnsupportedModelError, match=feature):
         from_timm(_tiny_timm(**kwargs))
@@ -142,7 +147,9 @@ def test_unsupported_timm_features_are_named(kwargs, feature):
 
 def test_non_vit_timm_models_are_refused():
     with pytest.raises(UnsupportedModelError, match="VisionTransformerDistilled is not timm's VisionTransformer"):
-        from_timm(timm.models.deit.VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2))
+        from_timm(
+            timm.models.deit.VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +173,10 @@ def test_torchvision_vit_b_32(torchvision_vit_b_32):
     assert ours.blocks[0].norm1.eps == 1e-6 and ours.config["num_heads"] == 12
 
     # attention: torch's own MultiheadAttention, asked for per-head weights on ln_1's output
-    inputs, hooks = [], [layer.ln_1.register_forward_hook(lambda m, i, out: inputs.append(out)) for layer in peer.encoder.layers]
+    inputs, hooks = (
+        [],
+        [layer.ln_1.register_forward_hook(lambda m, i, out: inputs.append(out)) for layer in peer.encoder.layers],
+    )
     peer(x)
     for hook in hooks:
         hook.remove()
@@ -189,7 +199,9 @@ def test_torchvision_files_through_create_model(torchvision_vit_b_32, tmp_path):
     same = create_model("vit_b_32", pretrained_file=path).eval()
     torch.testing.assert_close(same(x), peer(x), **TOL)
     assert same.pretrained_cfg["mean"] == [0.485, 0.456, 0.406]
-    as_timm = create_model("vit_base_patch32_224", pretrained_file=path, num_classes=10).eval()  # timm name, torchvision file
+    as_timm = create_model(
+        "vit_base_patch32_224", pretrained_file=path, num_classes=10
+    ).eval()  # timm name, torchvision file
     torch.testing.assert_close(as_timm.forward_features(x), _torchvision_features(peer, x), **TOL)
     assert as_timm(x).shape == (1, 10) and as_timm.pretrained_cfg["mean"] == [0.485, 0.456, 0.406]
 
@@ -240,11 +252,19 @@ def test_grayscale_small_patch_fine_tuning_setup(tmp_path):
     summed RGB filters make a gray image's logits those of the same image repeated on three channels."""
     peer = _perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2))
     torch.save(peer.state_dict(), tmp_path / "rgb.pth")
-    gray = create_model("vit_tiny_patch16_224", pretrained_file=tmp_path / "rgb.pth", img_size=32, depth=2, in_chans=1).eval()
+    gray = create_model(
+        "vit_tiny_patch16_224", pretrained_file=tmp_path / "rgb.pth", img_size=32, depth=2, in_chans=1
+    ).eval()
     x = torch.randn(2, 1, 32, 32)
     torch.testing.assert_close(gray(x), peer(x.expand(-1, 3, -1, -1)), **TOL)
     digits = create_model(
-        "vit_tiny_patch16_224", pretrained_file=tmp_path / "rgb.pth", depth=2, in_chans=1, img_size=16, patch_size=4, num_classes=10
+        "vit_tiny_patch16_224",
+        pretrained_file=tmp_path / "rgb.pth",
+        depth=2,
+        in_chans=1,
+        img_size=16,
+        patch_size=4,
+        num_classes=10,
     )
     assert digits.patch_embed.proj.weight.shape == (192, 1, 4, 4) and digits.pos_embed.shape == (1, 1 + 16, 192)
     assert digits(torch.randn(2, 1, 16, 16)).shape == (2, 10)
@@ -269,7 +289,10 @@ def test_pretrained_file_errors(tmp_path):
 def test_offline_without_cache_says_how_to_pass_a_file(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(PretrainedUnavailableError, match=r"pretrained_file=.*huggingface.co/timm/vit_small_patch16_224\.dino|huggingface.co/timm/vit_small_patch16_224\.dino.*pretrained_file="):
+    with pytest.raises(
+        PretrainedUnavailableError,
+        match=r"pretrained_file=.*huggingface.co/timm/vit_small_patch16_224\.dino|huggingface.co/timm/vit_small_patch16_224\.dino.*pretrained_file=",
+    ):
         create_model("vit_small_patch16_224.dino", pretrained=True)
 
 
@@ -284,7 +307,10 @@ def test_torchvision_offline_error(monkeypatch):
 
 def test_create_model_names():
     deit = create_model("deit_tiny_patch16_224", img_size=32)  # a timm name visattn does not register
-    assert isinstance(deit, visattn.VisionTransformer) and deit.pretrained_cfg["source"] == "timm:deit_tiny_patch16_224.fb_in1k"
+    assert (
+        isinstance(deit, visattn.VisionTransformer)
+        and deit.pretrained_cfg["source"] == "timm:deit_tiny_patch16_224.fb_in1k"
+    )
     with pytest.raises(ValueError, match="no published weights"):
         create_model("vit_digits_patch4_16", pretrained=True)
     with pytest.raises(ValueError, match="did you mean"):

@@ -47,6 +47,7 @@ def test_digits_images_are_sklearns_digits():
 
 def bilinear_reference(images: torch.Tensor, scale: int) -> torch.Tensor:
     """Half-pixel-centre bilinear upscaling written out (rows, then columns), float64."""
+
     def along(a: torch.Tensor, dim: int) -> torch.Tensor:
         n = a.shape[dim]
         src = torch.clamp((torch.arange(n * scale, dtype=torch.float64) + 0.5) / scale - 0.5, min=0)
@@ -88,11 +89,13 @@ def test_canvas_boxes_hold_the_source_digit_and_clutter_is_other_ink():
         for scale in (2, 3):
             up = bilinear_reference(digits8[i, 0].double(), scale).float()
             rows, cols = torch.nonzero(up > 0.05, as_tuple=True)
-            crops.append(up[rows.min():rows.max() + 1, cols.min():cols.max() + 1])
+            crops.append(up[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1])
         assert any(c.shape == inside.shape and torch.allclose(c, inside, atol=1 / 255 + 1e-6) for c in crops)
         # nothing else within 2 px of the box; clutter outside it
-        ring = image[max(0, y0 - 2):y1 + 2, max(0, x0 - 2):x1 + 2].clone()
-        ring[y0 - max(0, y0 - 2):y0 - max(0, y0 - 2) + (y1 - y0), x0 - max(0, x0 - 2):x0 - max(0, x0 - 2) + (x1 - x0)] = 0
+        ring = image[max(0, y0 - 2) : y1 + 2, max(0, x0 - 2) : x1 + 2].clone()
+        ring[
+            y0 - max(0, y0 - 2) : y0 - max(0, y0 - 2) + (y1 - y0), x0 - max(0, x0 - 2) : x0 - max(0, x0 - 2) + (x1 - x0)
+        ] = 0
         assert not ring.any()
         digit_ink.append(inside.sum())
         clutter_ink.append(image.sum() - inside.sum())
@@ -180,8 +183,15 @@ def test_imagefolder_with_train_and_val_folders(tmp_path):
 
 
 def test_fake_images_take_the_per_image_transforms():
-    cfg = data_cfg("data.name=fake", "data.fake_size=8", "data.img_size=8", "data.augment.crop_padding=2",
-                   "data.augment.hflip=0.5", "data.augment.auto_augment=rand-m9", "data.augment.re_prob=0.5")
+    cfg = data_cfg(
+        "data.name=fake",
+        "data.fake_size=8",
+        "data.img_size=8",
+        "data.augment.crop_padding=2",
+        "data.augment.hflip=0.5",
+        "data.augment.auto_augment=rand-m9",
+        "data.augment.re_prob=0.5",
+    )
     train, test, data_config = build_datasets(cfg)
     assert train[0][0].shape == (3, 8, 8) and len(test) == 2
 

@@ -18,11 +18,21 @@ def test_finetune_timm_weights_from_a_local_file(tmp_path):
         peer = timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=1000)
         weights = tmp_path / "vit_tiny_depth2.pth"
         torch.save(peer.state_dict(), weights)
-        cfg = load_config(overrides=[
-            "model.name=vit_tiny_patch16_224", f"model.pretrained_file={weights}", "model.depth=2",
-            "model.img_size=16", "model.patch_size=4", "train.epochs=3", "train.warmup_epochs=1",
-            "train.lr=1e-3", "train.amp=none", f"run.out_dir={tmp_path / 'runs'}", "run.name=ft",
-        ])
+        cfg = load_config(
+            overrides=[
+                "model.name=vit_tiny_patch16_224",
+                f"model.pretrained_file={weights}",
+                "model.depth=2",
+                "model.img_size=16",
+                "model.patch_size=4",
+                "train.epochs=3",
+                "train.warmup_epochs=1",
+                "train.lr=1e-3",
+                "train.amp=none",
+                f"run.out_dir={tmp_path / 'runs'}",
+                "run.name=ft",
+            ]
+        )
         result = fit(cfg)
     finally:
         torch.set_num_threads(threads)

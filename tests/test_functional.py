@@ -17,7 +17,11 @@ def reference(q, k, v, mask=None, scale=None):
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.einsum("...qd,...kd->...qk", q, k) * scale
     if mask is not None:
-        scores = torch.where(mask, scores, torch.tensor(-math.inf, dtype=torch.float64)) if mask.dtype == torch.bool else scores + mask.double()
+        scores = (
+            torch.where(mask, scores, torch.tensor(-math.inf, dtype=torch.float64))
+            if mask.dtype == torch.bool
+            else scores + mask.double()
+        )
     weights = scores.exp() / scores.exp().sum(-1, keepdim=True) if mask is None else torch.softmax(scores, -1)
     return torch.einsum("...qk,...kd->...qd", weights, v), weights
 

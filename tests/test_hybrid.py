@@ -64,7 +64,11 @@ def test_named_timm_and_torchvision_backbones_keep_their_linear_weights():
 
 def test_attention_inserted_in_the_backbone_comes_along():
     model = HybridViT(
-        "torchvision:resnet18", "layer3", img_size=64, num_classes=3, **SMALL,
+        "torchvision:resnet18",
+        "layer3",
+        img_size=64,
+        num_classes=3,
+        **SMALL,
         backbone_kwargs={"attention": {"at": ["layer2"], "num_heads": 2}},
     )
     blocks = [n for n, m in model.named_modules() if isinstance(m, SelfAttention2d)]

@@ -80,7 +80,7 @@ def test_no_import_cycles_between_modules():
 
     def visit(name: str, stack: list[str]) -> None:
         if name in stack:
-            cycle = stack[stack.index(name):] + [name]
+            cycle = stack[stack.index(name) :] + [name]
             raise AssertionError("import cycle: " + " -> ".join(cycle))
         if name in done:
             return

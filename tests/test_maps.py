@@ -102,7 +102,7 @@ def test_recorded_weights_equal_timm_unfused_attention(kw):
         assert r.class_token is True
         assert r.pool == ("mean" if kw else "cls")
     # the class token's attention over the patches, per head, as the DINO picture reads it
-    last = expected[-1][:, :, 0, (3 if kw else 1):].reshape(3, 2, 2, 3)
+    last = expected[-1][:, :, 0, (3 if kw else 1) :].reshape(3, 2, 2, 3)
     torch.testing.assert_close(cls_attention(rec), last, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(cls_attention(rec, "blocks.2.attn"), last)
     assert not cls_attention(rec, 0).allclose(last)
@@ -170,7 +170,9 @@ def test_memory_limit_refuses_with_the_bytes_it_would_need():
         block(x)
     assert rec[""].weights.shape == (2, 2, 120, 120)
     # three query cells cost three rows
-    with record_attention(block, queries=[(0, 0), (9, 11), (5, 5)], max_bytes=attention_matrix_bytes(2, 2, 3, 120)) as rec:
+    with record_attention(
+        block, queries=[(0, 0), (9, 11), (5, 5)], max_bytes=attention_matrix_bytes(2, 2, 3, 120)
+    ) as rec:
         block(x)
     assert rec[""].weights.shape == (2, 2, 3, 120)
 
@@ -249,10 +251,14 @@ def test_queries_record_only_the_asked_cells(cnn):
         cnn(x)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: torchvision.models.resnet18(num_classes=3),
-    lambda: timm.create_model("resnet18", pretrained=False, num_classes=3),
-], ids=["torchvision", "timm"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torchvision.models.resnet18(num_classes=3),
+        lambda: timm.create_model("resnet18", pretrained=False, num_classes=3),
+    ],
+    ids=["torchvision", "timm"],
+)
 def test_self_attention_inside_a_resnet(make):
     resnet = make()
     block = SelfAttention2d(256, num_heads=4)
@@ -270,7 +276,9 @@ def test_self_attention_inside_a_resnet(make):
     assert r.image_size == (64, 96)
     expected = block_weights(copy.deepcopy(block).double(), seen[0].double()).float()
     torch.testing.assert_close(r.weights, expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(query_map(rec, "layer3.1", (95, 63)), expected[:, :, 23].reshape(2, 4, 4, 6), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        query_map(rec, "layer3.1", (95, 63)), expected[:, :, 23].reshape(2, 4, 4, 6), atol=1e-5, rtol=1e-4
+    )
     with pytest.raises(ValueError, match="Transformer.*query_map.*received"):
         rollout(rec)
     with pytest.raises(ValueError, match="Transformer.*query_map.*received"):

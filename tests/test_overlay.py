@@ -19,8 +19,15 @@ from visattn.explain.overlay import (
     overlay_grid,
 )
 
-DIGITS_LIKE = {"name": "digits_canvas", "img_size": [32, 48], "in_chans": 1, "mean": [0.2], "std": [0.4],
-               "num_classes": 10, "class_names": [str(i) for i in range(10)]}
+DIGITS_LIKE = {
+    "name": "digits_canvas",
+    "img_size": [32, 48],
+    "in_chans": 1,
+    "mean": [0.2],
+    "std": [0.4],
+    "num_classes": 10,
+    "class_names": [str(i) for i in range(10)],
+}
 
 
 def picture(width: int = 90, height: int = 60, square: tuple[int, int, int, int] = (54, 12, 72, 30)) -> Image.Image:
@@ -70,7 +77,7 @@ def test_preprocessing_is_undone_so_the_map_lies_on_the_right_pixels():
     out = np.asarray(overlay(image, heat, cmap="gray", alpha=1.0, resample="nearest", box=prep.box(image.size)))
     hot = out[..., 0] > 127
     truth = np.zeros_like(hot)
-    truth[square[1]:square[3], square[0]:square[2]] = True
+    truth[square[1] : square[3], square[0] : square[2]] = True
     iou = (hot & truth).sum() / (hot | truth).sum()
     assert iou > 0.95, iou
     assert prep.to_input((63, 21), image.size) == (63 * 48 / 90, 21 * 32 / 60)
@@ -81,7 +88,9 @@ def test_preprocessing_is_undone_so_the_map_lies_on_the_right_pixels():
 def test_preprocess_follows_the_data_config_exactly():
     colour = (200, 100, 50)
     image = Image.new("RGB", (37, 23), colour)
-    rgb = Preprocess.from_data_config({"img_size": [16, 20], "in_chans": 3, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.5]})
+    rgb = Preprocess.from_data_config(
+        {"img_size": [16, 20], "in_chans": 3, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.5]}
+    )
     x = rgb(image)
     assert x.shape == (3, 16, 20) and x.dtype == torch.float32
     want = (torch.tensor(colour) / 255 - torch.tensor([0.5, 0.4, 0.3])) / torch.tensor([0.2, 0.25, 0.5])
@@ -124,7 +133,9 @@ def test_overlay_grid_lays_out_rows_and_columns(tmp_path):
     image = picture()
     one_row = overlay_grid(image, torch.rand(3, 4, 6), titles=["a", "b", "c"], out=tmp_path / "g.png")
     assert Image.open(tmp_path / "g.png").size == one_row.size
-    two_rows = overlay_grid(image, [[torch.rand(4, 6)] * 3, [torch.rand(2, 3)]], titles=[["a", "b", "c"], ["d"]], row_labels=["l0", "l1"])
+    two_rows = overlay_grid(
+        image, [[torch.rand(4, 6)] * 3, [torch.rand(2, 3)]], titles=[["a", "b", "c"], ["d"]], row_labels=["l0", "l1"]
+    )
     assert two_rows.width == one_row.width and two_rows.height > 1.6 * one_row.height
     with pytest.raises(ValueError, match="do not match the panels"):
         overlay_grid(image, torch.rand(3, 4, 6), titles=["a", "b"])
@@ -153,10 +164,13 @@ def test_attention_panels_land_on_the_bright_square(method):
     square = (54, 12, 72, 30)
     image = picture(square=square)
     prep = Preprocess.from_data_config(DIGITS_LIKE)
-    panels = attention_panels(BrightnessAttention().eval(), image, method, preprocess=prep,
-                              query=(5, 50) if method == "query" else None)
+    panels = attention_panels(
+        BrightnessAttention().eval(), image, method, preprocess=prep, query=(5, 50) if method == "query" else None
+    )
     assert panels.titles == ["head 0"] and panels.panels[0].shape == (8, 12)
-    assert panels.suptitle.startswith("where (5, 50) attends, attn" if method == "query" else "attention received, attn")
+    assert panels.suptitle.startswith(
+        "where (5, 50) attends, attn" if method == "query" else "attention received, attn"
+    )
     out = np.asarray(overlay(image, panels.panels[0], cmap="gray", alpha=1.0, box=panels.box, extent=panels.extent))
     hot = np.unravel_index(out[..., 0].argmax(), out.shape[:2])
     assert square[1] <= hot[0] < square[3] and square[0] <= hot[1] < square[2]

@@ -18,7 +18,7 @@ def test_hits_reads_the_maximum_as_x_column_y_row():
 
 def test_ink_baseline_peaks_on_the_largest_blob():
     raw = torch.zeros(1, 1, 32, 32)
-    raw[0, 0, 4:6, 4:6] = 1.0      # a small bright fragment
+    raw[0, 0, 4:6, 4:6] = 1.0  # a small bright fragment
     raw[0, 0, 20:28, 18:26] = 0.8  # a large, slightly dimmer blob
     peak = ink_map(raw).flatten(1).argmax(1).item()
     y, x = divmod(peak, 32)

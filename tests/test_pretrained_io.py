@@ -20,8 +20,17 @@ from visattn.weights.hub import CONFIG_NAME, WEIGHTS_NAME
 def converted() -> VisionTransformer:
     """A converted timm ViT with registers, layer scale, qk-norm, tanh GELU and mean pooling."""
     peer = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, reg_tokens=2,
-        init_values=0.1, qk_norm=True, act_layer="gelu_tanh", global_pool="avg", num_classes=7,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        reg_tokens=2,
+        init_values=0.1,
+        qk_norm=True,
+        act_layer="gelu_tanh",
+        global_pool="avg",
+        num_classes=7,
     )
     with torch.no_grad():
         for p in peer.parameters():
@@ -70,15 +79,18 @@ def _edit_config(directory, **changes) -> None:
     path.write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    (dict(format="something-else"), "not a visattn pretrained config"),
-    (dict(version=99), "format version 99"),
-    (dict(architecture="ResNet"), "architecture 'ResNet'"),
-    (dict(config={"hidden_size": 8}), "does not build a VisionTransformer.*hidden_size"),
-    (dict(config={"act_layer": "swish2"}), "does not build a VisionTransformer.*unknown activation 'swish2'"),
-    (dict(config={"depth": 3}), "missing: blocks.2"),
-    (dict(config={"embed_dim": 64, "num_heads": 4}), "wrong shape: cls_token"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(format="something-else"), "not a visattn pretrained config"),
+        (dict(version=99), "format version 99"),
+        (dict(architecture="ResNet"), "architecture 'ResNet'"),
+        (dict(config={"hidden_size": 8}), "does not build a VisionTransformer.*hidden_size"),
+        (dict(config={"act_layer": "swish2"}), "does not build a VisionTransformer.*unknown activation 'swish2'"),
+        (dict(config={"depth": 3}), "missing: blocks.2"),
+        (dict(config={"embed_dim": 64, "num_heads": 4}), "wrong shape: cls_token"),
+    ],
+)
 def test_tampered_config(converted, tmp_path, changes, message):
     visattn.save_pretrained(converted, tmp_path)
     _edit_config(tmp_path, **changes)

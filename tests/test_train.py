@@ -22,8 +22,17 @@ from visattn.train.engine import NonFiniteLossError, choose_precision, fit, load
 from visattn.weights.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "train.epochs=2", "train.batch_size=64",
-        "train.warmup_epochs=1", "train.lr=3e-3", "train.amp=none", "data.augment.affine_degrees=5"]
+TINY = [
+    "model.embed_dim=32",
+    "model.depth=1",
+    "model.num_heads=2",
+    "train.epochs=2",
+    "train.batch_size=64",
+    "train.warmup_epochs=1",
+    "train.lr=3e-3",
+    "train.amp=none",
+    "data.augment.affine_degrees=5",
+]
 TIMING_KEYS = {"time", "images_per_s", "epoch_s", "data_s"}
 
 
@@ -58,8 +67,14 @@ def test_run_folder_is_complete_and_reproducible(tmp_path, one_thread, capsys):
     assert load_config(base=__import__("omegaconf").OmegaConf.load(run / "config.yaml")).train.ema_decay == 0.9
 
     last = load_checkpoint(run / "last.pt")
-    assert last["epoch"] == 2 and last["model_config"] == {"name": "vit_digits_patch4_16", "embed_dim": 32, "depth": 1,
-                                                           "num_heads": 2, "num_classes": 10, "in_chans": 1}
+    assert last["epoch"] == 2 and last["model_config"] == {
+        "name": "vit_digits_patch4_16",
+        "embed_dim": 32,
+        "depth": 1,
+        "num_heads": 2,
+        "num_classes": 10,
+        "in_chans": 1,
+    }
     assert set(last["data_config"]) == {"name", "img_size", "in_chans", "mean", "std", "num_classes", "class_names"}
     assert {"optimizer", "scheduler", "ema", "step", "best_acc1"} <= set(last)
     # model.safetensors holds the EMA weights, loadable without pickle from model.json
@@ -87,8 +102,15 @@ def test_default_config_shortened_learns(tmp_path, one_thread):
 
 
 def run_train(args, env, **kwargs):
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def child_env():
@@ -159,7 +181,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 def test_config_errors_reach_the_command_line():
-    with pytest.raises(SystemExit, match="visattn train: error: unknown config key 'train.epoch'.*did you mean train.epochs"):
+    with pytest.raises(
+        SystemExit, match="visattn train: error: unknown config key 'train.epoch'.*did you mean train.epochs"
+    ):
         main(["train", "train.epoch=3"])
     with pytest.raises(ConfigError):
         load_config(overrides=["train.epoch=3"])
@@ -168,8 +192,20 @@ def test_config_errors_reach_the_command_line():
 
 
 def test_two_process_ddp_run_trains_and_writes_one_folder(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train.py"), *TINY, "train.epochs=3", "train.batch_size=32", f"run.out_dir={tmp_path}", "run.name=ddp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "train.py"),
+        *TINY,
+        "train.epochs=3",
+        "train.batch_size=32",
+        f"run.out_dir={tmp_path}",
+        "run.name=ddp",
+    ]
     done = subprocess.run(cmd, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
@@ -185,20 +221,35 @@ def test_two_process_ddp_run_trains_and_writes_one_folder(tmp_path):
 def test_cifar_vit_recipe_runs_end_to_end_on_fake_images(tmp_path, one_thread):
     # configs/cifar10_vit.yaml's full recipe (crop, flip, RandAugment, random erasing, Mixup/CutMix,
     # EMA, drop path) on 64 fake 32x32 images with a one-block model
-    cfg = load_config(ROOT / "configs" / "cifar10_vit.yaml", [
-        "data.name=fake", "data.fake_size=64", "data.workers=0", "model.depth=1", "model.embed_dim=32",
-        "model.num_heads=2", "train.epochs=2", "train.batch_size=32", "train.warmup_epochs=1", f"run.out_dir={tmp_path}"])
+    cfg = load_config(
+        ROOT / "configs" / "cifar10_vit.yaml",
+        [
+            "data.name=fake",
+            "data.fake_size=64",
+            "data.workers=0",
+            "model.depth=1",
+            "model.embed_dim=32",
+            "model.num_heads=2",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "train.warmup_epochs=1",
+            f"run.out_dir={tmp_path}",
+        ],
+    )
     result = fit(cfg)
     assert result["epoch"] == 2 and "ema_test_acc1" in result
     assert torch.isfinite(torch.tensor(result["train_loss"]))
     assert Path(result["run_dir"]).name == "cifar10_vit"
 
 
-@pytest.mark.parametrize(("fp32", "bf16", "expected"), [
-    (0.010, 0.0085, torch.bfloat16),  # 15 % faster: bf16
-    (0.010, 0.0095, None),  # 5 % faster: not worth it, fp32
-    (0.010, 0.0600, None),  # emulated bf16: fp32
-])
+@pytest.mark.parametrize(
+    ("fp32", "bf16", "expected"),
+    [
+        (0.010, 0.0085, torch.bfloat16),  # 15 % faster: bf16
+        (0.010, 0.0095, None),  # 5 % faster: not worth it, fp32
+        (0.010, 0.0600, None),  # emulated bf16: fp32
+    ],
+)
 def test_auto_precision_takes_the_faster_of_two_timings(monkeypatch, fp32, bf16, expected):
     monkeypatch.setattr(visattn.train.engine, "cpu_has_native_bf16", lambda: True)
     timings = {None: fp32, torch.bfloat16: bf16}
@@ -214,7 +265,9 @@ def test_auto_precision_skips_the_timing_without_native_bf16(monkeypatch):
         raise AssertionError("timed although bf16 is emulated")
 
     assert choose_precision("auto", torch.device("cpu"), never) == (
-        None, "train.amp=auto: this CPU has no native bf16 (avx512_bf16/amx_bf16), so bf16 would be emulated and slower")
+        None,
+        "train.amp=auto: this CPU has no native bf16 (avx512_bf16/amx_bf16), so bf16 would be emulated and slower",
+    )
     assert choose_precision("bf16", torch.device("cpu"), never)[0] == torch.bfloat16
     with pytest.raises(ValueError, match="fp16 needs CUDA"):
         choose_precision("fp16", torch.device("cpu"), never)
@@ -222,14 +275,18 @@ def test_auto_precision_skips_the_timing_without_native_bf16(monkeypatch):
 
 def test_first_log_line_names_the_precision_and_resume_keeps_it(tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.setattr(visattn.train.engine, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(visattn.train.engine, "step_timer", lambda *a, **k: {None: 2.0, torch.bfloat16: 1.0}.__getitem__)
+    monkeypatch.setattr(
+        visattn.train.engine, "step_timer", lambda *a, **k: {None: 2.0, torch.bfloat16: 1.0}.__getitem__
+    )
     overrides = [o for o in TINY if not o.startswith("train.amp")] + ["train.epochs=1", f"run.out_dir={tmp_path}"]
     fit(load_config(overrides=overrides + ["run.name=p"]))
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("precision bf16: train.amp=auto: a training step took 1000.0 ms in bf16"), first
     assert load_checkpoint(tmp_path / "p" / "last.pt")["precision"] == "bf16"
     # resumed (here: for one more epoch) with timings that now favour fp32: it keeps bf16
-    monkeypatch.setattr(visattn.train.engine, "step_timer", lambda *a, **k: {None: 1.0, torch.bfloat16: 2.0}.__getitem__)
+    monkeypatch.setattr(
+        visattn.train.engine, "step_timer", lambda *a, **k: {None: 1.0, torch.bfloat16: 2.0}.__getitem__
+    )
     cfg, run_dir = load_run_config(tmp_path / "p", ["train.epochs=2"])
     fit(cfg, resume=run_dir)
     first = capsys.readouterr().out.splitlines()[0]

@@ -25,7 +25,9 @@ def test_matches_timm_vit_tiny_with_copied_weights():
 def test_matches_timm_with_mean_pool_fc_norm_registers_and_layer_scale():
     kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)
     theirs = timm.models.VisionTransformer(**kw, global_pool="avg", reg_tokens=2, init_values=0.1, qk_norm=True).eval()
-    ours = VisionTransformer(**kw, pool="mean", class_token=True, fc_norm=True, reg_tokens=2, layer_scale=0.1, qk_norm=True).eval()
+    ours = VisionTransformer(
+        **kw, pool="mean", class_token=True, fc_norm=True, reg_tokens=2, layer_scale=0.1, qk_norm=True
+    ).eval()
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-4)
@@ -56,8 +58,16 @@ def test_every_registered_vit(name):
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_variants_any_size_and_channels(pos_embed, pool, norm):
     model = VisionTransformer(
-        img_size=32, patch_size=8, in_chans=2, num_classes=3, embed_dim=32, depth=2, num_heads=2,
-        pos_embed=pos_embed, pool=pool, norm=norm,
+        img_size=32,
+        patch_size=8,
+        in_chans=2,
+        num_classes=3,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        pos_embed=pos_embed,
+        pool=pool,
+        norm=norm,
     ).eval()
     for h, w in [(32, 32), (16, 40), (64, 24)]:
         x = torch.randn(2, 2, h, w)
@@ -89,7 +99,9 @@ def test_sincos_positions_are_the_grid_embedding():
 
 def test_translation_of_patch_grid_matters_only_through_positions():
     """With positions removed, a ViT with mean pooling is invariant to permuting patches."""
-    model = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=4, embed_dim=32, depth=2, num_heads=2, pool="mean").eval()
+    model = VisionTransformer(
+        img_size=16, patch_size=4, in_chans=1, num_classes=4, embed_dim=32, depth=2, num_heads=2, pool="mean"
+    ).eval()
     x = torch.randn(1, 1, 16, 16)
     rolled = torch.roll(x, shifts=(4, 8), dims=(2, 3))  # move whole patches
     assert not torch.allclose(model(x), model(rolled), atol=1e-4)
@@ -120,11 +132,35 @@ def test_clear_errors():
 
 #: the public names users' code relies on (the README's API); removing one breaks them
 PUBLIC_API = {
-    "AttentionRecord", "AttentionRecording", "AttentionSite", "EncoderBlock", "HybridEmbed", "HybridViT",
-    "MultiHeadAttention", "PatchEmbed", "SelfAttention2d", "VisionTransformer", "attention_sites",
-    "create_model", "format_sites", "from_timm", "from_torchvision", "functional", "insert_attention",
-    "list_models", "load_pretrained", "maps", "overlay", "overlay_grid", "record_attention", "register_model",
-    "register_source", "resample_pos_embed", "resnet18_small", "save_pretrained", "sincos_2d",
+    "AttentionRecord",
+    "AttentionRecording",
+    "AttentionSite",
+    "EncoderBlock",
+    "HybridEmbed",
+    "HybridViT",
+    "MultiHeadAttention",
+    "PatchEmbed",
+    "SelfAttention2d",
+    "VisionTransformer",
+    "attention_sites",
+    "create_model",
+    "format_sites",
+    "from_timm",
+    "from_torchvision",
+    "functional",
+    "insert_attention",
+    "list_models",
+    "load_pretrained",
+    "maps",
+    "overlay",
+    "overlay_grid",
+    "record_attention",
+    "register_model",
+    "register_source",
+    "resample_pos_embed",
+    "resnet18_small",
+    "save_pretrained",
+    "sincos_2d",
 }
 
 

@@ -23,8 +23,15 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["CheckpointError", "atomic_torch_save", "atomic_write", "atomic_write_json", "atomic_write_text",
-           "read_torch_file", "save_safetensors"]
+__all__ = [
+    "CheckpointError",
+    "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+    "read_torch_file",
+    "save_safetensors",
+]
 
 
 class CheckpointError(ValueError):

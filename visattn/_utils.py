@@ -32,8 +32,9 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = flag
 
 
-def dry_forward(model: nn.Module, input_size: tuple[int, ...], call: Callable[[Tensor], Any] | None = None,
-                random: bool = False) -> Any:
+def dry_forward(
+    model: nn.Module, input_size: tuple[int, ...], call: Callable[[Tensor], Any] | None = None, random: bool = False
+) -> Any:
     """``call(x)`` (default ``model(x)``) on one ``(1, *input_size)`` image in eval mode without
     gradients, on the model's device and floating dtype. The image is zeros, or seeded normal
     noise with ``random``."""

@@ -62,10 +62,19 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
             data_config = default_data_config(model, args.img_size)
         layer = int(args.layer) if args.layer.lstrip("-").isdigit() else args.layer
         attention_overlay(
-            model, image, args.method, preprocess=Preprocess.from_data_config(data_config),
-            query=args.query, layer=layer, target=args.target, head_fusion=args.head_fusion,
-            discard_ratio=args.discard_ratio, class_names=data_config.get("class_names"),
-            cmap=args.cmap, alpha=args.alpha, out=args.out,
+            model,
+            image,
+            args.method,
+            preprocess=Preprocess.from_data_config(data_config),
+            query=args.query,
+            layer=layer,
+            target=args.target,
+            head_fusion=args.head_fusion,
+            discard_ratio=args.discard_ratio,
+            class_names=data_config.get("class_names"),
+            cmap=args.cmap,
+            alpha=args.alpha,
+            out=args.out,
         )
     except (ValueError, RuntimeError, KeyError, IndexError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
@@ -81,8 +90,12 @@ def _cmd_sites(args: argparse.Namespace) -> int:
 
     model = create_model(args.model, in_chans=args.input_size[0]).eval()
     sites = attention_sites(
-        model, tuple(args.input_size), num_heads=args.heads, kv_pool=args.kv_pool,
-        leaves=args.leaves, max_depth=args.depth,
+        model,
+        tuple(args.input_size),
+        num_heads=args.heads,
+        kv_pool=args.kv_pool,
+        leaves=args.leaves,
+        max_depth=args.depth,
     )
     print(format_sites(sites))
     return 0
@@ -99,6 +112,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _user_errors(command):
     """Report configuration, data and checkpoint mistakes as one line (exit status 1), not a traceback."""
+
     def run(args: argparse.Namespace) -> int:
         from .train.engine import NonFiniteLossError
 
@@ -106,6 +120,7 @@ def _user_errors(command):
             return command(args)
         except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
             raise SystemExit(f"visattn {args.command}: error: {err}") from err
+
     run.__doc__ = command.__doc__
     return run
 
@@ -137,31 +152,43 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     state = load_checkpoint(args.checkpoint)
     if "config" not in state:
-        raise ValueError(f"{args.checkpoint} holds no training config (not written by visattn train); "
-                         "evaluate it from Python with visattn.engine.evaluate")
+        raise ValueError(
+            f"{args.checkpoint} holds no training config (not written by visattn train); "
+            "evaluate it from Python with visattn.engine.evaluate"
+        )
     overrides = ([f"data.name={args.data}"] if args.data else []) + args.set
     cfg = load_config(base=state["config"], overrides=overrides)
     _, test_set, data_config = build_datasets(cfg.data)
     if data_config["num_classes"] != state["model_config"]["num_classes"]:
-        raise ValueError(f"the model has {state['model_config']['num_classes']} classes but {cfg.data.name} has "
-                         f"{data_config['num_classes']}")
+        raise ValueError(
+            f"the model has {state['model_config']['num_classes']} classes but {cfg.data.name} has "
+            f"{data_config['num_classes']}"
+        )
     model = model_from_checkpoint(state)
     loader = DataLoader(test_set, batch_size=args.batch)
     stats = evaluate(model, loader, num_classes=data_config["num_classes"])
     print(f"{args.checkpoint}: {cfg.data.name} held-out split, {len(test_set)} images")
     print(f"top-1 {stats['acc1']:.2%}  top-5 {stats['acc5']:.2%}  loss {stats['loss']:.4f}")
     print(f"{'class':<16}{'images':>8}{'top-1':>9}")
-    for name, correct, count in zip(data_config["class_names"], stats["per_class_correct"], stats["per_class_count"], strict=True):
+    for name, correct, count in zip(
+        data_config["class_names"], stats["per_class_correct"], stats["per_class_count"], strict=True
+    ):
         acc = f"{correct / count:.2%}" if count else "-"
         print(f"{name:<16}{int(count):>8}{acc:>9}")
     return 0
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="a YAML file (e.g. configs/digits_canvas_vit.yaml); default: the built-in default job")
+    parser.add_argument(
+        "--config", help="a YAML file (e.g. configs/digits_canvas_vit.yaml); default: the built-in default job"
+    )
     parser.add_argument("--resume", metavar="RUN", help="continue the run folder RUN from its last.pt")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.epochs=20 model.depth=4")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.epochs=20 model.depth=4"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,13 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="a name from `visattn models` (untrained weights)")
     overlay.add_argument("--image", required=True, help="the picture (any size, RGB or gray)")
     overlay.add_argument("--method", required=True, choices=["cls", "rollout", "grad_rollout", "query", "received"])
-    overlay.add_argument("--query", type=_pair, metavar="X,Y", help="pixel of the picture (column,row) for --method query")
+    overlay.add_argument(
+        "--query", type=_pair, metavar="X,Y", help="pixel of the picture (column,row) for --method query"
+    )
     overlay.add_argument("--layer", default="-1", help="attention module path or position (default -1: the last)")
     overlay.add_argument("--target", type=int, help="class for grad_rollout (default: the predicted one)")
     overlay.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout head fusion")
-    overlay.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links")
+    overlay.add_argument(
+        "--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links"
+    )
     overlay.add_argument("--seed", type=int, default=0, help="random seed of --model's untrained weights")
-    overlay.add_argument("--img-size", type=lambda t: _pair(t, int), metavar="H,W", help="input size for --model without its own")
+    overlay.add_argument(
+        "--img-size", type=lambda t: _pair(t, int), metavar="H,W", help="input size for --model without its own"
+    )
     overlay.add_argument("--cmap", default="inferno", help="matplotlib colormap")
     overlay.add_argument("--alpha", type=float, default=0.5, help="opacity of the map")
     overlay.add_argument("--out", required=True, help="PNG to write")
@@ -198,16 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     sites.add_argument("--depth", type=int, default=None, help="only paths with at most this many parts")
     sites.add_argument("--leaves", action="store_true", help="also list single layers")
     sites.set_defaults(func=_cmd_sites)
-    bench = sub.add_parser("bench", add_help=False,
-                           help="the benchmark suite (options: visattn bench --help)")
+    bench = sub.add_parser("bench", add_help=False, help="the benchmark suite (options: visattn bench --help)")
     bench.set_defaults(func=_cmd_bench, bench_args=[])
     train = sub.add_parser("train", help="train a model (same as python train.py)")
     _add_train_arguments(train)
     train.set_defaults(func=_user_errors(_cmd_train))
     evaluate = sub.add_parser("eval", help="top-1/top-5 and per-class accuracy of a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True, help="a checkpoint written by training, e.g. runs/default/best.pt")
+    evaluate.add_argument(
+        "--checkpoint", required=True, help="a checkpoint written by training, e.g. runs/default/best.pt"
+    )
     evaluate.add_argument("--data", help="evaluate on another dataset name (same classes), e.g. digits")
-    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a data key, e.g. data.root=/data")
+    evaluate.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a data key, e.g. data.root=/data"
+    )
     evaluate.add_argument("--batch", type=int, default=256)
     evaluate.set_defaults(func=_user_errors(_cmd_eval))
     return parser

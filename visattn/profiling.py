@@ -10,12 +10,14 @@ from torch.profiler import ProfilerActivity, profile
 __all__ = ["FUSED_KERNELS", "UNFUSED_KERNELS", "attention_kernels"]
 
 #: operator names of the fused kernels behind ``scaled_dot_product_attention``
-FUSED_KERNELS = frozenset({
-    "aten::_scaled_dot_product_flash_attention_for_cpu",
-    "aten::_scaled_dot_product_flash_attention",
-    "aten::_scaled_dot_product_efficient_attention",
-    "aten::_scaled_dot_product_cudnn_attention",
-})
+FUSED_KERNELS = frozenset(
+    {
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_cudnn_attention",
+    }
+)
 #: the slow kernel that stores the full weight matrix
 UNFUSED_KERNELS = frozenset({"aten::_scaled_dot_product_attention_math"})
 

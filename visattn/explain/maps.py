@@ -46,7 +46,6 @@ __all__ = [
 ]
 
 
-
 # --- maps -----------------------------------------------------------------------------------
 
 
@@ -59,7 +58,8 @@ def _grid_tokens(rec: AttentionRecord, path: str) -> tuple[int, tuple[int, int]]
 def _token_layers(recording: AttentionRecording, method: str) -> list[tuple[str, AttentionRecord]]:
     """The Transformer self-attention records, in forward order, that share one token layout."""
     layers = [
-        (path, r) for path, r in recording.items()
+        (path, r)
+        for path, r in recording.items()
         if isinstance(recording.modules[path], MultiHeadAttention) and r.key_grid is not None
     ]
     if not layers:
@@ -94,7 +94,9 @@ def cls_attention(recording: AttentionRecording, layer: int | str = -1) -> Tenso
     if isinstance(layer, str):
         matches = [entry for entry in layers if entry[0] == recording.path_of(layer)]
         if not matches:
-            raise ValueError(f"{layer} is not a Transformer layer; cls_attention reads one of: {', '.join(p for p, _ in layers)}")
+            raise ValueError(
+                f"{layer} is not a Transformer layer; cls_attention reads one of: {', '.join(p for p, _ in layers)}"
+            )
         path, rec = matches[0]
     else:
         if not -len(layers) <= layer < len(layers):
@@ -248,7 +250,7 @@ def _grid_record(recording: AttentionRecording, module: str | int | nn.Module) -
 
 def _to_key_grid(rows: Tensor, rec: AttentionRecord) -> Tensor:
     kh, kw = rec.key_grid
-    return rearrange(rows[..., rec.num_prefix_tokens:], "b h (y x) -> b h y x", y=kh, x=kw)
+    return rearrange(rows[..., rec.num_prefix_tokens :], "b h (y x) -> b h y x", y=kh, x=kw)
 
 
 def query_map(
@@ -275,7 +277,9 @@ def query_map(
     path, rec = _grid_record(recording, module)
     image_size = image_size or rec.image_size
     if image_size is None:
-        raise ValueError("the input image size was not recorded (the model itself was not called); pass image_size=(H, W)")
+        raise ValueError(
+            "the input image size was not recorded (the model itself was not called); pass image_size=(H, W)"
+        )
     row, col = point_to_cell(point, image_size, rec.query_grid, relative=relative)
     flat = row * rec.query_grid[1] + col
     index = rec.query_index
@@ -304,7 +308,7 @@ def received(recording: AttentionRecording, module: str | int | nn.Module) -> Te
     path, rec = _grid_record(recording, module)
     weights = rec.weights
     if rec.query_index is None:
-        weights = weights[:, :, rec.num_prefix_tokens:]
+        weights = weights[:, :, rec.num_prefix_tokens :]
     return _to_key_grid(weights.mean(dim=2), rec)
 
 
@@ -348,5 +352,7 @@ def to_image(
     xs = (torch.arange(width, dtype=torch.float64) + 0.5) / width * ew / gw * 2 - 1
     grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).to(dtype=dtype, device=heatmap.device)
     flat = heatmap.reshape(-1, 1, gh, gw).to(dtype)
-    out = F.grid_sample(flat, grid.expand(flat.shape[0], height, width, 2), mode=mode, padding_mode="border", align_corners=False)
+    out = F.grid_sample(
+        flat, grid.expand(flat.shape[0], height, width, 2), mode=mode, padding_mode="border", align_corners=False
+    )
     return out.reshape(*heatmap.shape[:-2], height, width)

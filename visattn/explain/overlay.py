@@ -271,7 +271,9 @@ def overlay_grid(
         raise ValueError(f"{len(row_labels)} row_labels for {len(rows)} rows")
     cols = 1 + max(len(r) for r in rows)
     aspect = image.height / image.width
-    fig = Figure(figsize=(panel_size * cols, panel_size * aspect * len(rows) + 0.4 * len(rows) + (0.4 if suptitle else 0)))
+    fig = Figure(
+        figsize=(panel_size * cols, panel_size * aspect * len(rows) + 0.4 * len(rows) + (0.4 if suptitle else 0))
+    )
     axes = fig.subplots(len(rows), cols, squeeze=False)
     original = image.convert("RGB")
     if overlay_kwargs.get("marker") is not None:
@@ -411,6 +413,14 @@ def attention_overlay(
     """
     p = attention_panels(model, image, method, preprocess=preprocess, **panel_kwargs)
     return overlay_grid(
-        image, p.panels, titles=p.titles, suptitle=p.suptitle, box=p.box, extent=p.extent,
-        marker=p.marker, out=out, cmap=cmap, alpha=alpha,
+        image,
+        p.panels,
+        titles=p.titles,
+        suptitle=p.suptitle,
+        box=p.box,
+        extent=p.extent,
+        marker=p.marker,
+        out=out,
+        cmap=cmap,
+        alpha=alpha,
     )

@@ -142,7 +142,9 @@ def _check_point(point: Point, image_size: tuple[int, int], relative: bool) -> t
     return x, y
 
 
-def point_to_cell(point: Point, image_size: tuple[int, int], grid: tuple[int, int], *, relative: bool = False) -> tuple[int, int]:
+def point_to_cell(
+    point: Point, image_size: tuple[int, int], grid: tuple[int, int], *, relative: bool = False
+) -> tuple[int, int]:
     """The ``(row, col)`` of the ``grid`` cell that covers ``point`` = ``(x, y)`` of the image.
 
     The grid is taken to tile the ``image_size`` ``(H, W)`` image evenly (patch tokens, or a CNN
@@ -218,7 +220,9 @@ def record_attention(
     modules = _module_paths(model, layers)
     busy = [p for p, m in modules.items() if m.recording is not None]
     if busy:
-        raise RuntimeError(f"attention of {', '.join(busy)} is already being recorded; close that record_attention first")
+        raise RuntimeError(
+            f"attention of {', '.join(busy)} is already being recorded; close that record_attention first"
+        )
     grid_modules = {p: m for p, m in modules.items() if isinstance(m, SelfAttention2d)}
     _check_queries(queries, grid_modules)
     recording = AttentionRecording(modules)
@@ -252,8 +256,14 @@ def _check_queries(queries: Sequence[Point] | None, grid_modules: dict[str, Self
 class _Session:
     """The hooks and sinks of one open :func:`record_attention`."""
 
-    def __init__(self, model: nn.Module, recording: AttentionRecording, keep_grad: bool,
-                 queries: Sequence[Point] | None, relative: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        recording: AttentionRecording,
+        keep_grad: bool,
+        queries: Sequence[Point] | None,
+        relative: bool,
+    ) -> None:
         self.recording, self.keep_grad, self.queries, self.relative = recording, keep_grad, queries, relative
         self.readouts = {path: _readout(model, path) for path in recording.modules}
 
@@ -282,7 +292,11 @@ class _Session:
 
         def receive(_module: nn.Module, record: AttentionRecord) -> None:
             weights = record.weights if self.keep_grad else record.weights.detach()
-            self.recording._add(path, replace(record, weights=weights, image_size=self.recording.image_size,
-                                              class_token=class_token, pool=pool))
+            self.recording._add(
+                path,
+                replace(
+                    record, weights=weights, image_size=self.recording.image_size, class_token=class_token, pool=pool
+                ),
+            )
 
         return receive

@@ -182,10 +182,10 @@ class MultiHeadAttention(RecordableAttention):
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MultiHeadAttention expects tokens (B, N, {self.dim}), got {tuple(x.shape)}")
-        if context is not None and (context.dim() != 3 or context.shape[-1] != self.dim or context.shape[0] != x.shape[0]):
-            raise ValueError(
-                f"context must be (B={x.shape[0]}, M, {self.dim}), got {tuple(context.shape)}"
-            )
+        if context is not None and (
+            context.dim() != 3 or context.shape[-1] != self.dim or context.shape[0] != x.shape[0]
+        ):
+            raise ValueError(f"context must be (B={x.shape[0]}, M, {self.dim}), got {tuple(context.shape)}")
         q, k, v = self._project(x, context)
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop if self.training else 0.0
@@ -194,10 +194,15 @@ class MultiHeadAttention(RecordableAttention):
         else:
             self._check_record_size(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype)
             out, weights = attention(q, k, v, mask=mask, dropout_p=dropout_p, need_weights=True)
-            self.recording.sink(self, AttentionRecord(
-                weights=weights, query_grid=grid_size, key_grid=grid_size if context is None else None,
-                num_prefix_tokens=self.num_prefix_tokens,
-            ))
+            self.recording.sink(
+                self,
+                AttentionRecord(
+                    weights=weights,
+                    query_grid=grid_size,
+                    key_grid=grid_size if context is None else None,
+                    num_prefix_tokens=self.num_prefix_tokens,
+                ),
+            )
         out = rearrange(out, "b h n d -> b n (h d)")
         return self.proj_drop(self.proj(out))
 
@@ -215,9 +220,7 @@ def pooled_grid(height: int, width: int, kv_pool: int) -> tuple[int, int]:
     return math.ceil(height / kv_pool), math.ceil(width / kv_pool)
 
 
-def _resolve_widths(
-    channels: int, num_heads: int, qk_channels: int | None, v_channels: int | None
-) -> tuple[int, int]:
+def _resolve_widths(channels: int, num_heads: int, qk_channels: int | None, v_channels: int | None) -> tuple[int, int]:
     """``(qk_channels, v_channels)`` of a :class:`SelfAttention2d`: defaults filled in, checked."""
     if channels < 1:
         raise ValueError(f"channels must be positive, got {channels}")
@@ -230,9 +233,7 @@ def _resolve_widths(
     return qk_channels, v_channels
 
 
-def _check_options(
-    kv_pool: int, kv_pool_mode: str, pos: str | None, out_norm: str | None, gate: str | None
-) -> None:
+def _check_options(kv_pool: int, kv_pool_mode: str, pos: str | None, out_norm: str | None, gate: str | None) -> None:
     """Raise a ``ValueError`` for a :class:`SelfAttention2d` option outside its choices."""
     if kv_pool < 1:
         raise ValueError(f"kv_pool must be >= 1, got {kv_pool}")
@@ -341,8 +342,14 @@ class SelfAttention2d(RecordableAttention):
         training device, is left to the user.)
         """
         kwargs = dict(
-            num_heads=1, qk_channels=max(1, channels // 8), v_channels=max(1, channels // 2),
-            kv_pool=2, kv_pool_mode="max", scale=1.0, qkv_bias=False, out_bias=False,
+            num_heads=1,
+            qk_channels=max(1, channels // 8),
+            v_channels=max(1, channels // 2),
+            kv_pool=2,
+            kv_pool_mode="max",
+            scale=1.0,
+            qkv_bias=False,
+            out_bias=False,
             gate="scalar",
         )
         return cls(channels, **{**kwargs, **overrides})
@@ -357,9 +364,16 @@ class SelfAttention2d(RecordableAttention):
         """
         half = max(1, channels // 2)
         kwargs = dict(
-            num_heads=1, qk_channels=half, v_channels=half, kv_pool=2 if sub_sample else 1,
-            kv_pool_mode="max", scale=1.0, qkv_bias=True, out_bias=True,
-            out_norm="batchnorm", gate=None,
+            num_heads=1,
+            qk_channels=half,
+            v_channels=half,
+            kv_pool=2 if sub_sample else 1,
+            kv_pool_mode="max",
+            scale=1.0,
+            qkv_bias=True,
+            out_bias=True,
+            out_norm="batchnorm",
+            gate=None,
         )
         return cls(channels, **{**kwargs, **overrides})
 
@@ -413,8 +427,13 @@ class SelfAttention2d(RecordableAttention):
         return x + gamma * y
 
     def _attend_and_record(
-        self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float,
-        query_grid: tuple[int, int], key_grid: tuple[int, int],
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        dropout_p: float,
+        query_grid: tuple[int, int],
+        key_grid: tuple[int, int],
     ) -> Tensor:
         """The forward's attention while recording: weights for all or only the chosen queries."""
         assert self.recording is not None
@@ -428,10 +447,16 @@ class SelfAttention2d(RecordableAttention):
             y = attention(q, k, v, scale=self.scale, dropout_p=dropout_p)
             subset = subset.to(q.device)
             weights = attention_weights(q[:, :, subset], k, scale=self.scale)  # no unused weights·v
-        self.recording.sink(self, AttentionRecord(
-            weights=weights, query_grid=query_grid, key_grid=key_grid,
-            key_stride=(self.kv_pool, self.kv_pool), query_index=subset,
-        ))
+        self.recording.sink(
+            self,
+            AttentionRecord(
+                weights=weights,
+                query_grid=query_grid,
+                key_grid=key_grid,
+                key_stride=(self.kv_pool, self.kv_pool),
+                query_index=subset,
+            ),
+        )
         return y
 
     def extra_repr(self) -> str:

@@ -69,8 +69,13 @@ class EncoderBlock(nn.Module):
         self.norm = norm
         self.norm1 = norm_layer(dim)
         self.attn = MultiHeadAttention(
-            dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop,
-            proj_drop=proj_drop, norm_layer=norm_layer,
+            dim,
+            num_heads,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            norm_layer=norm_layer,
         )
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()

@@ -36,9 +36,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
             f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"q and k must share their last dim d: q {tuple(q.shape)}, k {tuple(k.shape)}"
-        )
+        raise ValueError(f"q and k must share their last dim d: q {tuple(q.shape)}, k {tuple(k.shape)}")
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(
             f"k and v must have the same number of tokens Nk (dim -2): k {tuple(k.shape)}, v {tuple(v.shape)}"
@@ -56,13 +54,10 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
             fits = False
         if not fits:
             raise ValueError(
-                f"mask of shape {tuple(mask.shape)} does not broadcast to the weights' shape "
-                f"(..., Nq, Nk) = {target}"
+                f"mask of shape {tuple(mask.shape)} does not broadcast to the weights' shape (..., Nq, Nk) = {target}"
             )
         if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise ValueError(
-                f"mask must be boolean (True = attend) or an additive float tensor, got {mask.dtype}"
-            )
+            raise ValueError(f"mask must be boolean (True = attend) or an additive float tensor, got {mask.dtype}")
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -90,9 +85,7 @@ def _mask_for_kernel(mask: Tensor, q: Tensor, nk: int) -> Tensor:
     return mask if mask.dtype == torch.bool else mask.to(q.dtype)
 
 
-def attention_weights(
-    q: Tensor, k: Tensor, *, mask: Tensor | None = None, scale: float | None = None
-) -> Tensor:
+def attention_weights(q: Tensor, k: Tensor, *, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
     """The attention weights ``softmax(q kᵀ · scale + mask)`` explicitly.
 
     Args:
@@ -107,10 +100,7 @@ def attention_weights(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q * scale, k.transpose(-2, -1))
     if mask is not None:
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            scores = scores + mask
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     # half-precision scores are normalized in float32, as the fused kernels do
     weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
     # a row whose keys are all masked gives NaN from softmax; it attends to nothing instead
@@ -167,9 +157,7 @@ def attention(
     if dv != d and q.device.type == "cpu":
         width = max(d, dv)
         q4, k4, v4 = (F.pad(t, (0, width - t.shape[-1])) for t in (q4, k4, v4))
-    out = F.scaled_dot_product_attention(
-        q4, k4, v4, attn_mask=mask4, dropout_p=dropout_p, scale=scale
-    )
+    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask4, dropout_p=dropout_p, scale=scale)
     if out.shape[-1] != dv:
         out = out[..., :dv]
     return out.reshape(*lead, q.shape[-2], dv)

@@ -32,9 +32,11 @@ class PatchEmbed(nn.Module):
         """The token grid ``(gh, gw)`` for an input of ``height × width``; raises if it does not tile."""
         ph, pw = self.patch_size
         if height % ph or width % pw:
+
             def nearest(side: int, patch: int) -> str:
                 lower = max(patch, side // patch * patch)
                 return f"{lower} or {lower + patch}" if lower != side else str(side)
+
             raise ValueError(
                 f"input size {height}×{width} is not a multiple of the patch size {ph}×{pw}; "
                 f"nearest valid sizes: height {nearest(height, ph)}, width {nearest(width, pw)} "

@@ -64,9 +64,16 @@ def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
     if conv.in_channels == in_chans:
         return
     new = nn.Conv2d(
-        in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-        bias=conv.bias is not None, padding_mode=conv.padding_mode,
-        device=conv.weight.device, dtype=conv.weight.dtype,
+        in_chans,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
     )
     with torch.no_grad():
         new.weight.copy_(adapt_input_conv(in_chans, conv.weight))
@@ -77,7 +84,9 @@ def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
 
 def _replace_classifier(model: nn.Module, num_classes: int) -> None:
     """A fresh last ``nn.Linear`` with ``num_classes`` outputs (torchvision heads end in one)."""
-    path, head = next(((p, m) for p, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear)), ("", None))
+    path, head = next(
+        ((p, m) for p, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear)), ("", None)
+    )
     if head is None:
         raise ValueError(f"cannot set num_classes on {type(model).__name__}: it has no nn.Linear head")
     if head.out_features != num_classes:
@@ -86,8 +95,7 @@ def _replace_classifier(model: nn.Module, num_classes: int) -> None:
 
 def _pretrained_error(source: str, name: str, error: Exception, hint: str) -> RuntimeError:
     return RuntimeError(
-        f"could not load the pretrained weights of {source}:{name} ({type(error).__name__}: {error}). "
-        f"Offline? {hint}"
+        f"could not load the pretrained weights of {source}:{name} ({type(error).__name__}: {error}). Offline? {hint}"
     )
 
 
@@ -118,7 +126,9 @@ def torchvision_model(
             model = torchvision.models.get_model(name, weights=weights, **kwargs)
         except Exception as error:  # the download's many failure types
             raise _pretrained_error(
-                "torchvision", name, error,
+                "torchvision",
+                name,
+                error,
                 f"Put the file {weights.url.rsplit('/', 1)[-1]} (from {weights.url}) into "
                 f"{torch.hub.get_dir()}/checkpoints/, where torchvision looks before downloading.",
             ) from error
@@ -149,7 +159,9 @@ def timm_model(
         if not pretrained:
             raise
         raise _pretrained_error(
-            "timm", name, error,
+            "timm",
+            name,
+            error,
             "Download the weights file elsewhere and pass "
             "pretrained_cfg_overlay={'file': '/path/to/weights.safetensors'} with pretrained=True.",
         ) from error

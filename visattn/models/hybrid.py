@@ -84,7 +84,10 @@ def cnn_trunk(model: nn.Module, out_layer: str, input_size: tuple[int, int, int]
     finally:
         handle.remove()
     same = (
-        cut is not None and seen and isinstance(seen[0], Tensor) and seen[0].shape == cut.shape
+        cut is not None
+        and seen
+        and isinstance(seen[0], Tensor)
+        and seen[0].shape == cut.shape
         and torch.allclose(seen[0], cut, rtol=1e-3, atol=1e-4)  # tolerant of nondeterministic kernels
     )
     if not same:
@@ -202,6 +205,7 @@ class HybridViT(VisionTransformer):
 @register_model
 def hybrid_resnet18_small_vit(**kwargs) -> HybridViT:
     """CIFAR-size hybrid: ``resnet18_small`` up to ``layer3`` (8×8 grid at 32×32) → 6 blocks of 192."""
-    defaults = dict(backbone="resnet18_small", out_layer="layer3", img_size=32, num_classes=10,
-                    embed_dim=192, depth=6, num_heads=3)
+    defaults = dict(
+        backbone="resnet18_small", out_layer="layer3", img_size=32, num_classes=10, embed_dim=192, depth=6, num_heads=3
+    )
     return HybridViT(**{**defaults, **kwargs})

@@ -53,7 +53,9 @@ class _RunBlock:
 def hooked_blocks(model: nn.Module) -> list[SelfAttention2d]:
     """The blocks :func:`insert_attention` hooked onto submodules of ``model``, in module order."""
     return [
-        hook.block for module in model.modules() for hook in module._forward_hooks.values()
+        hook.block
+        for module in model.modules()
+        for hook in module._forward_hooks.values()
         if isinstance(hook, _RunBlock)
     ]
 
@@ -83,8 +85,7 @@ def _guess_in_chans(model: nn.Module) -> int:
         if isinstance(module, nn.Conv2d):
             return module.in_channels
     raise ValueError(
-        f"cannot tell the input channels of {type(model).__name__} (it has no Conv2d); "
-        "pass input_size=(C, H, W)"
+        f"cannot tell the input channels of {type(model).__name__} (it has no Conv2d); pass input_size=(C, H, W)"
     )
 
 
@@ -102,6 +103,7 @@ def _output_shapes(
             if path not in seen:
                 is_tensor = isinstance(output, Tensor)
                 seen[path] = tuple(output.shape) if is_tensor else f"a {type(output).__name__}"
+
         return hook
 
     handles = [m.register_forward_hook(recorder(p)) for p, m in modules.items()]
@@ -183,8 +185,7 @@ def insert_attention(
                 f"cannot put attention after {path!r}: SelfAttention2d needs a (B, C, H, W) output "
                 f"and {path!r} gave {seen}. Pick a site from visattn.attention_sites(model)."
             )
-        make = {None: SelfAttention2d, "sagan": SelfAttention2d.sagan,
-                "non_local": SelfAttention2d.non_local}[preset]
+        make = {None: SelfAttention2d, "sagan": SelfAttention2d.sagan, "non_local": SelfAttention2d.non_local}[preset]
         block = make(shape[1], **block_kwargs)
         if param is not None:
             block.to(device=param.device, dtype=param.dtype)
@@ -255,8 +256,10 @@ def attention_sites(
     """
     element = torch.empty((), dtype=dtype).element_size()
     modules = {
-        path: module for path, module in model.named_modules()
-        if path and (leaves or next(module.children(), None) is not None)
+        path: module
+        for path, module in model.named_modules()
+        if path
+        and (leaves or next(module.children(), None) is not None)
         and (max_depth is None or path.count(".") < max_depth)
         and not isinstance(module, SelfAttention2d)
     }
@@ -270,13 +273,20 @@ def attention_sites(
         head_dim = default_qk_channels(channels, num_heads) // num_heads
         tokens = height * width
         keys = math.prod(pooled_grid(height, width, kv_pool))
-        rows.append(AttentionSite(
-            path=path, kind=type(modules[path]).__name__, channels=channels, height=height,
-            width=width, tokens=tokens, keys=keys,
-            materialized_bytes=attention_matrix_bytes(1, 1, tokens, keys, dtype),
-            fused_bytes=(2 * tokens + 2 * keys) * head_dim * element,
-            flops=2 * 2 * num_heads * tokens * keys * head_dim,
-        ))
+        rows.append(
+            AttentionSite(
+                path=path,
+                kind=type(modules[path]).__name__,
+                channels=channels,
+                height=height,
+                width=width,
+                tokens=tokens,
+                keys=keys,
+                materialized_bytes=attention_matrix_bytes(1, 1, tokens, keys, dtype),
+                fused_bytes=(2 * tokens + 2 * keys) * head_dim * element,
+                flops=2 * 2 * num_heads * tokens * keys * head_dim,
+            )
+        )
     return rows
 
 
@@ -294,7 +304,8 @@ def _human(n: float) -> str:
 def format_sites(sites: Sequence[AttentionSite]) -> str:
     """A Markdown table of :func:`attention_sites` rows."""
     lines = [
-        "| site | module | C × H × W | tokens | keys | weights matrix / image / head | fused q,k,v,out / image / head | attention GFLOPs / image |",
+        "| site | module | C × H × W | tokens | keys | weights matrix / image / head "
+        "| fused q,k,v,out / image / head | attention GFLOPs / image |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for s in sites:

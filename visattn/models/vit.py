@@ -23,6 +23,7 @@ from .registry import register_model
 
 __all__ = ["PatchEmbed", "VisionTransformer"]
 
+
 class VisionTransformer(nn.Module):
     """Vision Transformer (Dosovitskiy et al. 2021).
 
@@ -127,9 +128,18 @@ class VisionTransformer(nn.Module):
         self._build_tokens(patch_size, in_chans, class_token, reg_tokens, embed_layer)
         self.pos_drop = nn.Dropout(pos_drop_rate)
         make_block = partial(
-            EncoderBlock, embed_dim, num_heads, mlp_ratio, norm=norm, qkv_bias=qkv_bias,
-            qk_norm=qk_norm, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-            layer_scale=layer_scale, act_layer=act_layer, norm_layer=norm_layer,
+            EncoderBlock,
+            embed_dim,
+            num_heads,
+            mlp_ratio,
+            norm=norm,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            proj_drop=proj_drop_rate,
+            attn_drop=attn_drop_rate,
+            layer_scale=layer_scale,
+            act_layer=act_layer,
+            norm_layer=norm_layer,
         )
         self._build_blocks(make_block, depth, drop_path_rate)
         self._build_head(norm_layer, final_norm and norm == "pre", fc_norm, drop_rate)
@@ -158,9 +168,7 @@ class VisionTransformer(nn.Module):
         else:
             self.pos_embed = None
 
-    def _build_blocks(
-        self, make_block: Callable[..., EncoderBlock], depth: int, drop_path_rate: float
-    ) -> None:
+    def _build_blocks(self, make_block: Callable[..., EncoderBlock], depth: int, drop_path_rate: float) -> None:
         """``depth`` blocks from ``make_block(drop_path=...)``, stochastic depth rising linearly."""
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu")
         drop_paths = [rate.item() for rate in rates]
@@ -243,7 +251,7 @@ class VisionTransformer(nn.Module):
         """Tokens ``(B, N, D)`` → one vector per image ``(B, D)`` (class token or mean of patches)."""
         if self.pool == "cls":
             return tokens[:, 0]
-        return tokens[:, self.num_prefix_tokens:].mean(dim=1)
+        return tokens[:, self.num_prefix_tokens :].mean(dim=1)
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens ``(B, N, D)`` → logits ``(B, num_classes)``, or pooled features with ``pre_logits``."""
@@ -279,9 +287,7 @@ def _resolve_class_token(pool: str, pos_embed: str, class_token: bool | None) ->
         raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
     class_token = pool == "cls" if class_token is None else class_token
     if pool == "cls" and not class_token:
-        raise ValueError(
-            "pool='cls' needs class_token=True; use pool='mean' without a class token"
-        )
+        raise ValueError("pool='cls' needs class_token=True; use pool='mean' without a class token")
     return class_token
 
 
@@ -351,7 +357,16 @@ def vit_digits_patch4_16(**kwargs) -> VisionTransformer:
     accuracy and time with the default recipe (``configs/default.yaml``).
     """
     return _vit(
-        dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4,
-             num_heads=4, mlp_ratio=2.0, pool="mean"),
+        dict(
+            img_size=16,
+            patch_size=4,
+            in_chans=1,
+            num_classes=10,
+            embed_dim=64,
+            depth=4,
+            num_heads=4,
+            mlp_ratio=2.0,
+            pool="mean",
+        ),
         kwargs,
     )

@@ -202,7 +202,9 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             shipped = sorted(p.name for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
-            raise ConfigError(f"config file {path} does not exist" + (f"; shipped configs: {', '.join(shipped)}" if shipped else ""))
+            raise ConfigError(
+                f"config file {path} does not exist" + (f"; shipped configs: {', '.join(shipped)}" if shipped else "")
+            )
         cfg = _merge(cfg, OmegaConf.load(path), str(path))
         if cfg.run.name is None:
             cfg.run.name = path.stem

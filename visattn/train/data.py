@@ -43,8 +43,12 @@ __all__ = [
 #: what each dataset gives a model when the config does not say otherwise: (channels, classes,
 #: side); ``None`` classes: read from the data (image folders) or from ``data.fake_classes``
 DATASET_DEFAULTS: dict[str, tuple[int, int | None, int]] = {
-    "digits": (1, 10, 16), "digits_canvas": (1, 10, 64), "cifar10": (3, 10, 32), "cifar100": (3, 100, 32),
-    "imagefolder": (3, None, 224), "fake": (3, None, 32),
+    "digits": (1, 10, 16),
+    "digits_canvas": (1, 10, 64),
+    "cifar10": (3, 10, 32),
+    "cifar100": (3, 100, 32),
+    "imagefolder": (3, None, 224),
+    "fake": (3, None, 32),
 }
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -79,14 +83,18 @@ def build_transform(
         if augment.hflip:
             steps.append(v2.RandomHorizontalFlip(augment.hflip))
         if augment.affine_degrees or augment.affine_translate or augment.affine_scale:
-            steps.append(v2.RandomAffine(
-                degrees=augment.affine_degrees,
-                translate=(augment.affine_translate,) * 2 if augment.affine_translate else None,
-                scale=(1 - augment.affine_scale, 1 + augment.affine_scale) if augment.affine_scale else None,
-                interpolation=v2.InterpolationMode.BILINEAR,
-            ))
+            steps.append(
+                v2.RandomAffine(
+                    degrees=augment.affine_degrees,
+                    translate=(augment.affine_translate,) * 2 if augment.affine_translate else None,
+                    scale=(1 - augment.affine_scale, 1 + augment.affine_scale) if augment.affine_scale else None,
+                    interpolation=v2.InterpolationMode.BILINEAR,
+                )
+            )
         if augment.auto_augment:
-            steps.append(rand_augment_transform(augment.auto_augment, {"img_mean": tuple(round(255 * m) for m in mean)}))
+            steps.append(
+                rand_augment_transform(augment.auto_augment, {"img_mean": tuple(round(255 * m) for m in mean)})
+            )
     steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     if train and augment.re_prob:
         steps.append(RandomErasing(augment.re_prob, mode="pixel", device="cpu"))
@@ -166,11 +174,16 @@ class TensorImageDataset(Dataset):
         return self.__getitems__([index])[0]
 
 
-def tensor_augmentation(augment: Any, mean: Sequence[float]) -> tuple[BatchAugment | None, Callable | None, Callable | None]:
+def tensor_augmentation(
+    augment: Any, mean: Sequence[float]
+) -> tuple[BatchAugment | None, Callable | None, Callable | None]:
     """``(batch augment, per-image RandAugment, random erasing)`` for an ``augment`` config section."""
     batch = BatchAugment(
-        hflip=augment.hflip, degrees=augment.affine_degrees, translate=augment.affine_translate,
-        scale=augment.affine_scale, crop_padding=augment.crop_padding,
+        hflip=augment.hflip,
+        degrees=augment.affine_degrees,
+        translate=augment.affine_translate,
+        scale=augment.affine_scale,
+        crop_padding=augment.crop_padding,
     )
     per_image = None
     if augment.auto_augment:
@@ -253,7 +266,10 @@ def _build_canvases(split: str, size: int, seed: int, copies: int) -> tuple[Tens
     digits, labels = digits_images(split, size=8)
     digits, labels = digits[:, 0].numpy(), labels.numpy()
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, size])
-    scaled = {s: F.interpolate(torch.from_numpy(digits)[:, None], scale_factor=s, mode="bilinear").clamp(0, 1)[:, 0].numpy() for s in (2, 3)}
+    scaled = {
+        s: F.interpolate(torch.from_numpy(digits)[:, None], scale_factor=s, mode="bilinear").clamp(0, 1)[:, 0].numpy()
+        for s in (2, 3)
+    }
     n = len(labels) * copies
     canvases = np.zeros((n, size, size), np.float32)
     boxes = np.zeros((n, 4), np.int64)
@@ -261,10 +277,10 @@ def _build_canvases(split: str, size: int, seed: int, copies: int) -> tuple[Tens
         src = i % len(labels)
         digit = scaled[int(rng.integers(2, 4))][src]
         rows, cols = np.nonzero(digit > 0.05)
-        digit = digit[rows.min():rows.max() + 1, cols.min():cols.max() + 1]  # tight ink box
+        digit = digit[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]  # tight ink box
         h, w = digit.shape
         y, x = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
-        canvases[i, y:y + h, x:x + w] = digit
+        canvases[i, y : y + h, x : x + w] = digit
         boxes[i] = (x, y, x + w, y + h)
         _add_clutter(canvases[i], boxes[i], digit.sum(), scaled, labels, labels[src], rng)
     return (
@@ -274,8 +290,16 @@ def _build_canvases(split: str, size: int, seed: int, copies: int) -> tuple[Tens
     )
 
 
-def _add_clutter(canvas: np.ndarray, box: np.ndarray, ink: float, scaled: dict, labels: np.ndarray, label: int,
-                 rng: np.random.Generator, max_pieces: int = 12) -> None:
+def _add_clutter(
+    canvas: np.ndarray,
+    box: np.ndarray,
+    ink: float,
+    scaled: dict,
+    labels: np.ndarray,
+    label: int,
+    rng: np.random.Generator,
+    max_pieces: int = 12,
+) -> None:
     """Paste crops of other-class digits outside ``box`` (with a 2 px margin) until they hold ``ink``."""
     size = canvas.shape[0]
     others = np.flatnonzero(labels != label)
@@ -287,13 +311,13 @@ def _add_clutter(canvas: np.ndarray, box: np.ndarray, ink: float, scaled: dict, 
         longest = int(0.6 * piece_src.shape[0])  # a fragment, never a whole digit
         ph, pw = (int(rng.integers(5, longest + 1)) for _ in range(2))
         sy, sx = int(rng.integers(0, piece_src.shape[0] - ph + 1)), int(rng.integers(0, piece_src.shape[1] - pw + 1))
-        piece = piece_src[sy:sy + ph, sx:sx + pw]
+        piece = piece_src[sy : sy + ph, sx : sx + pw]
         if piece.sum() < 4.0:  # mostly background: not a stroke
             continue
         y, x = int(rng.integers(0, size - ph + 1)), int(rng.integers(0, size - pw + 1))
         if x < x1 + 2 and x + pw > x0 - 2 and y < y1 + 2 and y + ph > y0 - 2:
             continue
-        region = canvas[y:y + ph, x:x + pw]
+        region = canvas[y : y + ph, x : x + pw]
         added += float(np.maximum(region, piece).sum() - region.sum())
         np.maximum(region, piece, out=region)
 
@@ -322,8 +346,10 @@ def _cifar(name: str, root: str, train: bool, download: bool) -> tuple[Tensor, T
     try:
         split = Cifar(root, train=train, download=download)
     except Exception as err:  # torchvision unpickles the batches: any failure means a bad copy
-        raise ValueError(f"{name} files in {folder} could not be read ({type(err).__name__}: {err}); "
-                         "delete the folder and extract the archive again") from err
+        raise ValueError(
+            f"{name} files in {folder} could not be read ({type(err).__name__}: {err}); "
+            "delete the folder and extract the archive again"
+        ) from err
     images = torch.from_numpy(np.ascontiguousarray(split.data.transpose(0, 3, 1, 2)))
     return images, torch.tensor(split.targets, dtype=torch.long), list(split.classes)
 
@@ -337,8 +363,13 @@ class CheckedImageFolder(tv_datasets.ImageFolder):
     ``samples`` (a subset of an already checked folder's ``samples``) skips the check.
     """
 
-    def __init__(self, root: str | Path, transform: Callable | None = None, strict: bool = False,
-                 samples: list[tuple[str, int]] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable | None = None,
+        strict: bool = False,
+        samples: list[tuple[str, int]] | None = None,
+    ) -> None:
         super().__init__(str(root), transform=transform)
         if samples is not None:  # a split of an already checked folder
             self.samples = samples
@@ -346,8 +377,11 @@ class CheckedImageFolder(tv_datasets.ImageFolder):
         if bad and strict:
             raise ValueError(f"{len(bad)} unreadable image file(s) under {root}: {', '.join(bad[:20])}")
         if bad:
-            warnings.warn(f"skipping {len(bad)} unreadable image file(s) under {root}: {', '.join(bad[:20])}"
-                          + (" ..." if len(bad) > 20 else ""), stacklevel=2)
+            warnings.warn(
+                f"skipping {len(bad)} unreadable image file(s) under {root}: {', '.join(bad[:20])}"
+                + (" ..." if len(bad) > 20 else ""),
+                stacklevel=2,
+            )
             self.samples = [s for s in self.samples if s[0] not in set(bad)]
         if not self.samples:
             raise ValueError(f"no readable images under {root}")
@@ -359,8 +393,11 @@ class CheckedImageFolder(tv_datasets.ImageFolder):
             try:
                 return super().__getitem__((index + offset) % len(self.samples))
             except OSError as err:
-                warnings.warn(f"could not decode {self.samples[(index + offset) % len(self.samples)][0]} "
-                              f"({err}); using the next image instead", stacklevel=2)
+                warnings.warn(
+                    f"could not decode {self.samples[(index + offset) % len(self.samples)][0]} "
+                    f"({err}); using the next image instead",
+                    stacklevel=2,
+                )
         raise ValueError("no image in the folder could be decoded")
 
 
@@ -380,8 +417,15 @@ def _imagefolder(cfg: Any, size: tuple[int, int]) -> tuple[Dataset, Dataset, lis
     aug = cfg.augment
 
     def transform(train: bool) -> Callable:
-        return create_transform(size, is_training=train, hflip=aug.hflip, auto_augment=aug.auto_augment,
-                                re_prob=aug.re_prob, mean=IMAGENET_STATS[0], std=IMAGENET_STATS[1])
+        return create_transform(
+            size,
+            is_training=train,
+            hflip=aug.hflip,
+            auto_augment=aug.auto_augment,
+            re_prob=aug.re_prob,
+            mean=IMAGENET_STATS[0],
+            std=IMAGENET_STATS[1],
+        )
 
     val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if (root / "train").is_dir() and val_dir is not None:
@@ -393,8 +437,9 @@ def _imagefolder(cfg: Any, size: tuple[int, int]) -> tuple[Dataset, Dataset, lis
     from sklearn.model_selection import train_test_split
 
     full = CheckedImageFolder(root, None, cfg.strict)
-    train_idx, test_idx = train_test_split(np.arange(len(full)), test_size=cfg.val_fraction,
-                                           stratify=full.targets, random_state=cfg.split_seed)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(full)), test_size=cfg.val_fraction, stratify=full.targets, random_state=cfg.split_seed
+    )
     train = CheckedImageFolder(root, transform(True), samples=[full.samples[i] for i in sorted(train_idx)])
     test = CheckedImageFolder(root, transform(False), samples=[full.samples[i] for i in sorted(test_idx)])
     return train, test, full.classes
@@ -429,7 +474,9 @@ def _digits_canvas(cfg: Any) -> DataSplits:
     if cfg.img_size not in (None, size):
         raise ValueError("digits_canvas: set data.canvas_size instead of data.img_size")
     augment, per_image, erasing = tensor_augmentation(cfg.augment, DigitsCanvas.MEAN)
-    train = DigitsCanvas("train", size, cfg.split_seed, cfg.canvas_copies, augment=augment, per_image=per_image, erasing=erasing)
+    train = DigitsCanvas(
+        "train", size, cfg.split_seed, cfg.canvas_copies, augment=augment, per_image=per_image, erasing=erasing
+    )
     test = DigitsCanvas("test", size, cfg.split_seed, cfg.canvas_copies)
     return DataSplits(train, test, (size, size), 1, DigitsCanvas.MEAN, DigitsCanvas.STD, train.classes)
 
@@ -458,15 +505,24 @@ def _fake(cfg: Any) -> DataSplits:
     size, aug = cfg.img_size or DATASET_DEFAULTS["fake"][2], cfg.augment
     mean, std = (0.5,) * 3, (0.5,) * 3
     make = functools.partial(tv_datasets.FakeData, image_size=(3, size, size), num_classes=cfg.fake_classes)
-    train = make(cfg.fake_size, transform=build_transform(True, aug, mean, std, (size, size)), random_offset=cfg.split_seed)
-    test = make(max(1, cfg.fake_size // 4), transform=build_transform(False, aug, mean, std, (size, size)),
-                random_offset=cfg.split_seed + 10**6)
+    train = make(
+        cfg.fake_size, transform=build_transform(True, aug, mean, std, (size, size)), random_offset=cfg.split_seed
+    )
+    test = make(
+        max(1, cfg.fake_size // 4),
+        transform=build_transform(False, aug, mean, std, (size, size)),
+        random_offset=cfg.split_seed + 10**6,
+    )
     return DataSplits(train, test, (size, size), 3, mean, std, [str(c) for c in range(cfg.fake_classes)])
 
 
 _BUILDERS: dict[str, Callable[[Any], DataSplits]] = {
-    "digits": _digits, "digits_canvas": _digits_canvas, "cifar10": _cifar_splits, "cifar100": _cifar_splits,
-    "imagefolder": _imagefolder_splits, "fake": _fake,
+    "digits": _digits,
+    "digits_canvas": _digits_canvas,
+    "cifar10": _cifar_splits,
+    "cifar100": _cifar_splits,
+    "imagefolder": _imagefolder_splits,
+    "fake": _fake,
 }
 
 
@@ -476,8 +532,12 @@ def build_datasets(cfg: Any) -> tuple[Dataset, Dataset, dict[str, Any]]:
         raise ValueError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(_BUILDERS)}")
     splits = _BUILDERS[cfg.name](cfg)
     data_config = {
-        "name": cfg.name, "img_size": list(splits.size), "in_chans": splits.in_chans,
-        "mean": [float(m) for m in splits.mean], "std": [float(s) for s in splits.std],
-        "num_classes": len(splits.classes), "class_names": list(splits.classes),
+        "name": cfg.name,
+        "img_size": list(splits.size),
+        "in_chans": splits.in_chans,
+        "mean": [float(m) for m in splits.mean],
+        "std": [float(s) for s in splits.std],
+        "num_classes": len(splits.classes),
+        "class_names": list(splits.classes),
     }
     return splits.train, splits.test, data_config

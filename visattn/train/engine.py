@@ -110,13 +110,19 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, A
     test_loader = _eval_loader(test_set, cfg, procs)
 
     # model: create_model(name, num_classes=..., in_chans=..., **the config's other keys)
-    model_config = {**config_to_dict(cfg.model), "num_classes": data_config["num_classes"], "in_chans": data_config["in_chans"]}
+    model_config = {
+        **config_to_dict(cfg.model),
+        "num_classes": data_config["num_classes"],
+        "in_chans": data_config["in_chans"],
+    }
     model = build_model(model_config).to(procs.device)
     state = load_checkpoint(run_dir / "last.pt", map_location=procs.device) if resume is not None else None
     amp_dtype, reason = _agreed_precision(cfg.train.amp, model, train_loader, procs, state)
     log(f"precision {DTYPE_NAMES[amp_dtype]}: {reason}")
-    log(f"model {model_config['name']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
-        f"data {data_config['name']}: {len(train_set)} train / {len(test_set)} test images of {data_config['img_size']}")
+    log(
+        f"model {model_config['name']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
+        f"data {data_config['name']}: {len(train_set)} train / {len(test_set)} test images of {data_config['img_size']}"
+    )
     recipe = build_recipe(cfg.train, model, len(train_loader), data_config["num_classes"], amp_dtype)
     start_epoch, step, best = 0, 0, -1.0
     if state is not None:
@@ -138,20 +144,41 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, A
     return {k: v for k, v in metrics.items() if "per_class" not in k} | {"run_dir": str(run_dir)}
 
 
-def build_recipe(t: DictConfig, model: nn.Module, steps_per_epoch: int, num_classes: int,
-                 amp_dtype: torch.dtype | None) -> Recipe:
+def build_recipe(
+    t: DictConfig, model: nn.Module, steps_per_epoch: int, num_classes: int, amp_dtype: torch.dtype | None
+) -> Recipe:
     """Optimizer (timm names; no decay on norms, biases, positions), schedule per update, loss
     (label smoothing, or soft targets under Mixup/CutMix), EMA and gradient scaler from ``train``."""
-    optimizer = create_optimizer_v2(model, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum,
-                                    **_fast_optimizer_kwargs(t.opt))
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=t.sched, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs, warmup_lr=t.warmup_lr,
-        min_lr=t.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+    optimizer = create_optimizer_v2(
+        model, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum, **_fast_optimizer_kwargs(t.opt)
     )
-    mixup = (Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, prob=t.mixup_prob, label_smoothing=t.label_smoothing,
-                   num_classes=num_classes) if t.mixup or t.cutmix else None)
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=t.sched,
+        num_epochs=t.epochs,
+        warmup_epochs=t.warmup_epochs,
+        warmup_lr=t.warmup_lr,
+        min_lr=t.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+    mixup = (
+        Mixup(
+            mixup_alpha=t.mixup,
+            cutmix_alpha=t.cutmix,
+            prob=t.mixup_prob,
+            label_smoothing=t.label_smoothing,
+            num_classes=num_classes,
+        )
+        if t.mixup or t.cutmix
+        else None
+    )
     return Recipe(
-        optimizer=optimizer, scheduler=scheduler, amp_dtype=amp_dtype, mixup=mixup, clip_grad=t.clip_grad,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        amp_dtype=amp_dtype,
+        mixup=mixup,
+        clip_grad=t.clip_grad,
         loss_fn=SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
         ema=ModelEmaV3(model, decay=t.ema_decay) if t.ema_decay else None,
         scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
@@ -185,8 +212,15 @@ class _Run:
     data_config: dict[str, Any]
     log: Callable[..., None]
 
-    def epochs(self, train_loader: DataLoader, sampler: DistributedSampler, test_loader: DataLoader,
-               start_epoch: int, step: int, best: float) -> dict[str, Any]:
+    def epochs(
+        self,
+        train_loader: DataLoader,
+        sampler: DistributedSampler,
+        test_loader: DataLoader,
+        start_epoch: int,
+        step: int,
+        best: float,
+    ) -> dict[str, Any]:
         """Train, evaluate, log and checkpoint every epoch from ``start_epoch``; the last metrics."""
         t, procs, ema = self.cfg.train, self.procs, self.recipe.ema
         train_model = DistributedDataParallel(self.model) if procs.distributed else self.model
@@ -196,8 +230,16 @@ class _Run:
         for epoch in range(start_epoch, t.epochs):
             _seed_everything(t.seed, epoch, procs.rank)
             sampler.set_epoch(epoch)
-            train_stats, step = train_one_epoch(train_model, train_loader, self.recipe, step, procs, epoch=epoch,
-                                                cfg=self.cfg, checkpoint=self.run_dir / "last.pt")
+            train_stats, step = train_one_epoch(
+                train_model,
+                train_loader,
+                self.recipe,
+                step,
+                procs,
+                epoch=epoch,
+                cfg=self.cfg,
+                checkpoint=self.run_dir / "last.pt",
+            )
             test = evaluate(self.model, test_loader, procs, self.recipe.amp_dtype, num_classes)
             metrics = {"epoch": epoch + 1, "step": step, **train_stats, **_prefixed(test, "test_")}
             if ema is not None:
@@ -218,14 +260,27 @@ class _Run:
         score = metrics["ema_test_acc1" if ema is not None else "test_acc1"]
         if score > best:
             best = score
-            save_checkpoint(run_dir / "best.pt", ema.module if ema is not None else self.model, self.model_config,
-                            epoch=metrics["epoch"], acc1=score, **extra)
+            save_checkpoint(
+                run_dir / "best.pt",
+                ema.module if ema is not None else self.model,
+                self.model_config,
+                epoch=metrics["epoch"],
+                acc1=score,
+                **extra,
+            )
         save_checkpoint(
-            run_dir / "last.pt", self.model, self.model_config, epoch=metrics["epoch"], step=metrics["step"],
-            best_acc1=best, ema=ema.state_dict() if ema is not None else None,
-            optimizer=recipe.optimizer.state_dict(), scheduler=recipe.scheduler.state_dict(),
+            run_dir / "last.pt",
+            self.model,
+            self.model_config,
+            epoch=metrics["epoch"],
+            step=metrics["step"],
+            best_acc1=best,
+            ema=ema.state_dict() if ema is not None else None,
+            optimizer=recipe.optimizer.state_dict(),
+            scheduler=recipe.scheduler.state_dict(),
             scaler=recipe.scaler.state_dict() if recipe.scaler is not None else None,
-            precision=DTYPE_NAMES[recipe.amp_dtype], **extra,
+            precision=DTYPE_NAMES[recipe.amp_dtype],
+            **extra,
         )
         return best
 
@@ -233,13 +288,16 @@ class _Run:
         """Final weights as safetensors + JSON (the EMA weights when EMA is on), the curves, the last line."""
         ema = self.recipe.ema
         if self.procs.is_main:
-            write_safetensors(self.run_dir, ema.module if ema is not None else self.model, self.model_config,
-                              self.data_config)
+            write_safetensors(
+                self.run_dir, ema.module if ema is not None else self.model, self.model_config, self.data_config
+            )
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
             if metrics:
                 key = "ema_test_acc1" if ema is not None else "test_acc1"
-                self.log(f"final test accuracy {metrics[key]:.2%} ({'EMA weights, ' if ema else ''}"
-                         f"epoch {metrics['epoch']}); run folder {self.run_dir}")
+                self.log(
+                    f"final test accuracy {metrics[key]:.2%} ({'EMA weights, ' if ema else ''}"
+                    f"epoch {metrics['epoch']}); run folder {self.run_dir}"
+                )
         if self.procs.distributed:
             dist.barrier()
             dist.destroy_process_group()
@@ -257,7 +315,9 @@ def build_model(model_config: dict[str, Any]) -> nn.Module:
     except TypeError as err:
         if "unexpected keyword" not in str(err):
             raise
-        raise ValueError(f"model {name!r} does not take an argument given in the config's model section: {err}") from None
+        raise ValueError(
+            f"model {name!r} does not take an argument given in the config's model section: {err}"
+        ) from None
 
 
 def train_one_epoch(
@@ -292,8 +352,10 @@ def train_one_epoch(
         reduced = _mean_over_processes(loss.detach().float(), procs)
         if not torch.isfinite(reduced):
             where = f"; the last good state is {checkpoint}" if checkpoint is not None and checkpoint.exists() else ""
-            raise NonFiniteLossError(f"training loss is {reduced.item()} at step {step + 1} (epoch {epoch + 1}); "
-                                     f"stopping (lower train.lr or set train.clip_grad){where}")
+            raise NonFiniteLossError(
+                f"training loss is {reduced.item()} at step {step + 1} (epoch {epoch + 1}); "
+                f"stopping (lower train.lr or set train.clip_grad){where}"
+            )
         _update(model, loss, recipe)
         step += 1
         recipe.scheduler.step_update(num_updates=step)
@@ -307,8 +369,13 @@ def train_one_epoch(
             print(f"  epoch {epoch + 1} step {batch + 1}/{len(loader)} loss {reduced.item():.4f}", flush=True)
         waited = time.perf_counter()
     seconds = time.perf_counter() - started
-    return {"train_loss": total_loss / max(1, len(loader)), "lr": recipe.optimizer.param_groups[0]["lr"],
-            "images_per_s": images / seconds, "epoch_s": seconds, "data_s": data_seconds}, step
+    return {
+        "train_loss": total_loss / max(1, len(loader)),
+        "lr": recipe.optimizer.param_groups[0]["lr"],
+        "images_per_s": images / seconds,
+        "epoch_s": seconds,
+        "data_s": data_seconds,
+    }, step
 
 
 def _update(model: nn.Module, loss: Tensor, recipe: Recipe) -> None:
@@ -366,8 +433,13 @@ def evaluate(
     if procs.distributed:
         for tensor in (totals, count, per_class_correct, per_class_count):
             dist.all_reduce(tensor)
-    return {"loss": (totals[0] / count).item(), "acc1": (totals[1] / count).item(), "acc5": (totals[2] / count).item(),
-            "per_class_correct": per_class_correct.cpu(), "per_class_count": per_class_count.cpu()}
+    return {
+        "loss": (totals[0] / count).item(),
+        "acc1": (totals[1] / count).item(),
+        "acc5": (totals[2] / count).item(),
+        "per_class_correct": per_class_correct.cpu(),
+        "per_class_count": per_class_count.cpu(),
+    }
 
 
 def write_safetensors(run_dir: Path, model: nn.Module, model_config: dict, data_config: dict) -> None:
@@ -463,21 +535,37 @@ def _run_dir(cfg: DictConfig, resume: str | os.PathLike | None) -> Path:
 
 def _train_loader(dataset: Dataset, cfg: DictConfig, procs: Processes) -> tuple[DataLoader, DistributedSampler]:
     if cfg.train.batch_size % procs.world_size:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {procs.world_size} processes")
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by the {procs.world_size} processes"
+        )
     per_process = cfg.train.batch_size // procs.world_size
     if len(dataset) < cfg.train.batch_size:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the {len(dataset)} training images")
     # One sampler for one or many processes: its order depends only on (seed, epoch).
-    sampler = DistributedSampler(dataset, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=cfg.train.seed)
-    loader = DataLoader(dataset, batch_size=per_process, sampler=sampler, drop_last=True, num_workers=cfg.data.workers,
-                        pin_memory=procs.device.type == "cuda", persistent_workers=cfg.data.workers > 0)
+    sampler = DistributedSampler(
+        dataset, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=cfg.train.seed
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=per_process,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.data.workers,
+        pin_memory=procs.device.type == "cuda",
+        persistent_workers=cfg.data.workers > 0,
+    )
     return loader, sampler
 
 
 def _eval_loader(dataset: Dataset, cfg: DictConfig, procs: Processes) -> DataLoader:
     shard = Subset(dataset, range(procs.rank, len(dataset), procs.world_size)) if procs.distributed else dataset
-    loader = DataLoader(shard, batch_size=max(cfg.train.batch_size // procs.world_size, 1) * 2, shuffle=False,
-                        num_workers=cfg.data.workers, persistent_workers=cfg.data.workers > 0)
+    loader = DataLoader(
+        shard,
+        batch_size=max(cfg.train.batch_size // procs.world_size, 1) * 2,
+        shuffle=False,
+        num_workers=cfg.data.workers,
+        persistent_workers=cfg.data.workers > 0,
+    )
     return loader
 
 
@@ -513,7 +601,10 @@ def choose_precision(
             return torch.bfloat16, "train.amp=auto on a CUDA device with bf16 support"
         return None, "train.amp=auto on a CUDA device without bf16 support"
     if not cpu_has_native_bf16():
-        return None, "train.amp=auto: this CPU has no native bf16 (avx512_bf16/amx_bf16), so bf16 would be emulated and slower"
+        return (
+            None,
+            "train.amp=auto: this CPU has no native bf16 (avx512_bf16/amx_bf16), so bf16 would be emulated and slower",
+        )
     fp32, bf16 = step_seconds(None), step_seconds(torch.bfloat16)
     timing = f"a training step took {bf16 * 1e3:.1f} ms in bf16 and {fp32 * 1e3:.1f} ms in fp32 on this CPU"
     if bf16 < BF16_MIN_GAIN * fp32:
@@ -543,8 +634,9 @@ def step_timer(model: nn.Module, batch: tuple[Tensor, Tensor], device: torch.dev
     return seconds
 
 
-def _agreed_precision(amp: str, model: nn.Module, loader: DataLoader, procs: Processes,
-                      state: dict[str, Any] | None) -> tuple[torch.dtype | None, str]:
+def _agreed_precision(
+    amp: str, model: nn.Module, loader: DataLoader, procs: Processes, state: dict[str, Any] | None
+) -> tuple[torch.dtype | None, str]:
     """:func:`choose_precision` on rank 0, shared with every process of the run. A resumed
     ``auto`` run keeps the precision it started with, so that it continues the same arithmetic."""
     if amp == "auto" and state is not None and state.get("precision") in _DTYPES:
@@ -605,8 +697,10 @@ def _prefixed(stats: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def _epoch_line(m: dict[str, Any], epochs: int, has_ema: bool) -> str:
-    line = (f"epoch {m['epoch']:>3}/{epochs} train_loss {m['train_loss']:.4f} test_loss {m['test_loss']:.4f} "
-            f"test_acc1 {m['test_acc1']:.2%} test_acc5 {m['test_acc5']:.2%}")
+    line = (
+        f"epoch {m['epoch']:>3}/{epochs} train_loss {m['train_loss']:.4f} test_loss {m['test_loss']:.4f} "
+        f"test_acc1 {m['test_acc1']:.2%} test_acc5 {m['test_acc5']:.2%}"
+    )
     if has_ema:
         line += f" ema_acc1 {m['ema_test_acc1']:.2%}"
     return line + f" lr {m['lr']:.2e} {m['images_per_s']:.0f} img/s {m['time']:.1f}s"
@@ -615,7 +709,9 @@ def _epoch_line(m: dict[str, Any], epochs: int, has_ema: bool) -> str:
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
     """Drop lines of epochs after the checkpoint (written before a kill, then redone)."""
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+        keep = [
+            line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epochs_done
+        ]
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 

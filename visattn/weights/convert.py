@@ -86,7 +86,8 @@ def load_state_dict_exactly(model: nn.Module, state: StateDict, source: str, ass
     unexpected = [k for k in state if k not in expected]
     misshaped = [
         f"{k} {tuple(state[k].shape)} (model: {tuple(v.shape)})"
-        for k, v in expected.items() if k in state and state[k].shape != v.shape
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
     ]
     problems = [
         f"{label}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}"
@@ -124,7 +125,7 @@ def _unwrap(state: Mapping[str, Any]) -> dict[str, Tensor]:
             state = state[key]
             break
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors:
         raise ValueError(f"expected a state dict of tensors; these entries are not tensors: {not_tensors[:6]}")
@@ -283,21 +284,25 @@ def _check_block(block: nn.Module, embed_dim: int, refused: list[str]) -> _Block
     if act is None:
         refused.append(f"activation {mlp.act!r} (only GELU, exact or tanh)")
     return _BlockSignature(
-        attn.num_heads, mlp.fc1.out_features, attn.qkv.bias is not None,
-        not _is_plain(attn.q_norm), isinstance(block.ls1, LayerScale), act,
+        attn.num_heads,
+        mlp.fc1.out_features,
+        attn.qkv.bias is not None,
+        not _is_plain(attn.q_norm),
+        isinstance(block.ls1, LayerScale),
+        act,
     )
 
 
 def _check_norms(model: TimmVisionTransformer, refused: list[str]) -> set[float]:
     """Add to ``refused`` norms other than one LayerNorm kind; the eps values of the LayerNorms."""
     norms = [model.norm, model.fc_norm] + [
-        m for block in model.blocks if type(block) is TimmBlock and type(block.attn) is TimmAttention
+        m
+        for block in model.blocks
+        if type(block) is TimmBlock and type(block.attn) is TimmAttention
         for m in (block.norm1, block.norm2, block.attn.q_norm, block.attn.k_norm)
     ]
     norms = [m for m in norms if not _is_plain(m)]
-    not_layer_norm = {
-        type(m).__name__ for m in norms if not (isinstance(m, nn.LayerNorm) and m.bias is not None)
-    }
+    not_layer_norm = {type(m).__name__ for m in norms if not (isinstance(m, nn.LayerNorm) and m.bias is not None)}
     if not_layer_norm:
         names = ", ".join(sorted(not_layer_norm))
         refused.append(f"norm layer {names} (only LayerNorm with weight and bias)")
@@ -311,9 +316,7 @@ def _block_arguments(signature: _BlockSignature, embed_dim: int) -> dict[str, An
     """The block hyper-parameters (heads, MLP ratio, biases, norms, layer scale, activation)."""
     mlp_ratio = signature.mlp_hidden / embed_dim
     if int(embed_dim * mlp_ratio) != signature.mlp_hidden:
-        raise UnsupportedModelError(
-            f"MLP width {signature.mlp_hidden} is not int(embed_dim * mlp_ratio) for any ratio"
-        )
+        raise UnsupportedModelError(f"MLP width {signature.mlp_hidden} is not int(embed_dim * mlp_ratio) for any ratio")
     return dict(
         num_heads=signature.num_heads,
         mlp_ratio=mlp_ratio,
@@ -501,7 +504,9 @@ def _torchvision_config(model: nn.Module) -> dict[str, Any]:
     if _activation_name(act) != "gelu":
         refused.append(f"activation {act!r}")
     if refused:
-        raise UnsupportedModelError("this torchvision ViT uses features visattn does not implement: " + "; ".join(refused))
+        raise UnsupportedModelError(
+            "this torchvision ViT uses features visattn does not implement: " + "; ".join(refused)
+        )
     return dict(
         img_size=model.image_size,
         patch_size=model.patch_size,
@@ -536,8 +541,12 @@ def _torchvision_config_from_state(state: StateDict) -> dict[str, Any]:
         raise ValueError(f"{tokens} position embeddings do not form a square grid")
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     return dict(
-        img_size=side * patch, patch_size=patch, in_chans=state["patch_embed.proj.weight"].shape[1],
-        num_classes=_head_classes(state), embed_dim=width, depth=depth,
+        img_size=side * patch,
+        patch_size=patch,
+        in_chans=state["patch_embed.proj.weight"].shape[1],
+        num_classes=_head_classes(state),
+        embed_dim=width,
+        depth=depth,
         num_heads=_TORCHVISION_HEADS[width],
         mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / width,
     )
@@ -642,7 +651,11 @@ def pretrained_model(
         peer = timm.create_model(name, pretrained=True, **kwargs)
     except OSError as err:
         cfg = timm.models.get_pretrained_cfg(name)
-        url = f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors" if cfg and cfg.hf_hub_id else (cfg.url if cfg else None)
+        url = (
+            f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors"
+            if cfg and cfg.hf_hub_id
+            else (cfg.url if cfg else None)
+        )
         raise _unavailable(name, url, err) from err
     return from_timm(peer)
 

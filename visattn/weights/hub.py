@@ -67,7 +67,9 @@ def save_pretrained(model: VisionTransformer, directory: str | os.PathLike) -> N
 
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; a folder written by save_pretrained has {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise CheckpointError(
+            f"{path} does not exist; a folder written by save_pretrained has {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -78,7 +80,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(version, int) or version > PRETRAINED_VERSION or version < 1:
         raise CheckpointError(f"{path} has format version {version!r}; this visattn reads version {PRETRAINED_VERSION}")
     if meta.get("architecture") != "VisionTransformer":
-        raise CheckpointError(f"{path} describes architecture {meta.get('architecture')!r}; visattn loads 'VisionTransformer'")
+        raise CheckpointError(
+            f"{path} describes architecture {meta.get('architecture')!r}; visattn loads 'VisionTransformer'"
+        )
     if not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{path} has no 'config' object")
     return meta
@@ -101,7 +105,9 @@ def load_pretrained(directory: str | os.PathLike, device: str = "cpu") -> Vision
     try:
         model = VisionTransformer(**meta["config"])
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{directory / CONFIG_NAME}: the config does not build a VisionTransformer: {err}") from err
+        raise CheckpointError(
+            f"{directory / CONFIG_NAME}: the config does not build a VisionTransformer: {err}"
+        ) from err
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{weights} does not exist")
