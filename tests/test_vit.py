@@ -171,3 +171,10 @@ def test_public_api_is_complete_documented_and_from_the_layers():
         assert (obj.__doc__ or "").strip(), f"visattn.{name} has no docstring"
         home = obj.__name__ if isinstance(obj, type(visattn)) else obj.__module__
         assert home.split(".")[1] in {"layers", "models", "weights", "explain", "train"}, (name, home)
+
+
+def test_the_public_modules_keep_their_import_paths():
+    from visattn.functional import attention
+    from visattn.maps import rollout
+
+    assert attention is visattn.layers.functional.attention and rollout is visattn.explain.maps.rollout

@@ -5,6 +5,8 @@ The package is layered (imports only go down): the leaves ``_io`` and ``_utils``
 (conversion, save/load, checkpoints); ``explain`` and ``train``; and ``cli`` on top.
 """
 
+import sys
+
 from .explain import maps
 from .explain.overlay import overlay, overlay_grid
 from .explain.recording import AttentionRecording, record_attention
@@ -22,6 +24,11 @@ from .weights.convert import from_timm, from_torchvision
 from .weights.hub import load_pretrained, save_pretrained
 
 __version__ = "0.1.0"
+
+# The two public modules keep their import paths (`from visattn.maps import rollout`,
+# `from visattn.functional import attention`) although their files live in the layers now.
+sys.modules[f"{__name__}.functional"] = functional
+sys.modules[f"{__name__}.maps"] = maps
 
 __all__ = [
     "AttentionRecord",
