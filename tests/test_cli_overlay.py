@@ -12,7 +12,7 @@ from torch import nn
 
 from visattn import SelfAttention2d
 from visattn.cli import main
-from visattn.explain.overlay import Preprocess, attention_overlay
+from visattn.explain.overlay import Preprocess, attention_overlay, load_image
 from visattn.models import registry
 from visattn.models.vit import VisionTransformer
 from visattn.weights.checkpoint import save_checkpoint
@@ -118,9 +118,10 @@ def test_cnn_checkpoint_query_and_received(tmp_path, cat, capsys, registered_cnn
         # the command draws exactly what the library draws for the same checkpoint and arguments
         expected = attention_overlay(
             model.eval(),
-            Image.open(cat).convert("RGB"),
+            load_image(cat),
             method,
             preprocess=Preprocess.from_data_config(data_config),
+            class_names=data_config["class_names"],
             **kwargs,
         )
         drawn[method] = Image.open(tmp_path / f"{method}.png").convert("RGB")
