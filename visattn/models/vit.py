@@ -127,21 +127,9 @@ class VisionTransformer(nn.Module):
 
         self._build_tokens(patch_size, in_chans, class_token, reg_tokens, embed_layer)
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        make_block = partial(
-            EncoderBlock,
-            embed_dim,
-            num_heads,
-            mlp_ratio,
-            norm=norm,
-            qkv_bias=qkv_bias,
-            qk_norm=qk_norm,
-            proj_drop=proj_drop_rate,
-            attn_drop=attn_drop_rate,
-            layer_scale=layer_scale,
-            act_layer=act_layer,
-            norm_layer=norm_layer,
-        )
-        self._build_blocks(make_block, depth, drop_path_rate)
+        blocks = dict(norm=norm, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate)
+        blocks.update(layer_scale=layer_scale, act_layer=act_layer, norm_layer=norm_layer)
+        self._build_blocks(partial(EncoderBlock, embed_dim, num_heads, mlp_ratio, **blocks), depth, drop_path_rate)
         self._build_head(norm_layer, final_norm and norm == "pre", fc_norm, drop_rate)
         self.init_weights()
 
