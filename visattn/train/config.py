@@ -162,28 +162,74 @@ def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
         raise _explain(err, source) from None
 
 
+def _refuse(key: str, value: Any, choices: tuple[str, ...] | list[str], listed_by: str = "") -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of ``choices`` (with a "did you mean");
+    ``listed_by`` names where a long list of choices can be read instead of printing it."""
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        shown = f"one of the {len(choices)} names of {listed_by}" if listed_by else "one of: " + ", ".join(choices)
+        raise ConfigError(f"{key}={value!r} is not valid{hint}; choose {shown}")
+
+
 def _check_choices(cfg: DictConfig) -> None:
+    """Names that must be one of a list: dataset, precision, device, progress, optimizer, schedule."""
     for key, value, choices in (
         ("data.name", cfg.data.name, DATASETS),
         ("train.amp", cfg.train.amp, AMP_MODES),
         ("train.device", cfg.train.device, DEVICES),
         ("run.progress", cfg.run.progress, PROGRESS),
+        ("train.sched", cfg.train.sched, SCHEDULES),
     ):
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{key}={value!r} is not valid{hint}; choose one of: {', '.join(choices)}")
+        _refuse(key, value, choices)
+    _refuse("train.opt", _optimizer_name(cfg.train.opt), _optimizer_names(), "timm.optim.list_optimizers()")
     if not isinstance(cfg.model.get("name"), str):
         raise ConfigError("model.name is missing; set it to a name from `visattn models` or 'torchvision:NAME'")
     for key in ("num_classes", "in_chans"):
         if key in cfg.model:
             raise ConfigError(f"model.{key} comes from the dataset; remove it from the config")
-    positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size, "train.lr": cfg.train.lr}
-    for key, value in positive.items():
-        if not value > 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay must be in [0, 1) (0 turns EMA off), got {cfg.train.ema_decay}")
+
+
+#: timm's scheduler names (timm.scheduler.create_scheduler_v2)
+SCHEDULES = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant", "rsqrt")
+
+
+def _optimizer_name(opt: str) -> str:
+    """timm's optimizer name in ``opt`` (``"lookahead_adamw"`` → ``"adamw"``), lower case."""
+    return str(opt).lower().split("_")[-1]
+
+
+def _optimizer_names() -> list[str]:
+    from timm.optim import list_optimizers
+
+    return list(list_optimizers())
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    """Numbers that must lie in a range; each message names the key, the value and the range."""
+    t, d = cfg.train, cfg.data
+    rules = [
+        ("train.epochs", t.epochs, t.epochs > 0, "positive"),
+        ("train.batch_size", t.batch_size, t.batch_size > 0, "positive"),
+        ("train.lr", t.lr, t.lr > 0, "positive"),
+        ("train.clip_grad", t.clip_grad, t.clip_grad is None or t.clip_grad > 0, "null (no clipping) or positive"),
+        ("train.label_smoothing", t.label_smoothing, 0 <= t.label_smoothing < 1, "in [0, 1)"),
+        ("train.warmup_epochs", t.warmup_epochs, t.warmup_epochs >= 0, ">= 0"),
+        ("train.ema_decay", t.ema_decay, 0 <= t.ema_decay < 1, "in [0, 1) (0 turns EMA off)"),
+        (
+            "data.img_size",
+            d.img_size,
+            d.img_size is None or d.img_size > 0,
+            "null (the dataset's own size) or positive",
+        ),
+        ("data.fake_classes", d.fake_classes, d.fake_classes >= 2, ">= 2 (a classifier needs two classes)"),
+        ("data.workers", d.workers, d.workers >= 0, ">= 0"),
+        ("data.val_fraction", d.val_fraction, 0 < d.val_fraction < 1, "in (0, 1)"),
+        ("data.fake_size", d.fake_size, d.fake_size > 0, "positive"),
+    ]
+    for key, value, ok, valid in rules:
+        if not ok:
+            raise ConfigError(f"{key} must be {valid}, got {value}")
 
 
 def load_config(
@@ -215,6 +261,7 @@ def load_config(
     if cfg.run.name is None:
         cfg.run.name = "default"
     _check_choices(cfg)
+    _check_ranges(cfg)
     return cfg
 
 

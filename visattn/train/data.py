@@ -493,12 +493,34 @@ def _imagefolder(cfg: Any, size: tuple[int, int]) -> tuple[Dataset, Dataset, lis
     from sklearn.model_selection import train_test_split
 
     full = CheckedImageFolder(root, None, cfg.strict)
+    _check_split(full, root, cfg.val_fraction)
     train_idx, test_idx = train_test_split(
         np.arange(len(full)), test_size=cfg.val_fraction, stratify=full.targets, random_state=cfg.split_seed
     )
     train = CheckedImageFolder(root, transform(True), samples=[full.samples[i] for i in sorted(train_idx)])
     test = CheckedImageFolder(root, transform(False), samples=[full.samples[i] for i in sorted(test_idx)])
     return train, test, full.classes
+
+
+def _check_split(folder: CheckedImageFolder, root: Path, val_fraction: float) -> None:
+    """Refuse a folder that a stratified ``val_fraction`` split cannot divide, naming the class."""
+    if len(folder.classes) < 2:
+        raise ValueError(
+            f"image folder {root} has {len(folder.classes)} class folder(s); a classifier needs at least 2"
+        )
+    counts = np.bincount(folder.targets, minlength=len(folder.classes))
+    for name, count in zip(folder.classes, counts, strict=True):
+        if count < 2:
+            raise ValueError(
+                f"class {name!r} in {root} has {count} image(s): a held-out split (data.val_fraction) needs at least "
+                f"2 per class; add images or give {root}/train and {root}/val folders"
+            )
+    test_size = int(np.ceil(val_fraction * len(folder.targets)))
+    if test_size < len(folder.classes) or len(folder.targets) - test_size < len(folder.classes):
+        raise ValueError(
+            f"data.val_fraction={val_fraction} of the {len(folder.targets)} images in {root} holds {test_size}, but "
+            f"both splits need one image of each of the {len(folder.classes)} classes; change data.val_fraction"
+        )
 
 
 @dataclass
@@ -587,6 +609,8 @@ def build_datasets(cfg: Any) -> tuple[Dataset, Dataset, dict[str, Any]]:
     if cfg.name not in _BUILDERS:
         raise ValueError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(_BUILDERS)}")
     splits = _BUILDERS[cfg.name](cfg)
+    if len(splits.classes) < 2:
+        raise ValueError(f"data.name={cfg.name} has {len(splits.classes)} class(es); a classifier needs at least 2")
     data_config = {
         "name": cfg.name,
         "img_size": list(splits.size),
