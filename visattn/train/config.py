@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -232,6 +233,28 @@ def _check_ranges(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be {valid}, got {value}")
 
 
+def _read_yaml(path: Path) -> DictConfig:
+    """A config file as a ``DictConfig``; syntax errors and a top level other than a mapping raise
+    :class:`ConfigError` naming the file (and the line)."""
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config file {path} could not be read: {str(err).splitlines()[0]}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason})") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(
+            f"config file {path} holds a {type(layer).__name__.removesuffix('Config').lower()} at its top level; "
+            "it must be a mapping of sections (data:, model:, train:, run:)"
+        )
+    return layer
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -251,13 +274,17 @@ def load_config(
             raise ConfigError(
                 f"config file {path} does not exist" + (f"; shipped configs: {', '.join(shipped)}" if shipped else "")
             )
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+        cfg = _merge(cfg, _read_yaml(path), str(path))
         if cfg.run.name is None:
             cfg.run.name = path.stem
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=20)")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except (yaml.YAMLError, OmegaConfBaseException) as err:
+            raise ConfigError(f"override {item!r} is not valid YAML: {' '.join(str(err).split())}") from None
+        cfg = _merge(cfg, layer, f"override {item!r}")
     if cfg.run.name is None:
         cfg.run.name = "default"
     _check_choices(cfg)
