@@ -123,6 +123,8 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, A
     Under ``torchrun`` every process calls this; only rank 0 writes.
     """
     procs = init_processes(cfg.train.device)
+    out_dir = Path(cfg.run.out_dir).absolute()
+    new_folders = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # deepest first
     run_dir = _agreed_run_dir(cfg, resume, procs)
     log = print if procs.is_main else _silent
     try:
@@ -130,7 +132,7 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, A
         metrics = run.epochs(*loaders, *start)
     except BaseException as err:
         if procs.is_main and resume is None:
-            _release(run_dir)
+            _release(run_dir, new_folders)
         if procs.is_main and isinstance(err, NonFiniteLossError) and (run_dir / "metrics.jsonl").is_file():
             plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         if isinstance(err, KeyboardInterrupt) and not isinstance(err, TrainingInterrupted):
@@ -637,16 +639,20 @@ def _run_dir(cfg: DictConfig, resume: str | os.PathLike | None) -> Path:
 _EARLY_FILES = ("config.yaml", "metrics.jsonl", "curves.png")
 
 
-def _release(run_dir: Path) -> None:
-    """Remove a new run's folder if it holds no checkpoint (the run failed or stopped before one)."""
+def _release(run_dir: Path, new_folders: list[Path]) -> None:
+    """Remove a new run's folder if it holds no checkpoint (the run failed or stopped before one),
+    and the empty ``new_folders`` (deepest first) that were made for it."""
     if not run_dir.is_dir() or any((run_dir / name).exists() for name in ("last.pt", "best.pt")):
         return
     for name in _EARLY_FILES:
         (run_dir / name).unlink(missing_ok=True)
     for leftover in run_dir.glob("*.tmp"):
         leftover.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # something else is in it: keep it
-        run_dir.rmdir()
+    for folder in (run_dir, *new_folders):
+        try:
+            folder.rmdir()
+        except OSError:  # something else is in it: keep it and its parents
+            return
 
 
 def _train_loader(dataset: Dataset, cfg: DictConfig, procs: Processes) -> tuple[DataLoader, DistributedSampler]:
