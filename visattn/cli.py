@@ -49,12 +49,16 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
 
     if args.checkpoint and args.img_size:
         raise ValueError("--img-size is for --model; a checkpoint's data_config sets the input size")
+    if (args.method == "query") != (args.query is not None):
+        raise ValueError(
+            "--method query needs a query point, --query X,Y (a pixel of the picture); the other methods take none"
+        )
     if not Path(args.out).resolve().parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist; create it first")
     image = load_image(args.image)
     if args.checkpoint:
         state = load_checkpoint(_checkpoint_file(args.checkpoint))
-        model = model_from_checkpoint(state)
+        model = model_from_checkpoint(state, source=args.checkpoint)
         data_config = state.get("data_config")
         if data_config is None:
             data_config = default_data_config(model)
@@ -218,7 +222,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"{path} holds no training config (not written by visattn train); "
             "evaluate it from Python with visattn.engine.evaluate"
         )
-    model = model_from_checkpoint(state)
+    model = model_from_checkpoint(state, source=path)
     overrides = ([f"data.name={args.data}"] if args.data else []) + args.set
     cfg = load_config(base=state["config"], overrides=overrides)
     _, test_set, data_config = build_datasets(cfg.data)

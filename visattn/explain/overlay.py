@@ -54,6 +54,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as err:
+        raise ValueError(
+            f"{path} is refused as a possible decompression bomb: {' '.join(str(err).split())} "
+            "(raise PIL.Image.MAX_IMAGE_PIXELS from Python if the picture is genuine)"
+        ) from err
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(
             f"{path} is not an image that PIL can read ({type(err).__name__}); give a PNG, JPEG or "

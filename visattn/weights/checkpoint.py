@@ -78,15 +78,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def model_from_checkpoint(
-    path_or_state: str | os.PathLike | dict[str, Any], map_location: str | torch.device = "cpu"
+    path_or_state: str | os.PathLike | dict[str, Any],
+    map_location: str | torch.device = "cpu",
+    source: str | os.PathLike | None = None,
 ) -> nn.Module:
     """Rebuild the model a checkpoint describes and load its weights (in eval mode).
 
     A checkpoint without ``model_config``, or whose weights do not fit the model it describes,
-    raises :class:`CheckpointError` naming the file.
+    raises :class:`CheckpointError` naming the file (``source``: the file a given state came from).
     """
     state = path_or_state if isinstance(path_or_state, dict) else load_checkpoint(path_or_state, map_location)
-    source = "the checkpoint" if isinstance(path_or_state, dict) else str(path_or_state)
+    if source is None:
+        source = "the checkpoint" if isinstance(path_or_state, dict) else path_or_state
     if not isinstance(state.get("model_config"), dict) or "name" not in state["model_config"]:
         raise CheckpointError(
             f"{source} has no model_config (the create_model arguments that rebuild its model); "
