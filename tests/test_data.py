@@ -12,6 +12,7 @@ from sklearn.datasets import load_digits
 
 from visattn.train.config import load_config
 from visattn.train.data import (
+    CheckedImageFolder,
     DigitsCanvas,
     _build_canvases,
     build_datasets,
@@ -264,3 +265,19 @@ def test_imagefolder_replaces_a_file_that_fails_to_decode_later(tmp_path):
     with pytest.warns(UserWarning, match=r"could not decode .*cut.jpg.*using the next image"):
         x, y = test[index]
     assert x.shape == (3, 16, 16) and (index + 1 < len(test) or y == test.samples[0][1])
+
+
+def test_imagefolder_scales_16_bit_pictures(tmp_path):
+    rng = np.random.default_rng(0)
+    originals = {}
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            values = rng.integers(0, 65536, (6, 5), dtype=np.uint16)
+            Image.fromarray(values).save(tmp_path / c / f"{i}.png")
+            originals[str(tmp_path / c / f"{i}.png")] = values
+    folder = CheckedImageFolder(tmp_path)
+    for index, (path, _) in enumerate(folder.samples):
+        image, _ = folder[index]
+        expected = np.floor(originals[path].astype(np.float64) / 257 + 0.5)  # 16 → 8 bits, not clipped
+        assert image.mode == "RGB" and all(np.array_equal(np.asarray(image)[..., c], expected) for c in range(3))

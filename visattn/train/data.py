@@ -30,6 +30,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 
+from .._utils import eight_bit
 from .augment import BatchAugment
 
 __all__ = [
@@ -426,7 +427,7 @@ class CheckedImageFolder(tv_datasets.ImageFolder):
         strict: bool = False,
         samples: list[tuple[str, int]] | None = None,
     ) -> None:
-        super().__init__(str(root), transform=transform)
+        super().__init__(str(root), transform=transform, loader=load_rgb)
         if samples is not None:  # a split of an already checked folder
             self.samples = samples
         bad = [] if samples is not None else [path for path, _ in self.samples if not _readable(path)]
@@ -455,6 +456,14 @@ class CheckedImageFolder(tv_datasets.ImageFolder):
                     stacklevel=2,
                 )
         raise ValueError("no image in the folder could be decoded")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """An image file as RGB, 16-bit gray pictures scaled (not clipped) to 8 bits."""
+    with open(path, "rb") as handle:
+        image = Image.open(handle)
+        image.load()
+        return eight_bit(image).convert("RGB")
 
 
 def _readable(path: str) -> bool:
