@@ -12,6 +12,7 @@ from sklearn.datasets import load_digits
 
 from visattn.train.config import load_config
 from visattn.train.data import (
+    CheckedImageFolder,
     DigitsCanvas,
     _build_canvases,
     build_datasets,
@@ -145,6 +146,62 @@ def test_cifar10_reads_the_pickle_format(tmp_path):
         assert torch.allclose(x, expected, atol=1e-5) and y == labels[i]
 
 
+def write_cifar100(root, per_batch=4, seed=0):
+    """A tiny CIFAR-100 in the original layout: ``train``, ``test`` and ``meta`` with fine/coarse labels."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name in ("train", "test"):
+        entry = {
+            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            "fine_labels": rng.integers(0, 100, per_batch).tolist(),
+            "coarse_labels": rng.integers(0, 20, per_batch).tolist(),
+        }
+        with open(folder / name, "wb") as handle:
+            pickle.dump(entry, handle)
+    with open(folder / "meta", "wb") as handle:
+        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)], "coarse_label_names": []}, handle)
+    return folder
+
+
+class Payload:
+    """Unpickling this runs ``open(marker, "w")``: what a malicious batch file would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_cifar100_reads_the_pickle_format(tmp_path):
+    folder = write_cifar100(tmp_path)
+    train, test, data_config = build_datasets(data_cfg("data.name=cifar100", f"data.root={tmp_path}"))
+    assert (len(train), len(test)) == (4, 4) and data_config["num_classes"] == 100
+    with open(folder / "train", "rb") as handle:
+        entry = pickle.load(handle)
+    assert torch.equal(train.images, torch.from_numpy(entry["data"].reshape(4, 3, 32, 32)))
+    assert train.labels.tolist() == entry["fine_labels"]
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+def test_a_malicious_cifar_batch_runs_no_code(tmp_path, name, protocol):
+    if name == "cifar10":
+        write_cifar10(tmp_path)
+        victim = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    else:
+        victim = write_cifar100(tmp_path) / "train"
+    marker = tmp_path / "pwned"
+    with open(victim, "wb") as handle:
+        pickle.dump({"data": Payload(marker), "labels": [0]}, handle, protocol=protocol)
+    with pytest.raises(ValueError) as caught:
+        build_datasets(data_cfg(f"data.name={name}", f"data.root={tmp_path}"))
+    assert not marker.exists(), "unpickling ran the payload"
+    message = str(caught.value)
+    assert "\n" not in message and str(victim) in message and "refused" in message and "open" in message
+
+
 def test_cifar_missing_files_say_where_to_put_them(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"cifar-100-python.*data.download=true"):
         build_datasets(data_cfg("data.name=cifar100", f"data.root={tmp_path}"))
@@ -208,3 +265,19 @@ def test_imagefolder_replaces_a_file_that_fails_to_decode_later(tmp_path):
     with pytest.warns(UserWarning, match=r"could not decode .*cut.jpg.*using the next image"):
         x, y = test[index]
     assert x.shape == (3, 16, 16) and (index + 1 < len(test) or y == test.samples[0][1])
+
+
+def test_imagefolder_scales_16_bit_pictures(tmp_path):
+    rng = np.random.default_rng(0)
+    originals = {}
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            values = rng.integers(0, 65536, (6, 5), dtype=np.uint16)
+            Image.fromarray(values).save(tmp_path / c / f"{i}.png")
+            originals[str(tmp_path / c / f"{i}.png")] = values
+    folder = CheckedImageFolder(tmp_path)
+    for index, (path, _) in enumerate(folder.samples):
+        image, _ = folder[index]
+        expected = np.floor(originals[path].astype(np.float64) / 257 + 0.5)  # 16 → 8 bits, not clipped
+        assert image.mode == "RGB" and all(np.array_equal(np.asarray(image)[..., c], expected) for c in range(3))

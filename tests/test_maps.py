@@ -177,6 +177,21 @@ def test_memory_limit_refuses_with_the_bytes_it_would_need():
     assert rec[""].weights.shape == (2, 2, 3, 120)
 
 
+def test_memory_limit_bounds_the_whole_recording():
+    vit = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=3, num_heads=2)
+    x = torch.randn(2, 1, 16, 16)
+    one = attention_matrix_bytes(2, 2, 17, 17, torch.float32)  # one block's (B, heads, 1 + 16, 1 + 16)
+    with record_attention(vit, max_bytes=3 * one) as rec:  # room for exactly the three
+        vit(x)
+    assert len(rec) == 3 and sum(r.weights.numel() * r.weights.element_size() for r in rec.values()) == 3 * one
+    with record_attention(vit, max_bytes=3 * one - 1), pytest.raises(ValueError, match=rf"need {one} bytes.*left"):
+        vit(x)  # each matrix alone fits; all three together do not
+    with record_attention(vit, max_bytes=3 * one) as rec:  # each forward starts with the whole budget
+        vit(x)
+        vit(x)
+    assert len(rec) == 3
+
+
 # --- SelfAttention2d: query maps on a non-square, pooled grid -------------------------------
 
 

@@ -199,3 +199,13 @@ def test_readme_similarity_example_heads_are_gaussian_kernels():
         distance = s_colour * torch.cdist(colour, colour) ** 2 + s_position * torch.cdist(position, position) ** 2
         want = torch.softmax(-distance / 2, dim=-1)
         torch.testing.assert_close(rec[""].weights[:, head].double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
+    values = (np.arange(12 * 10, dtype=np.uint32).reshape(10, 12) * 65535 // 119).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"  # what PIL's convert("L") would clip
+    loaded = load_image(tmp_path / "deep.png")
+    expected = np.floor(values.astype(np.float64) / 257 + 0.5)  # oracle: 16 → 8 bits, rounded
+    assert loaded.mode == "L" and np.array_equal(np.asarray(loaded), expected)
+    assert np.asarray(loaded.convert("RGB")).min() == 0 and np.asarray(loaded.convert("RGB")).max() == 255

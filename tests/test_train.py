@@ -146,8 +146,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 
 def test_resume_refuses_a_broken_checkpoint(tmp_path, one_thread):
     run = Path(fit(tiny(tmp_path, "train.epochs=1"))["run_dir"])
-    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])
     cfg, run_dir = load_run_config(run)
+    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_run_config(run)
     with pytest.raises(CheckpointError, match="truncated"):
         fit(cfg, resume=run_dir)
     with pytest.raises(CheckpointError, match="not a run folder"):
@@ -180,11 +182,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     model_from_checkpoint(tmp_path / "nan" / "last.pt")
 
 
-def test_config_errors_reach_the_command_line():
-    with pytest.raises(
-        SystemExit, match="visattn train: error: unknown config key 'train.epoch'.*did you mean train.epochs"
-    ):
-        main(["train", "train.epoch=3"])
+def test_config_errors_reach_the_command_line(capsys):
+    assert main(["train", "train.epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("visattn train: error: unknown config key 'train.epoch'") and err.count("\n") == 1
+    assert "did you mean train.epochs" in err
     with pytest.raises(ConfigError):
         load_config(overrides=["train.epoch=3"])
     with pytest.raises(ValueError, match="does not take an argument"):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -45,43 +47,54 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
     from .explain.overlay import Preprocess, attention_overlay, default_data_config, load_image
     from .weights.checkpoint import load_checkpoint, model_from_checkpoint
 
-    try:
-        if args.checkpoint and args.img_size:
-            raise ValueError("--img-size is for --model; a checkpoint's data_config sets the input size")
-        image = load_image(args.image)
-        if args.checkpoint:
-            state = load_checkpoint(args.checkpoint)
-            model = model_from_checkpoint(state)
-            data_config = state.get("data_config")
-            if data_config is None:
-                data_config = default_data_config(model)
-                print(f"note: {args.checkpoint} has no data_config; using {data_config}", file=sys.stderr)
-        else:
-            torch.manual_seed(args.seed)
-            model = create_model(args.model).eval()
-            data_config = default_data_config(model, args.img_size)
-        layer = int(args.layer) if args.layer.lstrip("-").isdigit() else args.layer
-        attention_overlay(
-            model,
-            image,
-            args.method,
-            preprocess=Preprocess.from_data_config(data_config),
-            query=args.query,
-            layer=layer,
-            target=args.target,
-            head_fusion=args.head_fusion,
-            discard_ratio=args.discard_ratio,
-            class_names=data_config.get("class_names"),
-            cmap=args.cmap,
-            alpha=args.alpha,
-            out=args.out,
+    if args.checkpoint and args.img_size:
+        raise ValueError("--img-size is for --model; a checkpoint's data_config sets the input size")
+    if (args.method == "query") != (args.query is not None):
+        raise ValueError(
+            "--method query needs a query point, --query X,Y (a pixel of the picture); the other methods take none"
         )
-    except (ValueError, RuntimeError, KeyError, IndexError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"visattn overlay: error: {message}", file=sys.stderr)
-        return 2
+    if not Path(args.out).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist; create it first")
+    image = load_image(args.image)
+    if args.checkpoint:
+        state = load_checkpoint(_checkpoint_file(args.checkpoint))
+        model = model_from_checkpoint(state, source=args.checkpoint)
+        data_config = state.get("data_config")
+        if data_config is None:
+            data_config = default_data_config(model)
+            print(f"note: {args.checkpoint} has no data_config; using {data_config}", file=sys.stderr)
+    else:
+        torch.manual_seed(args.seed)
+        model = create_model(args.model).eval()
+        data_config = default_data_config(model, args.img_size)
+    layer = int(args.layer) if args.layer.lstrip("-").isdigit() else args.layer
+    attention_overlay(
+        model,
+        image,
+        args.method,
+        preprocess=Preprocess.from_data_config(data_config),
+        query=args.query,
+        layer=layer,
+        target=args.target,
+        head_fusion=args.head_fusion,
+        discard_ratio=args.discard_ratio,
+        class_names=data_config.get("class_names"),
+        cmap=args.cmap,
+        alpha=args.alpha,
+        out=args.out,
+    )
     print(f"wrote {args.out}")
     return 0
+
+
+def _checkpoint_file(path: str) -> Path:
+    """``--checkpoint``: a checkpoint file, or a run folder (its ``best.pt``)."""
+    checkpoint = Path(path)
+    if checkpoint.is_dir():
+        if not (checkpoint / "best.pt").is_file():
+            raise FileNotFoundError(f"--checkpoint {path} is a folder without best.pt; pass a run folder or a .pt file")
+        return checkpoint / "best.pt"
+    return checkpoint
 
 
 def _cmd_sites(args: argparse.Namespace) -> int:
@@ -110,16 +123,68 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, "-m", "benchmarks", *args.bench_args], cwd=root)
 
 
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the input was wrong (exit status 2), not that visattn has a bug."""
+    import yaml
+    from omegaconf.errors import OmegaConfBaseException
+    from PIL import Image
+
+    return (
+        ValueError,  # ConfigError and CheckpointError too
+        OSError,  # missing files, disk full, read-only folders, undecodable pictures
+        KeyError,
+        IndexError,
+        RuntimeError,  # NonFiniteLossError, out of memory, models refusing an input
+        Image.DecompressionBombError,
+        yaml.YAMLError,
+        OmegaConfBaseException,
+    )
+
+
+def _show_traceback(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "traceback", False)) or os.environ.get("VISATTN_TRACEBACK", "") not in ("", "0")
+
+
+def _one_line(err: BaseException) -> str:
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    text = " ".join(str(message).split())
+    return text or type(err).__name__
+
+
+def _interrupted(command: str, err: KeyboardInterrupt) -> str:
+    run_dir = getattr(err, "run_dir", None)
+    if run_dir is None:
+        return f"visattn {command}: interrupted"
+    if getattr(err, "resumable", False):
+        return f"visattn {command}: interrupted; continue the run with --resume {run_dir}"
+    return f"visattn {command}: interrupted before the first checkpoint; nothing to resume ({run_dir} was not kept)"
+
+
 def _user_errors(command):
-    """Report configuration, data and checkpoint mistakes as one line (exit status 1), not a traceback."""
+    """Run a sub-command so that every mistake ends in one line on stderr: ``visattn CMD: error:
+    ...`` with exit status 2 (1 for an unexpected internal error); Ctrl-C exits with 130.
+    ``--traceback`` or ``VISATTN_TRACEBACK=1`` lets the exception through instead."""
 
     def run(args: argparse.Namespace) -> int:
-        from .train.engine import NonFiniteLossError
-
         try:
             return command(args)
-        except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
-            raise SystemExit(f"visattn {args.command}: error: {err}") from err
+        except KeyboardInterrupt as err:
+            if _show_traceback(args):
+                raise
+            print(_interrupted(args.command, err), file=sys.stderr)
+            return 130
+        except Exception as err:
+            if _show_traceback(args):
+                raise
+            if isinstance(err, _user_error_types()):
+                print(f"visattn {args.command}: error: {_one_line(err)}", file=sys.stderr)
+                return 2
+            print(
+                f"visattn {args.command}: internal error: {type(err).__name__}: {_one_line(err)} "
+                "(rerun with --traceback and report it)",
+                file=sys.stderr,
+            )
+            return 1
 
     run.__doc__ = command.__doc__
     return run
@@ -150,24 +215,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .train.engine import evaluate
     from .weights.checkpoint import load_checkpoint, model_from_checkpoint
 
-    state = load_checkpoint(args.checkpoint)
-    if "config" not in state:
+    path = _checkpoint_file(args.checkpoint)
+    state = load_checkpoint(path)
+    if not isinstance(state.get("config"), dict):
         raise ValueError(
-            f"{args.checkpoint} holds no training config (not written by visattn train); "
+            f"{path} holds no training config (not written by visattn train); "
             "evaluate it from Python with visattn.engine.evaluate"
         )
+    model = model_from_checkpoint(state, source=path)
     overrides = ([f"data.name={args.data}"] if args.data else []) + args.set
     cfg = load_config(base=state["config"], overrides=overrides)
     _, test_set, data_config = build_datasets(cfg.data)
-    if data_config["num_classes"] != state["model_config"]["num_classes"]:
-        raise ValueError(
-            f"the model has {state['model_config']['num_classes']} classes but {cfg.data.name} has "
-            f"{data_config['num_classes']}"
-        )
-    model = model_from_checkpoint(state)
+    classes = state["model_config"].get("num_classes")
+    if classes is not None and data_config["num_classes"] != classes:
+        raise ValueError(f"the model has {classes} classes but {cfg.data.name} has {data_config['num_classes']}")
     loader = DataLoader(test_set, batch_size=args.batch)
     stats = evaluate(model, loader, num_classes=data_config["num_classes"])
-    print(f"{args.checkpoint}: {cfg.data.name} held-out split, {len(test_set)} images")
+    print(f"{path}: {cfg.data.name} held-out split, {len(test_set)} images")
     print(f"top-1 {stats['acc1']:.2%}  top-5 {stats['acc5']:.2%}  loss {stats['loss']:.4f}")
     print(f"{'class':<16}{'images':>8}{'top-1':>9}")
     for name, correct, count in zip(
@@ -191,18 +255,32 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (``visattn CMD: error: ... (see --help)``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _with_traceback(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the full traceback of an error (also VISATTN_TRACEBACK=1)"
+    )
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visattn", description=__doc__)
+    parser = _Parser(prog="visattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     models = sub.add_parser("models", help="list the named models")
     models.set_defaults(func=_cmd_models)
     demo = sub.add_parser("demo", help="one forward pass of a named model on random input")
     demo.add_argument("--model", default="vit_digits_patch4_16", help="a name from `visattn models`")
     demo.add_argument("--batch", type=int, default=2)
-    demo.set_defaults(func=_cmd_demo)
+    _with_traceback(demo).set_defaults(func=_user_errors(_cmd_demo))
     overlay = sub.add_parser("overlay", help="an attention map of one picture, drawn on it, as a PNG")
     source = overlay.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a visattn checkpoint (RUN/best.pt)")
+    source.add_argument("--checkpoint", help="a visattn checkpoint (RUN/best.pt) or a run folder RUN")
     source.add_argument("--model", help="a name from `visattn models` (untrained weights)")
     overlay.add_argument("--image", required=True, help="the picture (any size, RGB or gray)")
     overlay.add_argument("--method", required=True, choices=["cls", "rollout", "grad_rollout", "query", "received"])
@@ -222,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     overlay.add_argument("--cmap", default="inferno", help="matplotlib colormap")
     overlay.add_argument("--alpha", type=float, default=0.5, help="opacity of the map")
     overlay.add_argument("--out", required=True, help="PNG to write")
-    overlay.set_defaults(func=_cmd_overlay)
+    _with_traceback(overlay).set_defaults(func=_user_errors(_cmd_overlay))
     sites = sub.add_parser("sites", help="candidate places for attention in a CNN, with their costs")
     sites.add_argument("model", help="e.g. torchvision:resnet50, timm:convnext_atto, resnet18_small")
     sites.add_argument("--input-size", type=int, nargs=3, default=[3, 224, 224], metavar=("C", "H", "W"))
@@ -230,22 +308,22 @@ def build_parser() -> argparse.ArgumentParser:
     sites.add_argument("--kv-pool", type=int, default=1)
     sites.add_argument("--depth", type=int, default=None, help="only paths with at most this many parts")
     sites.add_argument("--leaves", action="store_true", help="also list single layers")
-    sites.set_defaults(func=_cmd_sites)
+    _with_traceback(sites).set_defaults(func=_user_errors(_cmd_sites))
     bench = sub.add_parser("bench", add_help=False, help="the benchmark suite (options: visattn bench --help)")
     bench.set_defaults(func=_cmd_bench, bench_args=[])
     train = sub.add_parser("train", help="train a model (same as python train.py)")
     _add_train_arguments(train)
-    train.set_defaults(func=_user_errors(_cmd_train))
+    _with_traceback(train).set_defaults(func=_user_errors(_cmd_train))
     evaluate = sub.add_parser("eval", help="top-1/top-5 and per-class accuracy of a checkpoint")
     evaluate.add_argument(
-        "--checkpoint", required=True, help="a checkpoint written by training, e.g. runs/default/best.pt"
+        "--checkpoint", required=True, help="a run folder (its best.pt) or a checkpoint, e.g. runs/default/best.pt"
     )
     evaluate.add_argument("--data", help="evaluate on another dataset name (same classes), e.g. digits")
     evaluate.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a data key, e.g. data.root=/data"
     )
     evaluate.add_argument("--batch", type=int, default=256)
-    evaluate.set_defaults(func=_user_errors(_cmd_eval))
+    _with_traceback(evaluate).set_defaults(func=_user_errors(_cmd_eval))
     return parser
 
 

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
+from .._utils import eight_bit
 from ..layers.attention import SelfAttention2d
 from . import maps
 from .maps import Point, to_image
@@ -45,7 +46,8 @@ DATA_CONFIG_KEYS = ("img_size", "in_chans", "mean", "std")
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open a picture file (EXIF orientation applied); clear errors for a missing or non-image file."""
+    """Open a picture file (EXIF orientation applied, 16-bit gray scaled to 8 bits by
+    :func:`visattn._utils.eight_bit`); clear errors for a missing, non-image or bomb file."""
     if not os.path.exists(path):
         raise ValueError(f"image {path} does not exist")
     if os.path.isdir(path):
@@ -53,7 +55,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return ImageOps.exif_transpose(image)
+            return eight_bit(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError as err:
+        raise ValueError(
+            f"{path} is refused as a possible decompression bomb: {' '.join(str(err).split())} "
+            "(raise PIL.Image.MAX_IMAGE_PIXELS from Python if the picture is genuine)"
+        ) from err
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(
             f"{path} is not an image that PIL can read ({type(err).__name__}); give a PNG, JPEG or "

@@ -203,8 +203,9 @@ def record_attention(
         relative: ``queries`` are fractions of the input's width and height.
         keep_grad: keep the weights in the autograd graph (for gradient-weighted maps);
             otherwise they are detached.
-        max_bytes: refuse, before computing it, a weight matrix larger than this (the error
-            gives the bytes it would need); ``None`` for no limit.
+        max_bytes: a limit on the whole recording: the weights of all recorded modules of one
+            forward pass together. A module whose matrix would take the total over it is refused
+            before computing it (the error gives the bytes it would need); ``None`` for no limit.
 
     Yields:
         an :class:`AttentionRecording`: path → record with ``weights`` ``(B, heads, Nq, Nk)``,
@@ -226,7 +227,7 @@ def record_attention(
     grid_modules = {p: m for p, m in modules.items() if isinstance(m, SelfAttention2d)}
     _check_queries(queries, grid_modules)
     recording = AttentionRecording(modules)
-    session = _Session(model, recording, keep_grad, queries, relative)
+    session = _Session(model, recording, keep_grad, queries, relative, max_bytes)
     handles = [model.register_forward_pre_hook(session.start_forward, with_kwargs=True)]
     try:
         for path, module in modules.items():
@@ -263,13 +264,25 @@ class _Session:
         keep_grad: bool,
         queries: Sequence[Point] | None,
         relative: bool,
+        max_bytes: int | None = None,
     ) -> None:
         self.recording, self.keep_grad, self.queries, self.relative = recording, keep_grad, queries, relative
+        self.max_bytes = max_bytes
         self.readouts = {path: _readout(model, path) for path in recording.modules}
+
+    def _share_budget(self) -> None:
+        """Lower every module's ``max_bytes`` to what the records held so far leave of the total."""
+        if self.max_bytes is None:
+            return
+        held = sum(r.weights.numel() * r.weights.element_size() for r in self.recording._records.values())
+        for module in self.recording.modules.values():
+            if module.recording is not None:
+                module.recording.max_bytes = max(0, self.max_bytes - held)
 
     def start_forward(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Root pre-hook: each forward of the model starts a fresh set and notes the image size."""
         self.recording._clear()
+        self._share_budget()
         image = _first_image(args, kwargs)
         self.recording.image_size = None if image is None else (int(image.shape[-2]), int(image.shape[-1]))
 
@@ -298,5 +311,6 @@ class _Session:
                     record, weights=weights, image_size=self.recording.image_size, class_token=class_token, pool=pool
                 ),
             )
+            self._share_budget()
 
         return receive

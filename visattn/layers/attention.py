@@ -73,6 +73,8 @@ class RecordingRequest:
     Attributes:
         sink: receives ``(module, record)`` after each forward call.
         max_bytes: refuse, before computing them, weights larger than this (``None``: no limit).
+            :func:`visattn.record_attention` lowers it as records accumulate, so that it bounds
+            the whole recording rather than each matrix.
         query_subset: flat query-cell indices to record (``SelfAttention2d``; ``None``: all).
     """
 
@@ -106,7 +108,8 @@ class RecordableAttention(nn.Module):
             raise ValueError(
                 f"recording {type(self).__name__} weights (B={batch}, heads={heads}, Nq={num_queries}, "
                 f"Nk={num_keys}, {dtype}) would need {need} bytes ({need / 2**20:.1f} MiB), over the "
-                f"limit of {limit} bytes; {self.record_hint}record a smaller batch, or raise max_bytes"
+                f"{limit} bytes left of the recording's max_bytes; {self.record_hint}record a smaller batch "
+                "or fewer layers, or raise max_bytes"
             )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -162,28 +163,96 @@ def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
         raise _explain(err, source) from None
 
 
+def _refuse(key: str, value: Any, choices: tuple[str, ...] | list[str], listed_by: str = "") -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of ``choices`` (with a "did you mean");
+    ``listed_by`` names where a long list of choices can be read instead of printing it."""
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        shown = f"one of the {len(choices)} names of {listed_by}" if listed_by else "one of: " + ", ".join(choices)
+        raise ConfigError(f"{key}={value!r} is not valid{hint}; choose {shown}")
+
+
 def _check_choices(cfg: DictConfig) -> None:
+    """Names that must be one of a list: dataset, precision, device, progress, optimizer, schedule."""
     for key, value, choices in (
         ("data.name", cfg.data.name, DATASETS),
         ("train.amp", cfg.train.amp, AMP_MODES),
         ("train.device", cfg.train.device, DEVICES),
         ("run.progress", cfg.run.progress, PROGRESS),
+        ("train.sched", cfg.train.sched, SCHEDULES),
     ):
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{key}={value!r} is not valid{hint}; choose one of: {', '.join(choices)}")
+        _refuse(key, value, choices)
+    _refuse("train.opt", _optimizer_name(cfg.train.opt), _optimizer_names(), "timm.optim.list_optimizers()")
     if not isinstance(cfg.model.get("name"), str):
         raise ConfigError("model.name is missing; set it to a name from `visattn models` or 'torchvision:NAME'")
     for key in ("num_classes", "in_chans"):
         if key in cfg.model:
             raise ConfigError(f"model.{key} comes from the dataset; remove it from the config")
-    positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size, "train.lr": cfg.train.lr}
-    for key, value in positive.items():
-        if not value > 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay must be in [0, 1) (0 turns EMA off), got {cfg.train.ema_decay}")
+
+
+#: timm's scheduler names (timm.scheduler.create_scheduler_v2)
+SCHEDULES = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant", "rsqrt")
+
+
+def _optimizer_name(opt: str) -> str:
+    """timm's optimizer name in ``opt`` (``"lookahead_adamw"`` → ``"adamw"``), lower case."""
+    return str(opt).lower().split("_")[-1]
+
+
+def _optimizer_names() -> list[str]:
+    from timm.optim import list_optimizers
+
+    return list(list_optimizers())
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    """Numbers that must lie in a range; each message names the key, the value and the range."""
+    t, d = cfg.train, cfg.data
+    rules = [
+        ("train.epochs", t.epochs, t.epochs > 0, "positive"),
+        ("train.batch_size", t.batch_size, t.batch_size > 0, "positive"),
+        ("train.lr", t.lr, t.lr > 0, "positive"),
+        ("train.clip_grad", t.clip_grad, t.clip_grad is None or t.clip_grad > 0, "null (no clipping) or positive"),
+        ("train.label_smoothing", t.label_smoothing, 0 <= t.label_smoothing < 1, "in [0, 1)"),
+        ("train.warmup_epochs", t.warmup_epochs, t.warmup_epochs >= 0, ">= 0"),
+        ("train.ema_decay", t.ema_decay, 0 <= t.ema_decay < 1, "in [0, 1) (0 turns EMA off)"),
+        (
+            "data.img_size",
+            d.img_size,
+            d.img_size is None or d.img_size > 0,
+            "null (the dataset's own size) or positive",
+        ),
+        ("data.fake_classes", d.fake_classes, d.fake_classes >= 2, ">= 2 (a classifier needs two classes)"),
+        ("data.workers", d.workers, d.workers >= 0, ">= 0"),
+        ("data.val_fraction", d.val_fraction, 0 < d.val_fraction < 1, "in (0, 1)"),
+        ("data.fake_size", d.fake_size, d.fake_size > 0, "positive"),
+    ]
+    for key, value, ok, valid in rules:
+        if not ok:
+            raise ConfigError(f"{key} must be {valid}, got {value}")
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """A config file as a ``DictConfig``; syntax errors and a top level other than a mapping raise
+    :class:`ConfigError` naming the file (and the line)."""
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config file {path} could not be read: {str(err).splitlines()[0]}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason})") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(
+            f"config file {path} holds a {type(layer).__name__.removesuffix('Config').lower()} at its top level; "
+            "it must be a mapping of sections (data:, model:, train:, run:)"
+        )
+    return layer
 
 
 def load_config(
@@ -205,16 +274,21 @@ def load_config(
             raise ConfigError(
                 f"config file {path} does not exist" + (f"; shipped configs: {', '.join(shipped)}" if shipped else "")
             )
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+        cfg = _merge(cfg, _read_yaml(path), str(path))
         if cfg.run.name is None:
             cfg.run.name = path.stem
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=20)")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except (yaml.YAMLError, OmegaConfBaseException) as err:
+            raise ConfigError(f"override {item!r} is not valid YAML: {' '.join(str(err).split())}") from None
+        cfg = _merge(cfg, layer, f"override {item!r}")
     if cfg.run.name is None:
         cfg.run.name = "default"
     _check_choices(cfg)
+    _check_ranges(cfg)
     return cfg
 
 

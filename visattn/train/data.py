@@ -10,6 +10,7 @@ Every dataset yields ``(image (C, H, W) float tensor, label int)``.
 from __future__ import annotations
 
 import functools
+import pickle
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 
+from .._utils import eight_bit
 from .augment import BatchAugment
 
 __all__ = [
@@ -325,33 +327,88 @@ def _add_clutter(
 # --- CIFAR, image folders, fake -------------------------------------------------------------
 
 
+#: the only globals a CIFAR batch may name: numpy arrays and dtypes (both numpy module layouts)
+#: and the codec Python 2 pickles use for byte strings; everything else is refused unrun
+_CIFAR_GLOBALS = frozenset(
+    {
+        *((module, "_reconstruct") for module in ("numpy.core.multiarray", "numpy._core.multiarray")),
+        *((module, "scalar") for module in ("numpy.core.multiarray", "numpy._core.multiarray")),
+        *((module, "_frombuffer") for module in ("numpy.core.numeric", "numpy._core.numeric")),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays, dicts, lists, strings and numbers and nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: CIFAR batches hold only numpy arrays, lists, dicts and strings"
+            )
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: str | Path) -> dict[str, Any]:
+    """One CIFAR batch or meta file (Python pickle) read without running code from it.
+
+    Only numpy arrays/dtypes and builtin containers, strings and numbers are admitted, so a
+    tampered file fails with a ``ValueError`` naming it instead of executing its payload.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            entry = _CifarUnpickler(handle, encoding="latin1").load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"CIFAR file {path} is missing; extract the archive again") from None
+    except Exception as err:  # any unpickling failure means a bad or unsafe copy
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(
+            f"CIFAR file {path} could not be read safely ({reason}); delete it and extract the archive again"
+        ) from err
+    if not isinstance(entry, dict):
+        raise ValueError(f"CIFAR file {path} holds a {type(entry).__name__}, not a dict; extract the archive again")
+    return entry
+
+
 def _cifar(name: str, root: str, train: bool, download: bool) -> tuple[Tensor, Tensor, list[str]]:
-    """One CIFAR split as uint8 images ``(N, 3, 32, 32)``, labels ``(N,)`` and class names."""
+    """One CIFAR split as uint8 images ``(N, 3, 32, 32)``, labels ``(N,)`` and class names.
+
+    torchvision's dataset class gives the layout (folder, file names, meta key); the batches are
+    read with :func:`read_cifar_batch`, which never runs code stored in them.
+    """
     base = {"cifar10": tv_datasets.CIFAR10, "cifar100": tv_datasets.CIFAR100}[name]
-
-    class Cifar(base):
-        # Files are checked for presence only: the downloaded archive's md5 is still verified,
-        # and a copy whose batches were re-saved (or written by a test) is still valid data.
-        train_list = [[name, None] for name, _ in base.train_list]
-        test_list = [[name, None] for name, _ in base.test_list]
-        meta = {**base.meta, "md5": None}
-
     folder = Path(root) / base.base_folder
-    if not download and not folder.is_dir():
+    if download and not folder.is_dir():  # the archive's md5 is verified by torchvision
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        download_and_extract_archive(base.url, root, filename=base.filename, md5=base.tgz_md5)
+    if not folder.is_dir():
         raise FileNotFoundError(
             f"{name} not found: expected the Python-version batches in {folder} (extract "
             f"{base.filename} from https://www.cs.toronto.edu/~kriz/cifar.html into {root}), "
             "or set data.download=true when online"
         )
-    try:
-        split = Cifar(root, train=train, download=download)
-    except Exception as err:  # torchvision unpickles the batches: any failure means a bad copy
-        raise ValueError(
-            f"{name} files in {folder} could not be read ({type(err).__name__}: {err}); "
-            "delete the folder and extract the archive again"
-        ) from err
-    images = torch.from_numpy(np.ascontiguousarray(split.data.transpose(0, 3, 1, 2)))
-    return images, torch.tensor(split.targets, dtype=torch.long), list(split.classes)
+    images, labels = [], []
+    for file_name, _ in base.train_list if train else base.test_list:
+        entry = read_cifar_batch(folder / file_name)
+        try:
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(int(label) for label in entry["labels" if "labels" in entry else "fine_labels"])
+        except (KeyError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"CIFAR file {folder / file_name} is not a CIFAR batch ({err!r}); extract it again"
+            ) from None
+    classes = read_cifar_batch(folder / base.meta["filename"]).get(base.meta["key"])
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"CIFAR file {folder / base.meta['filename']} has no list of {base.meta['key']!r}")
+    data = np.concatenate(images)
+    if len(data) != len(labels):
+        raise ValueError(f"{name} files in {folder} hold {len(data)} images but {len(labels)} labels")
+    return torch.from_numpy(np.ascontiguousarray(data)), torch.tensor(labels, dtype=torch.long), classes
 
 
 class CheckedImageFolder(tv_datasets.ImageFolder):
@@ -370,7 +427,7 @@ class CheckedImageFolder(tv_datasets.ImageFolder):
         strict: bool = False,
         samples: list[tuple[str, int]] | None = None,
     ) -> None:
-        super().__init__(str(root), transform=transform)
+        super().__init__(str(root), transform=transform, loader=load_rgb)
         if samples is not None:  # a split of an already checked folder
             self.samples = samples
         bad = [] if samples is not None else [path for path, _ in self.samples if not _readable(path)]
@@ -399,6 +456,14 @@ class CheckedImageFolder(tv_datasets.ImageFolder):
                     stacklevel=2,
                 )
         raise ValueError("no image in the folder could be decoded")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """An image file as RGB, 16-bit gray pictures scaled (not clipped) to 8 bits."""
+    with open(path, "rb") as handle:
+        image = Image.open(handle)
+        image.load()
+        return eight_bit(image).convert("RGB")
 
 
 def _readable(path: str) -> bool:
@@ -437,12 +502,34 @@ def _imagefolder(cfg: Any, size: tuple[int, int]) -> tuple[Dataset, Dataset, lis
     from sklearn.model_selection import train_test_split
 
     full = CheckedImageFolder(root, None, cfg.strict)
+    _check_split(full, root, cfg.val_fraction)
     train_idx, test_idx = train_test_split(
         np.arange(len(full)), test_size=cfg.val_fraction, stratify=full.targets, random_state=cfg.split_seed
     )
     train = CheckedImageFolder(root, transform(True), samples=[full.samples[i] for i in sorted(train_idx)])
     test = CheckedImageFolder(root, transform(False), samples=[full.samples[i] for i in sorted(test_idx)])
     return train, test, full.classes
+
+
+def _check_split(folder: CheckedImageFolder, root: Path, val_fraction: float) -> None:
+    """Refuse a folder that a stratified ``val_fraction`` split cannot divide, naming the class."""
+    if len(folder.classes) < 2:
+        raise ValueError(
+            f"image folder {root} has {len(folder.classes)} class folder(s); a classifier needs at least 2"
+        )
+    counts = np.bincount(folder.targets, minlength=len(folder.classes))
+    for name, count in zip(folder.classes, counts, strict=True):
+        if count < 2:
+            raise ValueError(
+                f"class {name!r} in {root} has {count} image(s): a held-out split (data.val_fraction) needs at least "
+                f"2 per class; add images or give {root}/train and {root}/val folders"
+            )
+    test_size = int(np.ceil(val_fraction * len(folder.targets)))
+    if test_size < len(folder.classes) or len(folder.targets) - test_size < len(folder.classes):
+        raise ValueError(
+            f"data.val_fraction={val_fraction} of the {len(folder.targets)} images in {root} holds {test_size}, but "
+            f"both splits need one image of each of the {len(folder.classes)} classes; change data.val_fraction"
+        )
 
 
 @dataclass
@@ -531,6 +618,8 @@ def build_datasets(cfg: Any) -> tuple[Dataset, Dataset, dict[str, Any]]:
     if cfg.name not in _BUILDERS:
         raise ValueError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(_BUILDERS)}")
     splits = _BUILDERS[cfg.name](cfg)
+    if len(splits.classes) < 2:
+        raise ValueError(f"data.name={cfg.name} has {len(splits.classes)} class(es); a classifier needs at least 2")
     data_config = {
         "name": cfg.name,
         "img_size": list(splits.size),

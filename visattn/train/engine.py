@@ -41,11 +41,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from .._io import CheckpointError, atomic_write_json, atomic_write_text, save_safetensors
 from ..models.registry import create_model
 from ..weights.checkpoint import load_checkpoint, save_checkpoint
-from .config import config_to_dict, load_config
+from .config import ConfigError, config_to_dict, load_config
 from .data import build_datasets
 
 __all__ = [
+    "RESUME_OVERRIDES",
     "NonFiniteLossError",
+    "TrainingInterrupted",
+    "check_resume_config",
     "build_model",
     "choose_precision",
     "evaluate",
@@ -59,6 +62,19 @@ __all__ = [
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stopped and ``last.pt`` is the last good state."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`fit`: ``run_dir`` is the run's folder, ``resumable`` whether it holds a ``last.pt``."""
+
+    def __init__(self, run_dir: Path, resumable: bool) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir, self.resumable = run_dir, resumable
+
+
+#: the config keys an override may change when a run is resumed (the others shaped the saved
+#: state: changing them would continue a different run, or fail half-way)
+RESUME_OVERRIDES = ("train.epochs", "run.progress", "run.log_every")
 
 
 @dataclass
@@ -98,12 +114,45 @@ class Recipe:
 def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train the model of ``cfg`` and return the final epoch's metrics.
 
-    ``resume``: a run folder (or a checkpoint in it) to continue from its ``last.pt``.
+    ``resume``: a run folder (or a checkpoint in it) to continue from its ``last.pt``; ``cfg``
+    must then be the saved config with at most the overrides of :data:`RESUME_OVERRIDES`
+    (see :func:`load_run_config`). A new run claims its folder (``runs/NAME``, ``NAME-2`` ...)
+    with an exclusive ``mkdir`` before anything is built, so two runs never share one; if it
+    fails or is interrupted before its first checkpoint, the folder is removed again.
+    Ctrl-C raises :class:`TrainingInterrupted` naming the folder.
     Under ``torchrun`` every process calls this; only rank 0 writes.
     """
     procs = init_processes(cfg.train.device)
+    out_dir = Path(cfg.run.out_dir).absolute()
+    new_folders = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # deepest first
     run_dir = _agreed_run_dir(cfg, resume, procs)
     log = print if procs.is_main else _silent
+    try:
+        run, loaders, start = _prepare(cfg, resume, procs, run_dir, log)
+        metrics = run.epochs(*loaders, *start)
+    except BaseException as err:
+        if procs.is_main and resume is None:
+            _release(run_dir, new_folders)
+        if procs.is_main and isinstance(err, NonFiniteLossError) and (run_dir / "metrics.jsonl").is_file():
+            plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        if isinstance(err, KeyboardInterrupt) and not isinstance(err, TrainingInterrupted):
+            raise TrainingInterrupted(run_dir, (run_dir / "last.pt").is_file()) from err
+        raise
+    run.finish(metrics)
+    return {k: v for k, v in metrics.items() if "per_class" not in k} | {"run_dir": str(run_dir)}
+
+
+def _prepare(
+    cfg: DictConfig, resume: str | os.PathLike | None, procs: Processes, run_dir: Path, log: Callable[..., None]
+) -> tuple[_Run, tuple[DataLoader, DistributedSampler, DataLoader], tuple[int, int, float]]:
+    """Data, model, recipe and (on resume) the restored state; writes ``config.yaml`` last.
+
+    Returns the run, its ``(train loader, sampler, test loader)`` and ``(start epoch, step, best)``.
+    """
+    state = None
+    if resume is not None:  # read and checked before anything is built or written
+        state = load_checkpoint(run_dir / "last.pt", map_location=procs.device)
+        check_resume_config(state, cfg, run_dir / "last.pt")
     _seed_everything(cfg.train.seed, 0, 0)
     train_set, test_set, data_config = build_datasets(cfg.data)
     train_loader, train_sampler = _train_loader(train_set, cfg, procs)
@@ -116,7 +165,6 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, A
         "in_chans": data_config["in_chans"],
     }
     model = build_model(model_config).to(procs.device)
-    state = load_checkpoint(run_dir / "last.pt", map_location=procs.device) if resume is not None else None
     amp_dtype, reason = _agreed_precision(cfg.train.amp, model, train_loader, procs, state)
     log(f"precision {DTYPE_NAMES[amp_dtype]}: {reason}")
     log(
@@ -124,24 +172,18 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, A
         f"data {data_config['name']}: {len(train_set)} train / {len(test_set)} test images of {data_config['img_size']}"
     )
     recipe = build_recipe(cfg.train, model, len(train_loader), data_config["num_classes"], amp_dtype)
-    start_epoch, step, best = 0, 0, -1.0
+    start = (0, 0, -1.0)
     if state is not None:
-        start_epoch, step, best = _restore(state, model, recipe)
+        start = _restore(state, model, recipe, run_dir / "last.pt")
         if procs.is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
-        log(f"resumed {run_dir} after epoch {start_epoch} (step {step})")
+            _truncate_metrics(run_dir / "metrics.jsonl", start[0])
+            for leftover in run_dir.glob("*.tmp"):  # an atomic write cut short by a kill
+                leftover.unlink(missing_ok=True)
+        log(f"resumed {run_dir} after epoch {start[0]} (step {start[1]})")
     if procs.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml")
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     run = _Run(cfg, procs, run_dir, model, recipe, model_config, data_config, log)
-    try:
-        metrics = run.epochs(train_loader, train_sampler, test_loader, start_epoch, step, best)
-    except NonFiniteLossError:
-        if procs.is_main and (run_dir / "metrics.jsonl").is_file():
-            plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
-        raise
-    run.finish(metrics)
-    return {k: v for k, v in metrics.items() if "per_class" not in k} | {"run_dir": str(run_dir)}
+    return run, (train_loader, train_sampler, test_loader), start
 
 
 def build_recipe(
@@ -185,18 +227,25 @@ def build_recipe(
     )
 
 
-def _restore(state: dict[str, Any], model: nn.Module, recipe: Recipe) -> tuple[int, int, float]:
-    """Load ``last.pt``'s training state; returns ``(epochs done, updates done, best score)``."""
-    model.load_state_dict(state["model"])
-    recipe.optimizer.load_state_dict(state["optimizer"])
-    # timm schedules are functions of the update count: recomputed from the config, so an
-    # override such as train.epochs=200 on resume stretches the schedule as asked
-    recipe.scheduler.step_update(num_updates=state["step"])
-    if recipe.ema is not None:
-        recipe.ema.load_state_dict(state["ema"])
-    if recipe.scaler is not None:
-        recipe.scaler.load_state_dict(state["scaler"])
-    return state["epoch"], state["step"], state["best_acc1"]
+def _restore(state: dict[str, Any], model: nn.Module, recipe: Recipe, path: Path) -> tuple[int, int, float]:
+    """Load ``last.pt``'s training state; returns ``(epochs done, updates done, best score)``.
+
+    A state that does not fit the model or recipe of the config raises :class:`CheckpointError`.
+    """
+    try:
+        model.load_state_dict(state["model"])
+        recipe.optimizer.load_state_dict(state["optimizer"])
+        # timm schedules are functions of the update count: recomputed from the config, so an
+        # override such as train.epochs=200 on resume stretches the schedule as asked
+        recipe.scheduler.step_update(num_updates=state["step"])
+        if recipe.ema is not None:
+            recipe.ema.load_state_dict(state["ema"])
+        if recipe.scaler is not None:
+            recipe.scaler.load_state_dict(state["scaler"])
+        return state["epoch"], state["step"], state["best_acc1"]
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} does not fit the model and recipe of its config: {reason}") from err
 
 
 @dataclass
@@ -477,17 +526,64 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
 
 
 def load_run_config(run: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> tuple[DictConfig, Path]:
-    """The saved config of a run folder (or of the folder holding a checkpoint), with ``overrides``."""
+    """The config a run folder (or the folder holding a checkpoint) was trained with, from its
+    ``last.pt``, with ``overrides`` — only keys of :data:`RESUME_OVERRIDES` may change.
+
+    Nothing is written. Raises :class:`CheckpointError` when the folder holds no state to resume
+    and :class:`ConfigError` naming an override that may not change.
+    """
     run = Path(run)
     run_dir = run.parent if run.is_file() else run
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml); pass the folder train.py wrote")
-    if not (run_dir / "last.pt").is_file():
-        raise CheckpointError(f"{run_dir} has no last.pt to resume from (the run stopped before its first epoch ended)")
-    saved = OmegaConf.load(run_dir / "config.yaml")
-    cfg = load_config(base=saved, overrides=overrides)
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        if not any((run_dir / name).is_file() for name in ("config.yaml", "best.pt", "metrics.jsonl")):
+            raise CheckpointError(f"{run_dir} is not a run folder (no last.pt); pass the folder train.py wrote")
+        best = " (its best.pt can be evaluated, not resumed)" if (run_dir / "best.pt").is_file() else ""
+        raise CheckpointError(
+            f"{run_dir} holds no training state to resume: no last.pt, the run stopped before its first "
+            f"checkpoint was written{best}; delete the folder and start a new run"
+        )
+    state = load_checkpoint(last)
+    cfg = load_config(base=_saved_config(state, last), overrides=overrides)
+    check_resume_config(state, cfg, last)
     cfg.run.out_dir, cfg.run.name = str(run_dir.parent), run_dir.name
     return cfg, run_dir
+
+
+def _saved_config(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{path} holds no training config (not written by visattn train); cannot resume it")
+    return state["config"]
+
+
+def check_resume_config(state: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+    """Raise :class:`~visattn.train.config.ConfigError` unless ``cfg`` differs from the config
+    saved in ``state`` (a ``last.pt``) only in :data:`RESUME_OVERRIDES` and ``run.name``/``out_dir``,
+    and ``train.epochs`` is at least the epochs already done."""
+    saved = _flat(config_to_dict(load_config(base=_saved_config(state, path))))
+    given = _flat(config_to_dict(cfg))
+    ignored = {"run.name", "run.out_dir", *RESUME_OVERRIDES}
+    changed = [key for key in sorted(saved.keys() | given.keys()) if saved.get(key) != given.get(key)]
+    refused = [key for key in changed if key not in ignored]
+    if refused:
+        was = ", ".join(f"{key}={saved.get(key)!r}" for key in refused)
+        raise ConfigError(
+            f"{', '.join(refused)} cannot change on resume ({path} was trained with {was}); "
+            f"only {', '.join(RESUME_OVERRIDES)} may; start a new run to change the others"
+        )
+    if cfg.train.epochs < state.get("epoch", 0):
+        raise ConfigError(f"train.epochs={cfg.train.epochs} but {path} has already trained {state['epoch']} epochs")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -510,8 +606,10 @@ def init_processes(device: str = "auto") -> Processes:
 
 
 def _agreed_run_dir(cfg: DictConfig, resume: str | os.PathLike | None, procs: Processes) -> Path:
-    """Rank 0 names the folder (runs/NAME or runs/NAME-2 ...); the other processes agree."""
-    run_dir = _run_dir(cfg, resume)
+    """Rank 0 claims the folder (runs/NAME or runs/NAME-2 ...); the other processes agree."""
+    run_dir = Path()
+    if procs.is_main:
+        run_dir = _run_dir(cfg, resume)
     if procs.distributed:
         shared = [str(run_dir)]
         dist.broadcast_object_list(shared, src=0)
@@ -520,17 +618,41 @@ def _agreed_run_dir(cfg: DictConfig, resume: str | os.PathLike | None, procs: Pr
 
 
 def _run_dir(cfg: DictConfig, resume: str | os.PathLike | None) -> Path:
+    """The resumed run's folder, or a new one claimed with an exclusive ``mkdir``: a new run never
+    shares a folder, even with a run of the same name started at the same moment."""
     if resume is not None:
         path = Path(resume)
         return path.parent if path.is_file() else path
     base = Path(cfg.run.out_dir) / cfg.run.name
-    if not base.exists():
-        return base
-    # A new run never overwrites an old one: runs/default, runs/default-2, ...
-    number = 2
-    while base.with_name(f"{base.name}-{number}").exists():
-        number += 1
-    return base.with_name(f"{base.name}-{number}")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    number = 1
+    while True:
+        path = base if number == 1 else base.with_name(f"{base.name}-{number}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            number += 1
+
+
+#: what a new run writes before its first checkpoint: removed with the folder when it stops there
+_EARLY_FILES = ("config.yaml", "metrics.jsonl", "curves.png")
+
+
+def _release(run_dir: Path, new_folders: list[Path]) -> None:
+    """Remove a new run's folder if it holds no checkpoint (the run failed or stopped before one),
+    and the empty ``new_folders`` (deepest first) that were made for it."""
+    if not run_dir.is_dir() or any((run_dir / name).exists() for name in ("last.pt", "best.pt")):
+        return
+    for name in _EARLY_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for leftover in run_dir.glob("*.tmp"):
+        leftover.unlink(missing_ok=True)
+    for folder in (run_dir, *new_folders):
+        try:
+            folder.rmdir()
+        except OSError:  # something else is in it: keep it and its parents
+            return
 
 
 def _train_loader(dataset: Dataset, cfg: DictConfig, procs: Processes) -> tuple[DataLoader, DistributedSampler]:
@@ -707,12 +829,22 @@ def _epoch_line(m: dict[str, Any], epochs: int, has_ema: bool) -> str:
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop lines of epochs after the checkpoint (written before a kill, then redone)."""
-    if path.is_file():
-        keep = [
-            line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epochs_done
-        ]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
+    """Drop lines of epochs after the checkpoint (written before a kill, then redone) and an
+    incomplete last line (a kill mid-write); any other unreadable line raises :class:`CheckpointError`."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # cut short by a kill: that epoch is redone
+                break
+            raise CheckpointError(f"{path} line {number} is not valid JSON ({err}); fix or delete that line") from None
+        if row.get("epoch", 0) <= epochs_done:
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:

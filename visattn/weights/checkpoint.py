@@ -78,14 +78,35 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def model_from_checkpoint(
-    path_or_state: str | os.PathLike | dict[str, Any], map_location: str | torch.device = "cpu"
+    path_or_state: str | os.PathLike | dict[str, Any],
+    map_location: str | torch.device = "cpu",
+    source: str | os.PathLike | None = None,
 ) -> nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights (in eval mode)."""
+    """Rebuild the model a checkpoint describes and load its weights (in eval mode).
+
+    A checkpoint without ``model_config``, or whose weights do not fit the model it describes,
+    raises :class:`CheckpointError` naming the file (``source``: the file a given state came from).
+    """
     state = path_or_state if isinstance(path_or_state, dict) else load_checkpoint(path_or_state, map_location)
+    if source is None:
+        source = "the checkpoint" if isinstance(path_or_state, dict) else path_or_state
+    if not isinstance(state.get("model_config"), dict) or "name" not in state["model_config"]:
+        raise CheckpointError(
+            f"{source} has no model_config (the create_model arguments that rebuild its model); "
+            "add one with visattn.save_checkpoint, or build the model yourself and load state['model']"
+        )
+    if not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{source} holds no model weights ('model' entry)")
     config = dict(state["model_config"])
     # the weights come from the checkpoint: do not fetch or read the run's starting weights again
     for key in ("pretrained", "pretrained_file"):
         config.pop(key, None)
     model = create_model(config.pop("name"), **config)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        reason = " ".join(str(err).split())
+        raise CheckpointError(
+            f"{source}: the weights do not fit the model of its model_config: {reason[:300]}"
+        ) from err
     return model.eval()

@@ -1,0 +1,296 @@
+"""Every mistake at the command line is one line: a table of bad inputs run through the CLI.
+
+Each row is a ``visattn`` command line with something wrong in it; it must end with exit status
+2, exactly one line on stderr that names the key, flag or file at fault, no traceback, and no
+run folder left behind. The rows run in one child process (``visattn.cli.main(argv)`` per row,
+as the console script calls it, each with its own empty working folder and captured stderr),
+so that Python and torch are imported once; a few rows also run as separate processes
+(``train.py``, ``python -m visattn.cli``) to check the real exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visattn import create_model
+from visattn.train.config import config_to_dict, load_config
+from visattn.weights.checkpoint import save_checkpoint
+
+from .test_data import Payload, write_cifar10
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2"]
+OVERLAY = ["overlay", "--model", "vit_digits_patch4_16", "--method", "cls"]
+PICTURE = ["--image", "{tmp}/ok.png", "--out", "o.png"]
+
+
+def drawn(source: str, *flags: str, method: str = "cls") -> list[str]:
+    """``visattn overlay`` of the test picture: ``source`` a checkpoint file or ``model:NAME``."""
+    where = ["--model", source[6:]] if source.startswith("model:") else ["--checkpoint", source]
+    return ["overlay", *where, "--method", method, *flags, *PICTURE]
+
+
+#: (id, argv with {placeholders} for the files made below, what the one line must name)
+ROWS: list[tuple[str, list[str], str]] = [
+    # config keys: fail before anything is built
+    ("unknown key", ["train", "train.epoch=3"], "train.epoch"),
+    ("wrong type", ["train", "train.epochs=abc"], "train.epochs"),
+    ("lr zero", ["train", "train.lr=0"], "train.lr"),
+    ("lr negative", ["train", "train.lr=-1e-3"], "train.lr"),
+    ("clip_grad negative", ["train", "train.clip_grad=-1"], "train.clip_grad"),
+    ("label smoothing 1", ["train", "train.label_smoothing=1.0"], "train.label_smoothing"),
+    ("warmup negative", ["train", "train.warmup_epochs=-1"], "train.warmup_epochs"),
+    ("img_size zero", ["train", "data.img_size=0"], "data.img_size"),
+    ("one fake class", ["train", "data.name=fake", "data.fake_classes=1"], "data.fake_classes"),
+    ("workers negative", ["train", "data.workers=-1"], "data.workers"),
+    ("optimizer typo", ["train", "train.opt=adamx"], "train.opt"),
+    ("schedule typo", ["train", "train.sched=cosin"], "train.sched"),
+    ("dataset typo", ["train", "data.name=cifar11"], "data.name"),
+    ("amp choice", ["train", "train.amp=fp8"], "train.amp"),
+    ("device choice", ["train", "train.device=tpu"], "train.device"),
+    ("progress choice", ["train", "run.progress=bars"], "run.progress"),
+    ("ema decay 1", ["train", "train.ema_decay=1"], "train.ema_decay"),
+    ("val fraction", ["train", "data.val_fraction=1.5"], "data.val_fraction"),
+    ("batch size zero", ["train", "train.batch_size=0"], "train.batch_size"),
+    ("num_classes in model", ["train", "model.num_classes=3"], "model.num_classes"),
+    ("override without =", ["train", "train.epochs"], "train.epochs"),
+    ("override bad yaml", ["train", "train.epochs=[1,"], "train.epochs"),
+    ("missing config file", ["train", "--config", "{tmp}/missing.yaml"], "missing.yaml"),
+    ("yaml syntax", ["train", "--config", "{tmp}/syntax.yaml"], "syntax.yaml"),
+    ("yaml top-level list", ["train", "--config", "{tmp}/list.yaml"], "list.yaml"),
+    ("yaml unknown key", ["train", "--config", "{tmp}/unknown.yaml"], "train.epoch"),
+    ("yaml wrong type", ["train", "--config", "{tmp}/badtype.yaml"], "train.epochs"),
+    ("yaml not utf-8", ["train", "--config", "{tmp}/latin1.yaml"], "latin1.yaml"),
+    ("unknown flag", ["train", "--bogus"], "--bogus"),
+    # resume: refused before anything is written
+    ("resume with --config", ["train", "--resume", "{tmp}/saved", "--config", "{tmp}/list.yaml"], "--config"),
+    ("resume a missing folder", ["train", "--resume", "{tmp}/nowhere"], "nowhere"),
+    ("resume without state", ["train", "--resume", "{tmp}/nostate"], "nostate"),
+    ("resume other optimizer", ["train", "--resume", "{tmp}/saved", "train.opt=sgd"], "train.opt"),
+    ("resume other model", ["train", "--resume", "{tmp}/saved", "model.depth=3"], "model.depth"),
+    ("resume fewer epochs", ["train", "--resume", "{tmp}/saved", "train.epochs=1"], "train.epochs"),
+    # data and model: fail while the run is set up
+    ("unknown model", ["train", "model.name=nope"], "nope"),
+    ("model argument typo", ["train", "model.dept=2"], "dept"),
+    ("batch larger than data", ["train", *MODEL, "train.batch_size=5000"], "train.batch_size"),
+    ("cifar files missing", ["train", "data.name=cifar10", "data.root={tmp}/empty"], "cifar-10-batches-py"),
+    ("cifar with a payload", ["train", "data.name=cifar10", "data.root={tmp}/evil"], "data_batch_1"),
+    ("image folder missing", ["train", "data.name=imagefolder", "data.root={tmp}/nowhere"], "data.root"),
+    ("one-class image folder", ["train", "data.name=imagefolder", "data.root={tmp}/one_class"], "one_class"),
+    ("class with one image", ["train", "data.name=imagefolder", "data.root={tmp}/lonely"], "'b'"),
+    ("canvas img_size", ["train", "data.name=digits_canvas", "data.img_size=32"], "data.canvas_size"),
+    ("out_dir is a file", ["train", *MODEL, "run.out_dir={tmp}/afile"], "afile"),
+    # eval
+    ("eval missing checkpoint", ["eval", "--checkpoint", "{tmp}/missing.pt"], "missing.pt"),
+    ("eval truncated", ["eval", "--checkpoint", "{tmp}/truncated.pt"], "truncated.pt"),
+    ("eval foreign file", ["eval", "--checkpoint", "{tmp}/foreign.pt"], "foreign.pt"),
+    ("eval pickled code", ["eval", "--checkpoint", "{tmp}/evil.pt"], "evil.pt"),
+    ("eval without config", ["eval", "--checkpoint", "{tmp}/no_config.pt"], "no_config.pt"),
+    ("eval without model_config", ["eval", "--checkpoint", "{tmp}/no_model_config.pt"], "model_config"),
+    ("eval weights mismatch", ["eval", "--checkpoint", "{tmp}/mismatch.pt"], "mismatch.pt"),
+    ("eval folder without best", ["eval", "--checkpoint", "{tmp}/nostate"], "nostate"),
+    ("eval other classes",
+     ["eval", "--checkpoint", "{tmp}/good.pt", "--data", "fake", "--set", "data.fake_classes=3"], "fake"),
+    ("eval bad --set", ["eval", "--checkpoint", "{tmp}/good.pt", "--set", "data.nam=x"], "data.nam"),
+    # overlay
+    ("overlay missing image", [*OVERLAY, "--image", "{tmp}/nothere.png", "--out", "o.png"], "nothere.png"),
+    ("overlay not an image", [*OVERLAY, "--image", "{tmp}/not_image.png", "--out", "o.png"], "not_image.png"),
+    ("overlay bomb", [*OVERLAY, "--image", "{tmp}/bomb.png", "--out", "o.png"], "bomb.png"),
+    ("overlay out folder", [*OVERLAY, "--image", "{tmp}/ok.png", "--out", "{tmp}/no/o.png"], "--out"),
+    ("overlay truncated", drawn("{tmp}/truncated.pt"), "truncated.pt"),
+    ("overlay no model_config", drawn("{tmp}/no_model_config.pt"), "model_config"),
+    ("overlay mismatch", drawn("{tmp}/mismatch.pt"), "mismatch.pt"),
+    ("overlay query missing", drawn("model:vit_digits_patch4_16", method="query"), "--query"),
+    ("overlay img-size with checkpoint", drawn("{tmp}/good.pt", "--img-size", "8,8"), "--img-size"),
+    ("overlay query outside", drawn("model:vit_digits_patch4_16", "--query", "999,9", method="query"), "999"),
+    ("overlay bad query", drawn("model:vit_digits_patch4_16", "--query", "x"), "--query"),
+    ("overlay layer out of range", drawn("model:vit_digits_patch4_16", "--layer", "99"), "99"),
+    ("overlay unknown layer", drawn("model:vit_digits_patch4_16", "--layer", "blocks.nope"), "blocks.nope"),
+    ("overlay no image flag", [*OVERLAY, "--out", "o.png"], "--image"),
+    # demo and sites
+    ("demo unknown model", ["demo", "--model", "nope"], "nope"),
+    ("demo bad batch", ["demo", "--batch", "abc"], "--batch"),
+    ("sites unknown model", ["sites", "nope"], "nope"),
+    ("sites empty input", ["sites", "resnet18_small", "--input-size", "3", "0", "0"], "input_size"),
+]  # fmt: skip
+
+DRIVER = r"""
+import contextlib, io, json, os, sys, traceback
+from visattn.cli import main
+
+for row in json.loads(sys.stdin.read()):
+    os.chdir(row["cwd"])
+    err, out = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                code = main(row["argv"])
+            except SystemExit as stop:  # argparse, as the console script would see it
+                code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        code = "uncaught"
+        err.write(traceback.format_exc())
+    print(json.dumps({"code": code, "stderr": err.getvalue()}), flush=True)
+"""
+
+
+def bomb_png(path: Path, width: int = 20000, height: int = 20000) -> None:
+    """A few hundred bytes that declare a 400-megapixel picture (over PIL's bomb limit)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+def make_checkpoints(tmp: Path) -> None:
+    cfg = load_config(overrides=MODEL)
+    model = create_model("vit_digits_patch4_16", embed_dim=32, depth=1, num_heads=2, num_classes=10, in_chans=1)
+    model_config = {
+        "name": "vit_digits_patch4_16",
+        "embed_dim": 32,
+        "depth": 1,
+        "num_heads": 2,
+        "num_classes": 10,
+        "in_chans": 1,
+    }
+    data_config = {
+        "name": "digits",
+        "img_size": [16, 16],
+        "in_chans": 1,
+        "mean": [0.3],
+        "std": [0.4],
+        "num_classes": 10,
+        "class_names": [str(d) for d in range(10)],
+    }
+    save_checkpoint(tmp / "good.pt", model, model_config, config=config_to_dict(cfg), data_config=data_config)
+    save_checkpoint(tmp / "no_config.pt", model, model_config, data_config=data_config)
+    save_checkpoint(
+        tmp / "mismatch.pt", model, {**model_config, "depth": 2}, config=config_to_dict(cfg), data_config=data_config
+    )
+    torch.save(
+        {"format": "visattn-checkpoint", "version": 1, "model": model.state_dict(), "config": config_to_dict(cfg)},
+        tmp / "no_model_config.pt",
+    )
+    torch.save({"weights": torch.zeros(3)}, tmp / "foreign.pt")
+    torch.save({"format": "visattn-checkpoint", "payload": Payload(tmp / "pwned")}, tmp / "evil.pt")
+    (tmp / "truncated.pt").write_bytes((tmp / "good.pt").read_bytes()[:700])
+    (tmp / "saved").mkdir()
+    torch.save(
+        {"format": "visattn-checkpoint", "version": 1, "epoch": 2, "config": config_to_dict(cfg)},
+        tmp / "saved" / "last.pt",
+    )
+    (tmp / "nostate").mkdir()
+    (tmp / "nostate" / "config.yaml").write_text("train:\n  epochs: 3\n")
+    (tmp / "pwned").unlink(missing_ok=True)  # torch.save pickles without unpickling: nothing ran yet
+
+
+def make_inputs(tmp: Path) -> None:
+    (tmp / "syntax.yaml").write_text("train: {epochs: 3\n")
+    (tmp / "list.yaml").write_text("- train\n- data\n")
+    (tmp / "unknown.yaml").write_text("train:\n  epoch: 3\n")
+    (tmp / "badtype.yaml").write_text("train:\n  epochs: many\n")
+    (tmp / "latin1.yaml").write_bytes(b"train:\n  name: \xff\xfe\n")
+    (tmp / "afile").write_text("not a folder")
+    (tmp / "not_image.png").write_text("plain text")
+    bomb_png(tmp / "bomb.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp / "ok.png")
+    (tmp / "empty").mkdir()
+    write_cifar10(tmp / "evil")
+    with open(tmp / "evil" / "cifar-10-batches-py" / "data_batch_1", "wb") as handle:
+        pickle.dump({"data": Payload(tmp / "pwned"), "labels": [0]}, handle)
+    for name, counts in (("one_class", {"only": 4}), ("lonely", {"a": 6, "b": 1})):
+        for label, count in counts.items():
+            (tmp / name / label).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp / name / label / f"{i}.png")
+    make_checkpoints(tmp)
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "VISATTN_TRACEBACK": ""}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """``{row id: (exit status, stderr, working folder)}`` for every row of :data:`ROWS`."""
+    tmp = tmp_path_factory.mktemp("inputs")
+    make_inputs(tmp)
+    rows = []
+    for number, (_, argv, _) in enumerate(ROWS):
+        cwd = tmp_path_factory.mktemp(f"row{number}")
+        rows.append({"argv": [a.format(tmp=tmp) for a in argv], "cwd": str(cwd)})
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER], input=json.dumps(rows), env=env(), capture_output=True, text=True, timeout=300
+    )
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(ROWS), done.stdout[-2000:] + done.stderr[-2000:]
+    out = {}
+    for (name, _, _), row, line in zip(ROWS, rows, lines, strict=True):
+        result = json.loads(line)
+        out[name] = (result["code"], result["stderr"], Path(row["cwd"]))
+    return out, tmp
+
+
+def test_the_table_is_large():
+    assert len(ROWS) >= 40 and len({name for name, _, _ in ROWS}) == len(ROWS)
+
+
+@pytest.mark.parametrize(("name", "argv", "names"), ROWS, ids=[row[0] for row in ROWS])
+def test_a_bad_input_ends_in_one_line(results, name, argv, names):
+    table, tmp = results
+    code, err, cwd = table[name]
+    command = argv[0]
+    assert code == 2, (code, err)
+    assert "Traceback" not in err, err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith(f"visattn {command}: error: ") or err.startswith("visattn: error: "), err
+    assert names in err, err
+    assert not list(cwd.iterdir()), f"left behind: {list(cwd.iterdir())}"  # no runs/ folder, no output
+    assert not (tmp / "pwned").exists(), "a payload ran"
+
+
+def run_process(args: list[str], **extra_env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], env={**env(), **extra_env}, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_real_processes_exit_2_with_one_line_and_traceback_on_request(tmp_path):
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *args],
+            env={**env(), **extra},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args, extra in (
+            ([str(ROOT / "train.py"), "train.clip_grad=-1"], {}),
+            (["-m", "visattn.cli", "demo", "--model", "nope"], {}),
+            (["-m", "visattn.cli", "sites", "nope", "--traceback"], {}),
+            (["-m", "visattn.cli", "demo", "--model", "nope"], {"VISATTN_TRACEBACK": "1"}),
+        )
+    ]
+    (train, demo, traced, env_traced) = [(p.wait(timeout=120), p.communicate()[1]) for p in procs]
+    assert train == (2, "visattn train: error: train.clip_grad must be null (no clipping) or positive, got -1.0\n")
+    assert demo[0] == 2 and demo[1].startswith("visattn demo: error: unknown model 'nope'") and demo[1].count("\n") == 1
+    for code, err in (traced, env_traced):
+        assert code == 1 and "Traceback (most recent call last)" in err and "unknown model 'nope'" in err
+    assert not list(tmp_path.iterdir())
