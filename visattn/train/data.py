@@ -120,9 +120,11 @@ class TensorImageDataset(Dataset):
             ``RandomErasing``, which takes batches).
         class_names: the class names, in label order.
 
-    :meth:`batch` returns a batch ``(x (B, C, H, W), y (B,))``; ``DataLoader`` gets it through
-    :meth:`__getitems__` as a list of samples (views into the batch, which its collate function
-    stacks back at the cost of one copy); ``dataset[i]`` returns one ``(x (C, H, W), y int)``.
+    ``dataset[indices]`` (:meth:`batch`) returns a batch ``(x (B, C, H, W), y (B,))``; the
+    training loop feeds it whole index batches (a ``BatchSampler`` with ``batch_size=None``).
+    A ``DataLoader`` that batches by itself gets the same batch through :meth:`__getitems__` as a
+    list of samples (views, which its collate function stacks back at the cost of one copy);
+    ``dataset[i]`` returns one ``(x (C, H, W), y int)``.
     """
 
     def __init__(
@@ -172,8 +174,11 @@ class TensorImageDataset(Dataset):
         x, y = self.batch(indices)
         return list(zip(x.unbind(0), y.tolist(), strict=True))
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.__getitems__([index])[0]
+    def __getitem__(self, index: int | Sequence[int]) -> tuple[Tensor, int] | tuple[Tensor, Tensor]:
+        """``dataset[i]`` → ``(x (C, H, W), y int)``; ``dataset[[i, j, ...]]`` → a :meth:`batch`."""
+        if isinstance(index, int | np.integer):
+            return self.__getitems__([int(index)])[0]
+        return self.batch(index)
 
 
 def tensor_augmentation(

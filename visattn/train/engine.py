@@ -36,13 +36,13 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, Subset
 
 from .._io import CheckpointError, atomic_write_json, atomic_write_text, save_safetensors
 from ..models.registry import create_model
 from ..weights.checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, config_to_dict, load_config
-from .data import build_datasets
+from .data import TensorImageDataset, build_datasets
 
 __all__ = [
     "RESUME_OVERRIDES",
@@ -667,28 +667,26 @@ def _train_loader(dataset: Dataset, cfg: DictConfig, procs: Processes) -> tuple[
     sampler = DistributedSampler(
         dataset, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=cfg.train.seed
     )
-    loader = DataLoader(
-        dataset,
-        batch_size=per_process,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=cfg.data.workers,
-        pin_memory=procs.device.type == "cuda",
-        persistent_workers=cfg.data.workers > 0,
-    )
-    return loader, sampler
+    return _loader(dataset, sampler, per_process, True, cfg, procs), sampler
 
 
 def _eval_loader(dataset: Dataset, cfg: DictConfig, procs: Processes) -> DataLoader:
     shard = Subset(dataset, range(procs.rank, len(dataset), procs.world_size)) if procs.distributed else dataset
-    loader = DataLoader(
-        shard,
-        batch_size=max(cfg.train.batch_size // procs.world_size, 1) * 2,
-        shuffle=False,
-        num_workers=cfg.data.workers,
-        persistent_workers=cfg.data.workers > 0,
+    batch_size = max(cfg.train.batch_size // procs.world_size, 1) * 2
+    return _loader(shard, SequentialSampler(shard), batch_size, False, cfg, procs)
+
+
+def _loader(
+    dataset: Dataset, sampler: Sampler, batch_size: int, drop_last: bool, cfg: DictConfig, procs: Processes
+) -> DataLoader:
+    """A ``DataLoader``; an in-memory :class:`TensorImageDataset` gets whole index batches (its
+    ``dataset[indices]`` builds the batch at once, with nothing to collate)."""
+    common = dict(
+        num_workers=cfg.data.workers, pin_memory=procs.device.type == "cuda", persistent_workers=cfg.data.workers > 0
     )
-    return loader
+    if isinstance(getattr(dataset, "dataset", dataset), TensorImageDataset):
+        return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last), batch_size=None, **common)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **common)
 
 
 def _seed_everything(seed: int, epoch: int, rank: int) -> None:
