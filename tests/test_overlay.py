@@ -209,3 +209,18 @@ def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
     expected = np.floor(values.astype(np.float64) / 257 + 0.5)  # oracle: 16 → 8 bits, rounded
     assert loaded.mode == "L" and np.array_equal(np.asarray(loaded), expected)
     assert np.asarray(loaded.convert("RGB")).min() == 0 and np.asarray(loaded.convert("RGB")).max() == 255
+
+
+def test_overlay_of_a_tall_picture_is_blended_the_same_in_every_strip():
+    """``overlay`` blends a strip of rows at a time (no float copy of a whole large picture); the
+    result is the whole-picture formula, across strip boundaries and inside a box."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 50, 3), dtype=np.uint8))
+    heat = torch.rand(7, 5, generator=torch.Generator().manual_seed(0))
+    out = np.asarray(overlay(image, heat, alpha=0.3, resample="nearest", normalize="none", box=(0, 0, 50, 700)))
+    colours = matplotlib.colormaps["inferno"](heat.numpy())[..., :3].repeat(100, axis=0).repeat(10, axis=1)
+    want = np.round((0.7 * np.asarray(image) / 255 + 0.3 * colours) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(out, want)
+    boxed = np.asarray(overlay(image, heat, alpha=0.3, box=(5, 100, 45, 650)))
+    np.testing.assert_array_equal(boxed[:100], np.asarray(image)[:100])
+    np.testing.assert_array_equal(boxed[650:], np.asarray(image)[650:])
+    assert (boxed[100:650, 5:45] != np.asarray(image)[100:650, 5:45]).mean() > 0.9

@@ -169,6 +169,10 @@ def _draw_marker(image: Image.Image, point: Point) -> None:
         draw.line([(x, y - r), (x, y + r)], fill=color, width=width)
 
 
+#: rows of the picture :func:`overlay` blends at once
+_STRIP_ROWS = 256
+
+
 def overlay(
     image: Image.Image,
     heatmap: Heatmap,
@@ -207,11 +211,12 @@ def overlay(
     if not (0 <= left < right <= base.width and 0 <= top < bottom <= base.height):
         raise ValueError(f"box {box} does not lie inside the {base.width}×{base.height} picture")
     pixels = to_image(heat, (bottom - top, right - left), extent=extent, mode=resample).clamp(0, 1).numpy()
-    colours = colormap(pixels)[..., :3]
-    region = np.asarray(base, dtype=np.float64)[top:bottom, left:right] / 255.0
-    blended = (1.0 - alpha) * region + alpha * colours
     out = np.asarray(base).copy()
-    out[top:bottom, left:right] = np.round(blended * 255.0).astype(np.uint8)
+    for start in range(0, bottom - top, _STRIP_ROWS):  # float copies of a strip at a time, not of the picture
+        rows = slice(top + start, min(top + start + _STRIP_ROWS, bottom))
+        colours = colormap(pixels[start : start + _STRIP_ROWS])[..., :3]
+        region = out[rows, left:right].astype(np.float64) / 255.0
+        out[rows, left:right] = np.round(((1.0 - alpha) * region + alpha * colours) * 255.0).astype(np.uint8)
     result = Image.fromarray(out, mode="RGB")
     if marker is not None:
         _draw_marker(result, marker)
