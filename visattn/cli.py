@@ -44,7 +44,7 @@ def _pair(text: str, kind: type = float) -> tuple:
 
 def _cmd_overlay(args: argparse.Namespace) -> int:
     """Draw an attention map of one picture (see visattn.overlay.attention_overlay)."""
-    from .explain.overlay import Preprocess, attention_overlay, default_data_config, load_image
+    from .explain.overlay import OVERLAY_MAX_SIDE, Preprocess, attention_overlay, default_data_config, load_image
     from .weights.checkpoint import load_checkpoint, model_from_checkpoint
 
     if args.checkpoint and args.img_size:
@@ -55,7 +55,6 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
         )
     if not Path(args.out).resolve().parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist; create it first")
-    image = load_image(args.image)
     if args.checkpoint:
         state = load_checkpoint(_checkpoint_file(args.checkpoint))
         model = model_from_checkpoint(state, source=args.checkpoint)
@@ -67,13 +66,16 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = create_model(args.model).eval()
         data_config = default_data_config(model, args.img_size)
+    preprocess = Preprocess.from_data_config(data_config)
+    image = load_image(args.image, max_side=max(OVERLAY_MAX_SIDE, *preprocess.img_size))
     layer = int(args.layer) if args.layer.lstrip("-").isdigit() else args.layer
     attention_overlay(
         model,
         image,
         args.method,
-        preprocess=Preprocess.from_data_config(data_config),
+        preprocess=preprocess,
         query=args.query,
+        original_size=image.info["original_size"],
         layer=layer,
         target=args.target,
         head_fusion=args.head_fusion,
@@ -255,6 +257,38 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_overlay_arguments(overlay: argparse.ArgumentParser) -> None:
+    source = overlay.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a visattn checkpoint (RUN/best.pt) or a run folder RUN")
+    source.add_argument("--model", help="a name from `visattn models` (untrained weights)")
+    overlay.add_argument(
+        "--image",
+        required=True,
+        help="the picture (any size, RGB or gray); a longer side over 2048 px (or over the model input) is "
+        "decoded reduced to that",
+    )
+    overlay.add_argument("--method", required=True, choices=["cls", "rollout", "grad_rollout", "query", "received"])
+    overlay.add_argument(
+        "--query",
+        type=_pair,
+        metavar="X,Y",
+        help="pixel (column,row) of the original picture, at its full size, for --method query",
+    )
+    overlay.add_argument("--layer", default="-1", help="attention module path or position (default -1: the last)")
+    overlay.add_argument("--target", type=int, help="class for grad_rollout (default: the predicted one)")
+    overlay.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout head fusion")
+    overlay.add_argument(
+        "--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links"
+    )
+    overlay.add_argument("--seed", type=int, default=0, help="random seed of --model's untrained weights")
+    overlay.add_argument(
+        "--img-size", type=lambda t: _pair(t, int), metavar="H,W", help="input size for --model without its own"
+    )
+    overlay.add_argument("--cmap", default="inferno", help="matplotlib colormap")
+    overlay.add_argument("--alpha", type=float, default=0.5, help="opacity of the map")
+    overlay.add_argument("--out", required=True, help="PNG to write")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its usage errors on one line (``visattn CMD: error: ... (see --help)``), exit status 2."""
 
@@ -279,27 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=2)
     _with_traceback(demo).set_defaults(func=_user_errors(_cmd_demo))
     overlay = sub.add_parser("overlay", help="an attention map of one picture, drawn on it, as a PNG")
-    source = overlay.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a visattn checkpoint (RUN/best.pt) or a run folder RUN")
-    source.add_argument("--model", help="a name from `visattn models` (untrained weights)")
-    overlay.add_argument("--image", required=True, help="the picture (any size, RGB or gray)")
-    overlay.add_argument("--method", required=True, choices=["cls", "rollout", "grad_rollout", "query", "received"])
-    overlay.add_argument(
-        "--query", type=_pair, metavar="X,Y", help="pixel of the picture (column,row) for --method query"
-    )
-    overlay.add_argument("--layer", default="-1", help="attention module path or position (default -1: the last)")
-    overlay.add_argument("--target", type=int, help="class for grad_rollout (default: the predicted one)")
-    overlay.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout head fusion")
-    overlay.add_argument(
-        "--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links"
-    )
-    overlay.add_argument("--seed", type=int, default=0, help="random seed of --model's untrained weights")
-    overlay.add_argument(
-        "--img-size", type=lambda t: _pair(t, int), metavar="H,W", help="input size for --model without its own"
-    )
-    overlay.add_argument("--cmap", default="inferno", help="matplotlib colormap")
-    overlay.add_argument("--alpha", type=float, default=0.5, help="opacity of the map")
-    overlay.add_argument("--out", required=True, help="PNG to write")
+    _add_overlay_arguments(overlay)
     _with_traceback(overlay).set_defaults(func=_user_errors(_cmd_overlay))
     sites = sub.add_parser("sites", help="candidate places for attention in a CNN, with their costs")
     sites.add_argument("model", help="e.g. torchvision:resnet50, timm:convnext_atto, resnet18_small")
