@@ -42,6 +42,10 @@ def _pair(text: str, kind: type = float) -> tuple:
     return first, second
 
 
+#: the overlay methods that read one attention module (``--layer``); rollouts combine all of them
+LAYER_METHODS = ("cls", "query", "received")
+
+
 def _cmd_overlay(args: argparse.Namespace) -> int:
     """Draw an attention map of one picture (see visattn.overlay.attention_overlay)."""
     from .explain.overlay import OVERLAY_MAX_SIDE, Preprocess, attention_overlay, default_data_config, load_image
@@ -52,6 +56,11 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
     if (args.method == "query") != (args.query is not None):
         raise ValueError(
             "--method query needs a query point, --query X,Y (a pixel of the picture); the other methods take none"
+        )
+    if args.layer is not None and args.method not in LAYER_METHODS:
+        raise ValueError(
+            f"--layer picks the attention module of --method {', '.join(LAYER_METHODS)}; --method {args.method} "
+            "combines every layer, so leave --layer out"
         )
     if not Path(args.out).resolve().parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist; create it first")
@@ -68,7 +77,8 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
         data_config = default_data_config(model, args.img_size)
     preprocess = Preprocess.from_data_config(data_config)
     image = load_image(args.image, max_side=max(OVERLAY_MAX_SIDE, *preprocess.img_size))
-    layer = int(args.layer) if args.layer.lstrip("-").isdigit() else args.layer
+    layer = "-1" if args.layer is None else args.layer
+    layer = int(layer) if layer.lstrip("-").isdigit() else layer
     attention_overlay(
         model,
         image,
@@ -274,7 +284,9 @@ def _add_overlay_arguments(overlay: argparse.ArgumentParser) -> None:
         metavar="X,Y",
         help="pixel (column,row) of the original picture, at its full size, for --method query",
     )
-    overlay.add_argument("--layer", default="-1", help="attention module path or position (default -1: the last)")
+    overlay.add_argument(
+        "--layer", help="attention module path or position for cls, query, received (default -1: the last)"
+    )
     overlay.add_argument("--target", type=int, help="class for grad_rollout (default: the predicted one)")
     overlay.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout head fusion")
     overlay.add_argument(
