@@ -125,6 +125,9 @@ ROWS: list[tuple[str, list[str], str]] = [
     # demo and sites
     ("demo unknown model", ["demo", "--model", "nope"], "nope"),
     ("demo bad batch", ["demo", "--batch", "abc"], "--batch"),
+    ("demo zero batch", ["demo", "--batch", "0"], "--batch"),
+    ("demo negative batch", ["demo", "--batch", "-3"], "--batch"),
+    ("eval zero batch", ["eval", "--checkpoint", "{tmp}/good.pt", "--batch", "0"], "--batch"),
     ("sites unknown model", ["sites", "nope"], "nope"),
     ("sites empty input", ["sites", "resnet18_small", "--input-size", "3", "0", "0"], "input_size"),
 ]  # fmt: skip

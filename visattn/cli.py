@@ -42,6 +42,16 @@ def _pair(text: str, kind: type = float) -> tuple:
     return first, second
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 #: the overlay methods that read one attention module (``--layer``); rollouts combine all of them
 LAYER_METHODS = ("cls", "query", "received")
 
@@ -322,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_cmd_models)
     demo = sub.add_parser("demo", help="one forward pass of a named model on random input")
     demo.add_argument("--model", default="vit_digits_patch4_16", help="a name from `visattn models`")
-    demo.add_argument("--batch", type=int, default=2)
+    demo.add_argument("--batch", type=_positive_int, default=2, help="pictures in the random batch")
     _with_traceback(demo).set_defaults(func=_user_errors(_cmd_demo))
     overlay = sub.add_parser("overlay", help="an attention map of one picture, drawn on it, as a PNG")
     _add_overlay_arguments(overlay)
@@ -348,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a data key, e.g. data.root=/data"
     )
-    evaluate.add_argument("--batch", type=int, default=256)
+    evaluate.add_argument("--batch", type=_positive_int, default=256, help="pictures per forward pass")
     _with_traceback(evaluate).set_defaults(func=_user_errors(_cmd_eval))
     return parser
 
