@@ -118,10 +118,16 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("overlay bad query", drawn("model:vit_digits_patch4_16", "--query", "x"), "--query"),
     ("overlay layer out of range", drawn("model:vit_digits_patch4_16", "--layer", "99"), "99"),
     ("overlay unknown layer", drawn("model:vit_digits_patch4_16", "--layer", "blocks.nope"), "blocks.nope"),
+    ("overlay layer with rollout", drawn("model:vit_digits_patch4_16", "--layer", "0", method="rollout"), "--layer"),
+    ("overlay layer with grad_rollout",
+     drawn("model:vit_digits_patch4_16", "--layer", "-1", method="grad_rollout"), "cls, query, received"),
     ("overlay no image flag", [*OVERLAY, "--out", "o.png"], "--image"),
     # demo and sites
     ("demo unknown model", ["demo", "--model", "nope"], "nope"),
     ("demo bad batch", ["demo", "--batch", "abc"], "--batch"),
+    ("demo zero batch", ["demo", "--batch", "0"], "--batch"),
+    ("demo negative batch", ["demo", "--batch", "-3"], "--batch"),
+    ("eval zero batch", ["eval", "--checkpoint", "{tmp}/good.pt", "--batch", "0"], "--batch"),
     ("sites unknown model", ["sites", "nope"], "nope"),
     ("sites empty input", ["sites", "resnet18_small", "--input-size", "3", "0", "0"], "input_size"),
 ]  # fmt: skip

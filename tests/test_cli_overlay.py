@@ -3,16 +3,28 @@ untrained named models, and one-line errors for bad input."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import nn
 
-from visattn import SelfAttention2d
+from visattn import SelfAttention2d, create_model
 from visattn.cli import main
-from visattn.explain.overlay import Preprocess, attention_overlay, load_image
+from visattn.explain.overlay import (
+    Preprocess,
+    attention_overlay,
+    attention_panels,
+    default_data_config,
+    load_image,
+)
 from visattn.models import registry
 from visattn.models.vit import VisionTransformer
 from visattn.weights.checkpoint import save_checkpoint
@@ -177,3 +189,46 @@ def test_bad_input_gets_one_line_errors(tmp_path, cat, capsys):
         assert err.startswith("visattn overlay: error: ") and err.count("\n") == 1, err
         assert re.search(message, err), (message, err)
     assert not (tmp_path / "x.png").exists()
+
+
+def peak_of_child(argv: list[str], tmp_path: Path, timeout: float = 180) -> tuple[int, float, str]:
+    """Run ``argv`` as a child process: (exit status, its peak resident memory in bytes, stderr)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "stderr.txt", "w") as err:
+        child = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
+        killer = threading.Timer(timeout, child.kill)
+        killer.start()
+        try:
+            _, status, usage = os.wait4(child.pid, 0)  # the rusage of this child alone
+        finally:
+            killer.cancel()
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return child.returncode, usage.ru_maxrss * 1024.0, (tmp_path / "stderr.txt").read_text()  # ru_maxrss: KiB
+
+
+def test_a_large_picture_is_decoded_reduced_and_the_query_stays_in_its_pixels(tmp_path):
+    """A 6000×4000 JPEG (24 megapixels): decoded whole, the command peaked at 4.8 GB; decoded at
+    at most 2048 px on the longer side it stays near the 0.9 GB that importing torch and
+    matplotlib takes. The query point is given in pixels of the full picture (here a corner that
+    lies outside the 2048×1365 copy)."""
+    picture = Image.new("RGB", (6000, 4000), (30, 60, 90))
+    ImageDraw.Draw(picture).ellipse((4000, 2500, 5800, 3900), fill=(250, 240, 200))
+    picture.save(tmp_path / "big.jpg", quality=90)
+    del picture
+    query = (5990.0, 3990.0)
+    argv = ["--model", "vit_digits_patch4_16", "--image", "big.jpg", "--method", "query", "--query", "5990,3990"]
+    code, peak, err = peak_of_child([sys.executable, "-m", "visattn.cli", "overlay", *argv, "--out", "o.png"], tmp_path)
+    assert code == 0, err
+    assert peak < 1.5e9, f"visattn overlay peaked at {peak / 1e9:.2f} GB"
+    small = load_image(tmp_path / "big.jpg", max_side=2048)
+    assert small.size == (2048, 1365) and small.info["original_size"] == (6000, 4000)
+    torch.manual_seed(0)  # the command's untrained model (--seed 0)
+    model = create_model("vit_digits_patch4_16").eval()
+    prep = Preprocess.from_data_config(default_data_config(model))
+    kwargs = {"preprocess": prep, "query": query, "original_size": (6000, 4000)}
+    panels = attention_panels(model, small, "query", **kwargs)
+    assert panels.marker == pytest.approx((5990 * 2048 / 6000, 3990 * 1365 / 4000))  # same relative spot
+    assert "where (5990, 3990) attends" in panels.suptitle
+    expected = np.asarray(attention_overlay(model, small, "query", **kwargs), dtype=np.int16)
+    drawn = np.asarray(Image.open(tmp_path / "o.png").convert("RGB"), dtype=np.int16)
+    assert drawn.shape == expected.shape and np.abs(drawn - expected).mean() < 0.5  # the same figure

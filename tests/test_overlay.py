@@ -209,3 +209,77 @@ def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
     expected = np.floor(values.astype(np.float64) / 257 + 0.5)  # oracle: 16 → 8 bits, rounded
     assert loaded.mode == "L" and np.array_equal(np.asarray(loaded), expected)
     assert np.asarray(loaded.convert("RGB")).min() == 0 and np.asarray(loaded.convert("RGB")).max() == 255
+
+
+def test_overlay_of_a_tall_picture_is_blended_the_same_in_every_strip():
+    """``overlay`` blends a strip of rows at a time (no float copy of a whole large picture); the
+    result is the whole-picture formula, across strip boundaries and inside a box."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 50, 3), dtype=np.uint8))
+    heat = torch.rand(7, 5, generator=torch.Generator().manual_seed(0))
+    out = np.asarray(overlay(image, heat, alpha=0.3, resample="nearest", normalize="none", box=(0, 0, 50, 700)))
+    colours = matplotlib.colormaps["inferno"](heat.numpy())[..., :3].repeat(100, axis=0).repeat(10, axis=1)
+    want = np.round((0.7 * np.asarray(image) / 255 + 0.3 * colours) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(out, want)
+    boxed = np.asarray(overlay(image, heat, alpha=0.3, box=(5, 100, 45, 650)))
+    np.testing.assert_array_equal(boxed[:100], np.asarray(image)[:100])
+    np.testing.assert_array_equal(boxed[650:], np.asarray(image)[650:])
+    assert (boxed[100:650, 5:45] != np.asarray(image)[100:650, 5:45]).mean() > 0.9
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_load_image_decodes_a_large_picture_reduced(tmp_path, suffix):
+    path = tmp_path / f"big.{suffix}"
+    picture(900, 600, square=(540, 120, 720, 300)).save(path)
+    small = load_image(path, max_side=256)
+    assert max(small.size) == 256 and abs(small.width / small.height - 1.5) < 0.02
+    assert small.info["original_size"] == (900, 600) == load_image(path).info["original_size"]
+    rows, cols = np.nonzero(np.asarray(small.convert("L")) > 127)  # the square, at the same relative place
+    scale = small.width / 900
+    assert abs(cols.min() - 540 * scale) <= 1.5 and abs(cols.max() + 1 - 720 * scale) <= 1.5
+    assert abs(rows.min() - 120 * scale) <= 1.5 and abs(rows.max() + 1 - 300 * scale) <= 1.5
+    assert load_image(path, max_side=900).size == (900, 600)  # within the cap: as it is
+    with pytest.raises(ValueError, match="max_side"):
+        load_image(path, max_side=0)
+
+
+def test_load_image_reduced_keeps_exif_orientation_and_16_bits(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 800×400, shown turned a quarter: 400×800
+    picture(800, 400).save(tmp_path / "turned.jpg", exif=exif)
+    turned = load_image(tmp_path / "turned.jpg", max_side=200)
+    assert turned.size == (100, 200) and turned.info["original_size"] == (400, 800)
+    assert load_image(tmp_path / "turned.jpg").size == (400, 800)
+    values = (np.arange(300, dtype=np.uint32)[None].repeat(200, 0) * 65535 // 299).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    deep = load_image(tmp_path / "deep.png", max_side=100)
+    assert deep.mode == "L" and deep.size == (100, 67) and deep.info["original_size"] == (300, 200)
+    assert np.asarray(deep)[:, 0].max() < 8 and np.asarray(deep)[:, -1].min() > 247  # scaled, not clipped
+
+
+def test_query_points_stay_in_original_pixels_on_a_reduced_picture(tmp_path):
+    picture(900, 600, square=(540, 120, 720, 300)).save(tmp_path / "big.png")
+    full = load_image(tmp_path / "big.png")
+    small = load_image(tmp_path / "big.png", max_side=300)
+    assert small.size == (300, 200)
+    prep = Preprocess.from_data_config(DIGITS_LIKE)
+    attn = SelfAttention2d(1, num_heads=1, qk_channels=1, v_channels=1, scale=1.0)
+    with torch.no_grad():  # bright queries look at bright keys, dark ones at dark keys
+        for projection in (attn.query, attn.key):
+            projection.weight.fill_(2.0)
+            projection.bias.fill_(-1.5)
+    model = nn.Sequential(nn.AvgPool2d(4), attn).eval()
+    query = (600.0, 200.0)  # in the bright square
+    whole = attention_panels(model, full, "query", preprocess=prep, query=query)
+    reduced = attention_panels(
+        model, small, "query", preprocess=prep, query=query, original_size=small.info["original_size"]
+    )
+    assert whole.marker == query and reduced.marker == pytest.approx((200.0, 200.0 / 3))
+    assert reduced.suptitle == whole.suptitle and "(600, 200)" in whole.suptitle  # original pixels in the title
+    assert whole.panels[0].max() > 0.3
+    torch.testing.assert_close(reduced.panels[0], whole.panels[0], atol=0.01, rtol=0)  # only the resampling differs
+    elsewhere = attention_panels(model, full, "query", preprocess=prep, query=(100.0, 500.0))  # a dark point
+    assert (elsewhere.panels[0] - whole.panels[0]).abs().max() > 0.3  # the map does depend on the point
+    with pytest.raises(ValueError, match="outside the 300×200"):
+        attention_panels(model, small, "query", preprocess=prep, query=query)  # without original_size
+    with pytest.raises(ValueError, match="outside the 900×600"):
+        attention_panels(model, small, "query", preprocess=prep, query=(900.0, 0.0), original_size=(900, 600))

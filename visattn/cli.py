@@ -42,9 +42,23 @@ def _pair(text: str, kind: type = float) -> tuple:
     return first, second
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+#: the overlay methods that read one attention module (``--layer``); rollouts combine all of them
+LAYER_METHODS = ("cls", "query", "received")
+
+
 def _cmd_overlay(args: argparse.Namespace) -> int:
     """Draw an attention map of one picture (see visattn.overlay.attention_overlay)."""
-    from .explain.overlay import Preprocess, attention_overlay, default_data_config, load_image
+    from .explain.overlay import OVERLAY_MAX_SIDE, Preprocess, attention_overlay, default_data_config, load_image
     from .weights.checkpoint import load_checkpoint, model_from_checkpoint
 
     if args.checkpoint and args.img_size:
@@ -53,9 +67,13 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
         raise ValueError(
             "--method query needs a query point, --query X,Y (a pixel of the picture); the other methods take none"
         )
+    if args.layer is not None and args.method not in LAYER_METHODS:
+        raise ValueError(
+            f"--layer picks the attention module of --method {', '.join(LAYER_METHODS)}; --method {args.method} "
+            "combines every layer, so leave --layer out"
+        )
     if not Path(args.out).resolve().parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist; create it first")
-    image = load_image(args.image)
     if args.checkpoint:
         state = load_checkpoint(_checkpoint_file(args.checkpoint))
         model = model_from_checkpoint(state, source=args.checkpoint)
@@ -67,13 +85,17 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = create_model(args.model).eval()
         data_config = default_data_config(model, args.img_size)
-    layer = int(args.layer) if args.layer.lstrip("-").isdigit() else args.layer
+    preprocess = Preprocess.from_data_config(data_config)
+    image = load_image(args.image, max_side=max(OVERLAY_MAX_SIDE, *preprocess.img_size))
+    layer = "-1" if args.layer is None else args.layer
+    layer = int(layer) if layer.lstrip("-").isdigit() else layer
     attention_overlay(
         model,
         image,
         args.method,
-        preprocess=Preprocess.from_data_config(data_config),
+        preprocess=preprocess,
         query=args.query,
+        original_size=image.info["original_size"],
         layer=layer,
         target=args.target,
         head_fusion=args.head_fusion,
@@ -255,6 +277,40 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_overlay_arguments(overlay: argparse.ArgumentParser) -> None:
+    source = overlay.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a visattn checkpoint (RUN/best.pt) or a run folder RUN")
+    source.add_argument("--model", help="a name from `visattn models` (untrained weights)")
+    overlay.add_argument(
+        "--image",
+        required=True,
+        help="the picture (any size, RGB or gray); a longer side over 2048 px (or over the model input) is "
+        "decoded reduced to that",
+    )
+    overlay.add_argument("--method", required=True, choices=["cls", "rollout", "grad_rollout", "query", "received"])
+    overlay.add_argument(
+        "--query",
+        type=_pair,
+        metavar="X,Y",
+        help="pixel (column,row) of the original picture, at its full size, for --method query",
+    )
+    overlay.add_argument(
+        "--layer", help="attention module path or position for cls, query, received (default -1: the last)"
+    )
+    overlay.add_argument("--target", type=int, help="class for grad_rollout (default: the predicted one)")
+    overlay.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout head fusion")
+    overlay.add_argument(
+        "--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links"
+    )
+    overlay.add_argument("--seed", type=int, default=0, help="random seed of --model's untrained weights")
+    overlay.add_argument(
+        "--img-size", type=lambda t: _pair(t, int), metavar="H,W", help="input size for --model without its own"
+    )
+    overlay.add_argument("--cmap", default="inferno", help="matplotlib colormap")
+    overlay.add_argument("--alpha", type=float, default=0.5, help="opacity of the map")
+    overlay.add_argument("--out", required=True, help="PNG to write")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its usage errors on one line (``visattn CMD: error: ... (see --help)``), exit status 2."""
 
@@ -276,30 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_cmd_models)
     demo = sub.add_parser("demo", help="one forward pass of a named model on random input")
     demo.add_argument("--model", default="vit_digits_patch4_16", help="a name from `visattn models`")
-    demo.add_argument("--batch", type=int, default=2)
+    demo.add_argument("--batch", type=_positive_int, default=2, help="pictures in the random batch")
     _with_traceback(demo).set_defaults(func=_user_errors(_cmd_demo))
     overlay = sub.add_parser("overlay", help="an attention map of one picture, drawn on it, as a PNG")
-    source = overlay.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a visattn checkpoint (RUN/best.pt) or a run folder RUN")
-    source.add_argument("--model", help="a name from `visattn models` (untrained weights)")
-    overlay.add_argument("--image", required=True, help="the picture (any size, RGB or gray)")
-    overlay.add_argument("--method", required=True, choices=["cls", "rollout", "grad_rollout", "query", "received"])
-    overlay.add_argument(
-        "--query", type=_pair, metavar="X,Y", help="pixel of the picture (column,row) for --method query"
-    )
-    overlay.add_argument("--layer", default="-1", help="attention module path or position (default -1: the last)")
-    overlay.add_argument("--target", type=int, help="class for grad_rollout (default: the predicted one)")
-    overlay.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout head fusion")
-    overlay.add_argument(
-        "--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links"
-    )
-    overlay.add_argument("--seed", type=int, default=0, help="random seed of --model's untrained weights")
-    overlay.add_argument(
-        "--img-size", type=lambda t: _pair(t, int), metavar="H,W", help="input size for --model without its own"
-    )
-    overlay.add_argument("--cmap", default="inferno", help="matplotlib colormap")
-    overlay.add_argument("--alpha", type=float, default=0.5, help="opacity of the map")
-    overlay.add_argument("--out", required=True, help="PNG to write")
+    _add_overlay_arguments(overlay)
     _with_traceback(overlay).set_defaults(func=_user_errors(_cmd_overlay))
     sites = sub.add_parser("sites", help="candidate places for attention in a CNN, with their costs")
     sites.add_argument("model", help="e.g. torchvision:resnet50, timm:convnext_atto, resnet18_small")
@@ -322,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a data key, e.g. data.root=/data"
     )
-    evaluate.add_argument("--batch", type=int, default=256)
+    evaluate.add_argument("--batch", type=_positive_int, default=256, help="pictures per forward pass")
     _with_traceback(evaluate).set_defaults(func=_user_errors(_cmd_eval))
     return parser
 

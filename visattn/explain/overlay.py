@@ -28,6 +28,7 @@ from .maps import Point, to_image
 
 __all__ = [
     "METHODS",
+    "OVERLAY_MAX_SIDE",
     "AttentionPanels",
     "Preprocess",
     "attention_overlay",
@@ -45,17 +46,37 @@ Normalize = Literal["minmax", "max", "none"]
 DATA_CONFIG_KEYS = ("img_size", "in_chans", "mean", "std")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+#: longest side :func:`load_image` keeps for ``visattn overlay`` (a grid panel is a few hundred pixels)
+OVERLAY_MAX_SIDE = 2048
+
+
+def load_image(path: str | os.PathLike, max_side: int | None = None) -> Image.Image:
     """Open a picture file (EXIF orientation applied, 16-bit gray scaled to 8 bits by
-    :func:`visattn._utils.eight_bit`); clear errors for a missing, non-image or bomb file."""
+    :func:`visattn._utils.eight_bit`); clear errors for a missing, non-image or bomb file.
+
+    ``max_side``: decode a larger picture reduced so that its longer side is at most this many
+    pixels (aspect kept): JPEG is decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``), other
+    formats are reduced right after decoding (``Image.thumbnail``), so no full-size copy is ever
+    converted or blended. ``info["original_size"]`` of the result is the ``(W, H)`` of the whole
+    picture (as oriented); pass it as ``original_size`` to :func:`attention_panels` to give query
+    points in pixels of the original.
+    """
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
     if not os.path.exists(path):
         raise ValueError(f"image {path} does not exist")
     if os.path.isdir(path):
         raise ValueError(f"image {path} is a folder; give one picture file (PNG, JPEG, ...)")
     try:
         with Image.open(path) as image:
+            full = image.size
+            if max_side is not None and max(full) > max_side:
+                scale = max_side / max(full)
+                image.draft(None, (max(1, round(full[0] * scale)), max(1, round(full[1] * scale))))
+                image.thumbnail((max_side, max_side))
             image.load()
-            return eight_bit(ImageOps.exif_transpose(image))
+            reduced = image.size
+            picture = eight_bit(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as err:
         raise ValueError(
             f"{path} is refused as a possible decompression bomb: {' '.join(str(err).split())} "
@@ -66,6 +87,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             f"{path} is not an image that PIL can read ({type(err).__name__}); give a PNG, JPEG or "
             "another format PIL opens"
         ) from err
+    turned = picture.size != reduced  # EXIF rotated it a quarter turn
+    picture.info["original_size"] = (full[1], full[0]) if turned else full
+    return picture
 
 
 @dataclass(frozen=True)
@@ -169,6 +193,10 @@ def _draw_marker(image: Image.Image, point: Point) -> None:
         draw.line([(x, y - r), (x, y + r)], fill=color, width=width)
 
 
+#: rows of the picture :func:`overlay` blends at once
+_STRIP_ROWS = 256
+
+
 def overlay(
     image: Image.Image,
     heatmap: Heatmap,
@@ -207,11 +235,12 @@ def overlay(
     if not (0 <= left < right <= base.width and 0 <= top < bottom <= base.height):
         raise ValueError(f"box {box} does not lie inside the {base.width}×{base.height} picture")
     pixels = to_image(heat, (bottom - top, right - left), extent=extent, mode=resample).clamp(0, 1).numpy()
-    colours = colormap(pixels)[..., :3]
-    region = np.asarray(base, dtype=np.float64)[top:bottom, left:right] / 255.0
-    blended = (1.0 - alpha) * region + alpha * colours
     out = np.asarray(base).copy()
-    out[top:bottom, left:right] = np.round(blended * 255.0).astype(np.uint8)
+    for start in range(0, bottom - top, _STRIP_ROWS):  # float copies of a strip at a time, not of the picture
+        rows = slice(top + start, min(top + start + _STRIP_ROWS, bottom))
+        colours = colormap(pixels[start : start + _STRIP_ROWS])[..., :3]
+        region = out[rows, left:right].astype(np.float64) / 255.0
+        out[rows, left:right] = np.round(((1.0 - alpha) * region + alpha * colours) * 255.0).astype(np.uint8)
     result = Image.fromarray(out, mode="RGB")
     if marker is not None:
         _draw_marker(result, marker)
@@ -339,6 +368,7 @@ def attention_panels(
     *,
     preprocess: Preprocess,
     query: Point | None = None,
+    original_size: tuple[int, int] | None = None,
     layer: int | str = -1,
     target: int | None = None,
     head_fusion: Literal["mean", "max", "min"] = "mean",
@@ -356,6 +386,9 @@ def attention_panels(
             (attention each position of ``layer`` receives, per head).
         preprocess: how the model sees the picture.
         query: ``(x, y)`` pixel of the original picture (``method="query"``).
+        original_size: ``(W, H)`` of the original when ``image`` is a reduced copy of it
+            (``load_image(path, max_side).info["original_size"]``): ``query`` is then in pixels
+            of the original, and the marker is scaled onto ``image``. Default ``image.size``.
         layer: a recorded module's path or position (``-1``: the last one).
         head_fusion, discard_ratio: see :func:`visattn.maps.rollout`.
         class_names: names for the predicted class in the title.
@@ -367,7 +400,9 @@ def attention_panels(
     if (method == "query") != (query is not None):
         raise ValueError("method 'query' needs a query point (x, y) and the other methods take none")
     x = preprocess(image)[None]
-    point = None if query is None else preprocess.to_input(query, image.size)
+    size = tuple(original_size or image.size)
+    point = None if query is None else preprocess.to_input(query, size)
+    marker = None if query is None else (query[0] * image.width / size[0], query[1] * image.height / size[1])
     has_grid_blocks = any(isinstance(m, SelfAttention2d) for m in model.modules())
     queries = [point] if point is not None and has_grid_blocks else None
     with torch.no_grad(), maps.record_attention(model, queries=queries) as rec:
@@ -399,7 +434,7 @@ def attention_panels(
         panels = list(heads) + ([heads.mean(dim=0)] if several else [])
         titles = [f"head {h}" for h in range(len(heads))] + (["mean of heads"] if several else [])
     return AttentionPanels(
-        panels, titles, name + (f"; {caption}" if caption else ""), preprocess.box(image.size), extent, query
+        panels, titles, name + (f"; {caption}" if caption else ""), preprocess.box(image.size), extent, marker
     )
 
 
