@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import matplotlib
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -177,6 +176,9 @@ def normalize_map(heatmap: Tensor, how: Normalize = "minmax") -> Tensor:
 
 
 def _colormap(name: str):
+    """A matplotlib colormap by name (matplotlib is imported here: training never needs it)."""
+    import matplotlib
+
     try:
         return matplotlib.colormaps[name]
     except KeyError as err:
