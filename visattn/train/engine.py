@@ -692,7 +692,8 @@ def _loader(
     common = dict(
         num_workers=cfg.data.workers, pin_memory=procs.device.type == "cuda", persistent_workers=cfg.data.workers > 0
     )
-    if isinstance(getattr(dataset, "dataset", dataset), TensorImageDataset):
+    shard_of = dataset.dataset if isinstance(dataset, Subset) else dataset
+    if isinstance(shard_of, TensorImageDataset):
         return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last), batch_size=None, **common)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **common)
 
