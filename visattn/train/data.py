@@ -160,8 +160,9 @@ class TensorImageDataset(Dataset):
         images = self.images[torch.as_tensor(indices, dtype=torch.long)]
         return images.float() / 255 if images.dtype == torch.uint8 else images.float()
 
-    def batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+    def batch(self, indices: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
         """A batch ``(x (B, C, H, W), y (B,))``: augmented (if set), normalized, erased (if set)."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
         x = self.raw_images(indices)
         if self.per_image is not None:
             x = torch.stack([pil_to_tensor(self.per_image(to_pil_image(image))) for image in x]).float() / 255
@@ -170,7 +171,7 @@ class TensorImageDataset(Dataset):
         x = (x - self.mean) / self.std
         if self.erasing is not None:
             x = self.erasing(x)
-        return x, self.labels[torch.as_tensor(indices, dtype=torch.long)]
+        return x, self.labels[indices]
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, int]]:
         x, y = self.batch(indices)
