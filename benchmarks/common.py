@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from visattn.train.engine import cpu_has_native_bf16
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
 
@@ -149,7 +151,7 @@ def bf16_enabled(config: Config) -> tuple[bool, str]:
         return False, "bf16 off (--bf16 off)"
     if config.device.startswith("cuda"):
         return True, ""
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if cpu_has_native_bf16():
         return True, ""
     return False, "no native bf16 on this CPU (oneDNN bf16 unsupported): skipped, --bf16 on forces it"
 

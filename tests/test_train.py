@@ -268,7 +268,7 @@ def test_auto_precision_skips_the_timing_without_native_bf16(monkeypatch):
 
     assert choose_precision("auto", torch.device("cpu"), never) == (
         None,
-        "train.amp=auto: this CPU has no native bf16 (avx512_bf16/amx_bf16), so bf16 would be emulated and slower",
+        "train.amp=auto: oneDNN has no native bf16 here (no AVX512-BF16/AMX), so bf16 would be emulated, slower",
     )
     assert choose_precision("bf16", torch.device("cpu"), never)[0] == torch.bfloat16
     with pytest.raises(ValueError, match="fp16 needs CUDA"):

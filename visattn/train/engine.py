@@ -718,7 +718,7 @@ def choose_precision(
 
     ``auto`` picks bf16 on CUDA devices that support it. On a CPU it times a training step of
     each precision with ``step_seconds(dtype)`` and picks bf16 only when it is at least 10 %
-    faster; on a CPU without native bf16 (no ``avx512_bf16`` / ``amx_bf16``: bf16 matrix
+    faster; where oneDNN has no native bf16 (an AVX2-only CPU, or ``ONEDNN_MAX_CPU_ISA=AVX2``: bf16 matrix
     products are emulated, 6-10x slower than fp32 as measured on an AVX2 EPYC) it skips the timing.
     """
     if amp in ("none", "bf16", "fp16"):
@@ -732,7 +732,7 @@ def choose_precision(
     if not cpu_has_native_bf16():
         return (
             None,
-            "train.amp=auto: this CPU has no native bf16 (avx512_bf16/amx_bf16), so bf16 would be emulated and slower",
+            "train.amp=auto: oneDNN has no native bf16 here (no AVX512-BF16/AMX), so bf16 would be emulated, slower",
         )
     fp32, bf16 = step_seconds(None), step_seconds(torch.bfloat16)
     timing = f"a training step took {bf16 * 1e3:.1f} ms in bf16 and {fp32 * 1e3:.1f} ms in fp32 on this CPU"
@@ -780,12 +780,12 @@ def _agreed_precision(
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether the CPU reports bf16 instructions (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """Whether oneDNN runs bf16 matrix products natively on this CPU (AVX512-BF16 or AMX).
+
+    Asked of oneDNN rather than read from the CPU flags, so that ``ONEDNN_MAX_CPU_ISA=AVX2``
+    (which emulates bf16 on any CPU) is seen too.
+    """
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _fast_optimizer_kwargs(opt: str) -> dict[str, Any]:
