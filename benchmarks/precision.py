@@ -17,7 +17,7 @@ import torch
 from timm.optim import create_optimizer_v2
 
 from visattn.train.config import load_config
-from visattn.train.data import DATASET_DEFAULTS
+from visattn.train.data import input_shape
 from visattn.train.engine import BF16_MIN_GAIN, build_model
 
 from .common import REPO_ROOT, Config, Part, bf16_enabled, measure
@@ -29,9 +29,8 @@ TITLE = "Part 6: a training step of each shipped config in fp32 and in bf16 auto
 def _step(config_path: Path, device: str, quick: bool):
     """``(step(dtype), batch size)`` for one shipped config."""
     cfg = load_config(config_path)
-    chans, classes, side = DATASET_DEFAULTS[cfg.data.name]
-    classes = classes or cfg.data.fake_classes
-    side = cfg.data.canvas_size if cfg.data.name == "digits_canvas" else (cfg.data.img_size or side)
+    chans, classes, side = input_shape(cfg.data)
+    classes = classes or 1000  # an image folder: ImageNet-sized head
     batch = min(cfg.train.batch_size, 32) if quick else cfg.train.batch_size
     model = build_model({**dict(cfg.model), "num_classes": classes, "in_chans": chans}).to(device).train()
     optimizer = create_optimizer_v2(model, opt=cfg.train.opt, lr=1e-4)

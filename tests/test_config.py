@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from visattn.train.config import ConfigError, load_config
-from visattn.train.data import DATASET_DEFAULTS
+from visattn.train.data import input_shape
 from visattn.train.engine import build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -25,8 +25,7 @@ def test_default_yaml_is_the_builtin_default():
 def test_shipped_configs_build_their_models_and_run_a_forward_pass(path):
     cfg = load_config(path)
     assert cfg.run.name == path.stem
-    chans, classes, side = DATASET_DEFAULTS[cfg.data.name]
-    side = cfg.data.canvas_size if cfg.data.name == "digits_canvas" else (cfg.data.img_size or side)
+    chans, classes, side = input_shape(cfg.data)
     model = build_model({**dict(cfg.model), "num_classes": classes, "in_chans": chans}).eval()
     with torch.no_grad():
         logits = model(torch.randn(2, chans, side, side))

@@ -18,6 +18,7 @@ from visattn.train.data import (
     build_datasets,
     digits_images,
     digits_split,
+    input_shape,
 )
 
 
@@ -281,3 +282,23 @@ def test_imagefolder_scales_16_bit_pictures(tmp_path):
         image, _ = folder[index]
         expected = np.floor(originals[path].astype(np.float64) / 257 + 0.5)  # 16 → 8 bits, not clipped
         assert image.mode == "RGB" and all(np.array_equal(np.asarray(image)[..., c], expected) for c in range(3))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["data.img_size=24"],
+        ["data.name=digits_canvas", "data.canvas_size=40", "data.canvas_copies=1"],
+        ["data.name=fake", "data.fake_size=8", "data.fake_classes=3"],
+    ],
+)
+def test_input_shape_is_what_the_built_datasets_report(overrides):
+    cfg = data_cfg(*overrides)
+    _, _, data_config = build_datasets(cfg)
+    chans, classes, side = input_shape(cfg)
+    assert (chans, classes, [side, side]) == (
+        data_config["in_chans"],
+        data_config["num_classes"],
+        data_config["img_size"],
+    )

@@ -54,6 +54,17 @@ DATASET_DEFAULTS: dict[str, tuple[int, int | None, int]] = {
     "imagefolder": (3, None, 224),
     "fake": (3, None, 32),
 }
+
+
+def input_shape(cfg: Any) -> tuple[int, int | None, int]:
+    """``(channels, classes, side)`` the ``data`` section ``cfg`` gives a model, without loading
+    any data (``classes`` is ``None`` for image folders, whose classes come from the folders)."""
+    chans, classes, side = DATASET_DEFAULTS[cfg.name]
+    if cfg.name == "digits_canvas":
+        return chans, classes, cfg.canvas_size
+    return chans, classes or (cfg.fake_classes if cfg.name == "fake" else None), cfg.img_size or side
+
+
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
