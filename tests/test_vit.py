@@ -147,6 +147,7 @@ PUBLIC_API = {
     "format_sites",
     "from_timm",
     "from_torchvision",
+    "from_transformers",
     "functional",
     "insert_attention",
     "list_models",

@@ -21,6 +21,7 @@ from .models.insert import AttentionSite, attention_sites, format_sites, insert_
 from .models.registry import create_model, list_models, register_model, register_source
 from .models.vit import VisionTransformer
 from .weights.convert import from_timm, from_torchvision
+from .weights.hf import from_transformers
 from .weights.hub import load_pretrained, save_pretrained
 
 __version__ = "0.1.0"
@@ -46,6 +47,7 @@ __all__ = [
     "format_sites",
     "from_timm",
     "from_torchvision",
+    "from_transformers",
     "functional",
     "insert_attention",
     "list_models",

@@ -141,17 +141,18 @@ def _read_out(relevance: Tensor, rec: AttentionRecord, readout: str | None, path
     """Token relevance ``(B, N, N)`` → the map of what the model's output reads ``(B, gh, gw)``."""
     prefix, (gh, gw) = _grid_tokens(rec, path)
     readout = rec.pool if readout is None else readout
-    if readout == "cls":
-        if not rec.class_token:
-            raise ValueError(
-                f"readout='cls' needs a class token, and the model of {path} has none; "
-                "use readout='mean' (the mean of the patch tokens, what it pools)"
-            )
-        row = relevance[:, 0, prefix:]
-    elif readout == "mean":
-        row = relevance[:, prefix:, prefix:].mean(dim=1)
-    else:
-        raise ValueError(f"readout must be 'cls', 'mean' or None (the model's own pooling), got {readout!r}")
+    if readout not in ("cls", "mean", "cls_mean"):
+        raise ValueError(
+            f"readout must be 'cls', 'mean', 'cls_mean' or None (the model's own pooling), got {readout!r}"
+        )
+    if readout != "mean" and not rec.class_token:
+        raise ValueError(
+            f"readout={readout!r} needs a class token, and the model of {path} has none; "
+            "use readout='mean' (the mean of the patch tokens, what it pools)"
+        )
+    cls_row = relevance[:, 0, prefix:]
+    mean_row = relevance[:, prefix:, prefix:].mean(dim=1)
+    row = {"cls": cls_row, "mean": mean_row, "cls_mean": (cls_row + mean_row) / 2}[readout]
     return rearrange(row, "b (y x) -> b y x", y=gh, x=gw)
 
 
@@ -160,15 +161,16 @@ def rollout(
     head_fusion: Literal["mean", "max", "min"] = "mean",
     discard_ratio: float = 0.0,
     *,
-    readout: Literal["cls", "mean"] | None = None,
+    readout: Literal["cls", "mean", "cls_mean"] | None = None,
 ) -> Tensor:
     """Attention rollout (Abnar & Zuidema 2020) through all recorded Transformer layers.
 
     Per layer: fuse the heads (``mean``/``max``/``min``), zero the ``discard_ratio`` weakest
     links to patch tokens (links to the class/prefix tokens are kept), add the identity for the
     residual path and renormalize each row to sum to one: ``Â = (A + I) / rowsum``. Then
-    ``R = Â_L ⋯ Â_1``. The map is the class token's row of ``R`` (``readout="cls"``) or the mean
-    of the patch tokens' rows (``"mean"``); default: how the model pools.
+    ``R = Â_L ⋯ Â_1``. The map is the class token's row of ``R`` (``readout="cls"``), the mean
+    of the patch tokens' rows (``"mean"``), or the average of the two (``"cls_mean"``, for a head
+    that reads both, as DINOv2's classifier); default: how the model pools.
 
     Returns:
         ``(B, gh, gw)`` non-negative (with ``discard_ratio=0`` a class token's row sums to one
@@ -197,7 +199,7 @@ def grad_rollout(
     x: Tensor,
     target: int | Sequence[int] | Tensor | None = None,
     *,
-    readout: Literal["cls", "mean"] | None = None,
+    readout: Literal["cls", "mean", "cls_mean"] | None = None,
     layers: str | Sequence[str] | None = None,
 ) -> Tensor:
     """Gradient-weighted attention rollout (Chefer et al. 2021, "Generic Attention-model

@@ -39,7 +39,7 @@ class AttentionRecord:
             (``None`` = all of them, prefix included).
         image_size: ``(H, W)`` of the model input, or ``None`` (set by ``record_attention``).
         class_token: whether prefix token 0 is a class token (set by ``record_attention``).
-        pool: ``"cls"`` or ``"mean"``, how the owning model reads its tokens out (set by
+        pool: ``"cls"``, ``"mean"`` or ``"cls_mean"``, how the owning model reads its tokens out (set by
             ``record_attention``).
     """
 

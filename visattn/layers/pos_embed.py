@@ -50,12 +50,14 @@ def resample_pos_embed(
     new_grid: tuple[int, int],
     old_grid: tuple[int, int],
     num_prefix_tokens: int = 0,
+    antialias: bool = True,
 ) -> Tensor:
     """Resample a learned embedding ``(1, prefix + gh·gw, D)`` to another grid.
 
-    Bicubic (antialiased when shrinking); the prefix (class/register) tokens are kept apart
-    and unchanged. Returns ``(1, prefix + new_h·new_w, D)``; the input itself when the grid is
-    unchanged.
+    Bicubic, computed in float32 (timm's ``resample_abs_pos_embed``), with PyTorch's antialiased
+    kernel or, with ``antialias=False``, its plain one (what Hugging Face's ViT, DeiT and DINOv2
+    use); the prefix (class/register) tokens are kept apart and unchanged. Returns
+    ``(1, prefix + new_h·new_w, D)``; the input itself when the grid is unchanged.
     """
     if tuple(new_grid) == tuple(old_grid):
         return pos_embed
@@ -65,5 +67,5 @@ def resample_pos_embed(
         old_size=list(old_grid),
         num_prefix_tokens=num_prefix_tokens,
         interpolation="bicubic",
-        antialias=True,
+        antialias=antialias,
     )

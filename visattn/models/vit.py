@@ -12,8 +12,10 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
+from einops import rearrange
 from timm.layers import get_act_layer, trunc_normal_
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .._utils import to_pair
 from ..layers.blocks import EncoderBlock
@@ -27,8 +29,8 @@ __all__ = ["PatchEmbed", "VisionTransformer"]
 class VisionTransformer(nn.Module):
     """Vision Transformer (Dosovitskiy et al. 2021).
 
-    image → :class:`PatchEmbed` → (+ class/register tokens) → + positions → ``depth`` ×
-    :class:`~visattn.EncoderBlock` → norm → pool (class token or mean) → head.
+    image → :class:`PatchEmbed` → (+ class/distillation/register tokens) → + positions →
+    ``depth`` × :class:`~visattn.EncoderBlock` → norm → pool (class token or mean) → head.
 
     Args:
         img_size: the size the learned positions are made for; other sizes whose sides are
@@ -41,10 +43,18 @@ class VisionTransformer(nn.Module):
         num_heads: heads per block.
         mlp_ratio: MLP hidden width over ``D``.
         qkv_bias, qk_norm: see :class:`~visattn.MultiHeadAttention`.
-        pool: ``"cls"`` (class token) or ``"mean"`` (average of the patch tokens).
-        class_token: whether to have a class token (default: ``pool == "cls"``).
+        pool: ``"cls"`` (class token), ``"mean"`` (average of the patch tokens) or
+            ``"cls_mean"`` (both, concatenated: ``2·D`` features, the head of Hugging Face's
+            ``Dinov2ForImageClassification``).
+        class_token: whether to have a class token (default: ``pool != "mean"``).
+        dist_token: a distillation token after the class token, read by a second head
+            ``head_dist``; the logits are the mean of both heads (DeiT, Touvron et al. 2021;
+            Hugging Face's ``DeiTForImageClassificationWithTeacher``). Needs ``pool="cls"``.
         reg_tokens: extra learned register tokens (Darcet et al. 2024), without positions.
+            Order of the prefix: class, distillation, registers; maps see only the patches.
         pos_embed: ``"learned"`` or ``"sincos"`` (fixed, computed for each grid).
+        pos_embed_antialias: resample learned positions for other grids with antialiasing
+            (timm, DINOv2 with registers) or without it (Hugging Face's ViT, DeiT, DINOv2).
         no_embed_class: positions are added to patch tokens only (the prefix gets none).
         norm: ``"pre"`` (ViT) or ``"post"`` (original Transformer) blocks.
         final_norm: LayerNorm over the tokens after the blocks (pre-norm only; post-norm blocks
@@ -76,6 +86,7 @@ class VisionTransformer(nn.Module):
     Shapes:
         ``forward``: images ``(B, in_chans, H, W)`` → logits ``(B, num_classes)``.
         ``forward_features``: images → tokens ``(B, prefix + gh·gw, D)``.
+        ``forward_intermediates``: images → per-block feature maps ``(B, D, gh, gw)`` (timm's).
     """
 
     def __init__(
@@ -90,10 +101,12 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         qk_norm: bool = False,
-        pool: Literal["cls", "mean"] = "cls",
+        pool: Literal["cls", "mean", "cls_mean"] = "cls",
         class_token: bool | None = None,
+        dist_token: bool = False,
         reg_tokens: int = 0,
         pos_embed: Literal["learned", "sincos"] = "learned",
+        pos_embed_antialias: bool = True,
         no_embed_class: bool = False,
         norm: Literal["pre", "post"] = "pre",
         final_norm: bool = True,
@@ -116,16 +129,20 @@ class VisionTransformer(nn.Module):
         act_layer = _activation(act_layer)
         norm_layer = partial(nn.LayerNorm, eps=norm_eps) if norm_layer is None else norm_layer
         class_token = _resolve_class_token(pool, pos_embed, class_token)
+        _check_dist_token(dist_token, pool, fc_norm)
         self.img_size = to_pair(img_size)
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
+        self.head_hidden_size = 2 * embed_dim if pool == "cls_mean" else embed_dim
         self.pool = pool
         self.pos_embed_kind = pos_embed
+        self.pos_embed_antialias = pos_embed_antialias
         self.no_embed_class = no_embed_class
         self.num_reg_tokens = reg_tokens
-        self.num_prefix_tokens = int(class_token) + reg_tokens
+        self.num_prefix_tokens = int(class_token) + int(dist_token) + reg_tokens
+        self.grad_checkpointing = False
 
-        self._build_tokens(patch_size, in_chans, class_token, reg_tokens, embed_layer)
+        self._build_tokens(patch_size, in_chans, class_token, dist_token, reg_tokens, embed_layer)
         self.pos_drop = nn.Dropout(pos_drop_rate)
         blocks = dict(norm=norm, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate)
         blocks.update(layer_scale=layer_scale, act_layer=act_layer, norm_layer=norm_layer)
@@ -138,16 +155,18 @@ class VisionTransformer(nn.Module):
         patch_size: int | tuple[int, int],
         in_chans: int,
         class_token: bool,
+        dist_token: bool,
         reg_tokens: int,
         embed_layer: nn.Module | None,
     ) -> None:
-        """The token stem, the class/register tokens and the learned positions (or none)."""
+        """The token stem, the class/distillation/register tokens and the learned positions (or none)."""
         embed_dim = self.embed_dim
         if embed_layer is None:
             embed_layer = PatchEmbed(patch_size, in_chans, embed_dim)
         self.patch_embed = embed_layer
         self.grid_size = self.patch_embed.grid_size(*self.img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if dist_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         if self.pos_embed_kind == "learned":
             embedded_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
@@ -171,13 +190,18 @@ class VisionTransformer(nn.Module):
         fc_norm: bool,
         drop_rate: float,
     ) -> None:
-        """The norm after the blocks or after pooling, the head dropout and the linear head."""
-        embed_dim = self.embed_dim
-        self.norm = norm_layer(embed_dim) if final_norm and not fc_norm else nn.Identity()
-        self.fc_norm = norm_layer(embed_dim) if fc_norm else nn.Identity()
+        """The norm after the blocks or after pooling, the head dropout and the linear head(s)."""
+        self.norm = norm_layer(self.embed_dim) if final_norm and not fc_norm else nn.Identity()
+        self.fc_norm = norm_layer(self.head_hidden_size) if fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
+        self._build_classifier()
+
+    def _build_classifier(self) -> None:
+        """``head`` (and ``head_dist`` with a distillation token) for ``num_classes``; none for 0."""
         num_classes = self.num_classes
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        if self.dist_token is not None:
+            self.head_dist = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     # --- initialization ------------------------------------------------------------------
 
@@ -187,6 +211,8 @@ class VisionTransformer(nn.Module):
             trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
+        if self.dist_token is not None:
+            trunc_normal_(self.dist_token, std=0.02)
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=1e-6)
         for name, module in self.named_modules():
@@ -199,7 +225,7 @@ class VisionTransformer(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameter names that optimizers should not decay (timm's convention)."""
-        return {"pos_embed", "cls_token", "reg_token"}
+        return {"pos_embed", "cls_token", "dist_token", "reg_token"}
 
     # --- forward -------------------------------------------------------------------------
 
@@ -211,10 +237,12 @@ class VisionTransformer(nn.Module):
                 pos = torch.cat([pos.new_zeros(1, self.num_prefix_tokens, self.embed_dim), pos], dim=1)
             return pos
         prefix = 0 if self.no_embed_class else self.num_prefix_tokens
-        return resample_pos_embed(self.pos_embed, grid, self.grid_size, num_prefix_tokens=prefix)
+        return resample_pos_embed(
+            self.pos_embed, grid, self.grid_size, num_prefix_tokens=prefix, antialias=self.pos_embed_antialias
+        )
 
     def _prefix_tokens(self, batch: int) -> list[Tensor]:
-        tokens = [self.cls_token, self.reg_token]
+        tokens = [self.cls_token, self.dist_token, self.reg_token]
         return [t.expand(batch, -1, -1) for t in tokens if t is not None]
 
     def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
@@ -228,21 +256,38 @@ class VisionTransformer(nn.Module):
             tokens = torch.cat([*prefix, tokens], dim=1) + pos
         return self.pos_drop(tokens), grid
 
+    def _run_block(self, block: EncoderBlock, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        """One block; under :meth:`set_grad_checkpointing` its activations are recomputed in the
+        backward pass instead of kept (not while its attention is being recorded: the recomputation
+        would record it twice)."""
+        if self.grad_checkpointing and torch.is_grad_enabled() and block.attn.recording is None:
+            return checkpoint(block, tokens, grid, use_reentrant=False)
+        return block(tokens, grid_size=grid)
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``(B, C, H, W)`` → normalized tokens ``(B, prefix + gh·gw, D)``."""
         tokens, grid = self.embed(x)
         for block in self.blocks:
-            tokens = block(tokens, grid_size=grid)
+            tokens = self._run_block(block, tokens, grid)
         return self.norm(tokens)
 
     def pool_tokens(self, tokens: Tensor) -> Tensor:
-        """Tokens ``(B, N, D)`` → one vector per image ``(B, D)`` (class token or mean of patches)."""
-        if self.pool == "cls":
-            return tokens[:, 0]
-        return tokens[:, self.num_prefix_tokens :].mean(dim=1)
+        """Tokens ``(B, N, D)`` → one vector per image ``(B, head_hidden_size)``: the class token,
+        the mean of the patch tokens, or both concatenated (``pool="cls_mean"``)."""
+        mean = tokens[:, self.num_prefix_tokens :].mean(dim=1) if self.pool != "cls" else None
+        if self.pool == "mean":
+            return mean
+        return tokens[:, 0] if mean is None else torch.cat([tokens[:, 0], mean], dim=-1)
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
-        """Tokens ``(B, N, D)`` → logits ``(B, num_classes)``, or pooled features with ``pre_logits``."""
+        """Tokens ``(B, N, D)`` → logits ``(B, num_classes)``, or pooled features with ``pre_logits``.
+
+        With a distillation token: the mean of ``head`` on the class token and ``head_dist`` on
+        the distillation token (pooled features: the mean of the two tokens), as DeiT at inference.
+        """
+        if self.dist_token is not None:
+            cls, dist = self.head_drop(tokens[:, 0]), self.head_drop(tokens[:, 1])
+            return (cls + dist) / 2 if pre_logits else (self.head(cls) + self.head_dist(dist)) / 2
         pooled = self.head_drop(self.fc_norm(self.pool_tokens(tokens)))
         return pooled if pre_logits else self.head(pooled)
 
@@ -251,12 +296,13 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a fresh one for ``num_classes`` (0 removes it)."""
+        """Replace the head (and ``head_dist``) with a fresh one for ``num_classes`` (0 removes it)."""
         self.num_classes = self.config["num_classes"] = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+        self._build_classifier()
+        for head in (self.head, getattr(self, "head_dist", None)):
+            if isinstance(head, nn.Linear):
+                trunc_normal_(head.weight, std=0.02)
+                nn.init.zeros_(head.bias)
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -266,17 +312,127 @@ class VisionTransformer(nn.Module):
         """Token grid ``(gh, gw)`` for an input ``height × width`` (raises a clear error if it does not tile)."""
         return self.patch_embed.grid_size(height, width)
 
+    # --- timm's feature and memory interface ----------------------------------------------
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them
+        (``torch.utils.checkpoint``, non-reentrant): less memory for one more forward pass of the
+        blocks; gradients are unchanged. The token stem (a :class:`HybridViT`'s CNN) is not
+        checkpointed."""
+        self.grad_checkpointing = enable
+
+    def _take_indices(self, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
+        """``(block indices taken, the last of them)`` as timm's ``feature_take_indices`` reads
+        ``indices``: ``None`` all, an int ``n`` the last ``n``, a sequence those (negative from the end)."""
+        depth = len(self.blocks)
+        if indices is None or isinstance(indices, int):
+            n = depth if indices is None else indices
+            if not 0 < n <= depth:
+                raise ValueError(f"indices={n} asks for the last {n} blocks; this model has {depth} (use 1 to {depth})")
+            return list(range(depth - n, depth)), depth - 1
+        taken = [i + depth if i < 0 else i for i in indices]
+        wrong = [i for i, t in zip(indices, taken, strict=True) if not 0 <= t < depth]
+        if wrong or not taken:
+            raise ValueError(f"indices={list(indices)}: block indices go from {-depth} to {depth - 1} here")
+        return taken, max(taken)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]] | dict[str, Any]:
+        """The outputs of chosen blocks, as timm's ``VisionTransformer.forward_intermediates``.
+
+        Args:
+            x: images ``(B, C, H, W)``.
+            indices: ``None`` all blocks, an int ``n`` the last ``n``, a list those block indices
+                (negative count from the end). Returned in block order.
+            return_prefix_tokens: pair each output with its prefix tokens ``(B, prefix, D)``.
+            norm: apply the final norm (``self.norm``) to each output.
+            stop_early: run no block after the last one asked for.
+            output_fmt: ``"NCHW"`` (patch tokens as a map ``(B, D, gh, gw)``) or ``"NLC"``
+                (``(B, gh·gw, D)``); prefix tokens are never part of the map.
+            intermediates_only: return only the list.
+            output_dict: return ``{"image_intermediates": [...], "image_features": tokens}``
+                (plus ``"image_intermediates_prefix"`` with ``return_prefix_tokens``).
+
+        Returns:
+            ``(final normalized tokens (B, prefix + gh·gw, D), [outputs])``, or the list alone,
+            or the dict. With ``stop_early`` the "final" tokens are those of the last block run.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = self._take_indices(indices)
+        tokens, grid = self.embed(x)
+        outputs = []
+        for i, block in enumerate(self.blocks[: last + 1] if stop_early else self.blocks):
+            tokens = self._run_block(block, tokens, grid)
+            if i in take:
+                outputs.append(self.norm(tokens) if norm else tokens)
+        prefix = [t[:, : self.num_prefix_tokens] for t in outputs] if self.num_prefix_tokens else None
+        outputs = [t[:, self.num_prefix_tokens :] for t in outputs]
+        if output_fmt == "NCHW":
+            outputs = [rearrange(t, "b (h w) d -> b d h w", h=grid[0], w=grid[1]).contiguous() for t in outputs]
+        final = None if intermediates_only else self.norm(tokens)
+        if output_dict:
+            result = {"image_intermediates": outputs}
+            if prefix is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix
+            return result if final is None else {**result, "image_features": final}
+        if prefix is not None and return_prefix_tokens:
+            outputs = list(zip(outputs, prefix, strict=True))
+        return outputs if final is None else (final, outputs)
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | list[int] | tuple[int, ...] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop what :meth:`forward_intermediates` with ``indices`` does not need (timm's method):
+        the blocks after the last one taken, and optionally the final norm and the head.
+
+        ``config`` is updated (depth, norms, ``num_classes=0``), so :meth:`save_pretrained` writes the
+        pruned model. Returns the block indices taken.
+        """
+        take, last = self._take_indices(indices)
+        self.blocks = self.blocks[: last + 1]
+        self.config["depth"] = last + 1
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0)
+        self.config["fc_norm"] = not isinstance(self.fc_norm, nn.Identity)
+        self.config["final_norm"] = not (isinstance(self.norm, nn.Identity) and isinstance(self.fc_norm, nn.Identity))
+        return take
+
 
 def _resolve_class_token(pool: str, pos_embed: str, class_token: bool | None) -> bool:
-    """Whether the model has a class token (default: ``pool == "cls"``); checks the choices."""
-    if pool not in ("cls", "mean"):
-        raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+    """Whether the model has a class token (default: ``pool != "mean"``); checks the choices."""
+    if pool not in ("cls", "mean", "cls_mean"):
+        raise ValueError(f"pool must be 'cls', 'mean' or 'cls_mean', got {pool!r}")
     if pos_embed not in ("learned", "sincos"):
         raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
-    class_token = pool == "cls" if class_token is None else class_token
-    if pool == "cls" and not class_token:
-        raise ValueError("pool='cls' needs class_token=True; use pool='mean' without a class token")
+    class_token = pool != "mean" if class_token is None else class_token
+    if pool != "mean" and not class_token:
+        raise ValueError(f"pool={pool!r} needs class_token=True; use pool='mean' without a class token")
     return class_token
+
+
+def _check_dist_token(dist_token: bool, pool: str, fc_norm: bool) -> None:
+    """A distillation token reads out like DeiT: class token and distillation token, no fc_norm."""
+    if dist_token and (pool != "cls" or fc_norm):
+        raise ValueError(
+            f"dist_token=True reads the class and distillation tokens (pool='cls', fc_norm=False); "
+            f"got pool={pool!r}, fc_norm={fc_norm}"
+        )
 
 
 def _activation(act_layer: str | Callable[..., nn.Module]) -> Callable[..., nn.Module]:

@@ -1,6 +1,7 @@
 """Layer 3: weights in and out.
 
 ``convert`` (timm and torchvision ViTs, exactly; registers their names with ``create_model``),
+``hf`` (Hugging Face transformers ViT / DeiT / DINOv2, exactly) and ``hf_source`` (``create_model("hf:...")``),
 ``hub`` (``save_pretrained`` / ``load_pretrained``: safetensors + JSON) and ``checkpoint``
 (training checkpoints, read with ``weights_only=True``). Imports ``visattn.models``, ``visattn.layers``
 and the leaves.
@@ -8,12 +9,16 @@ and the leaves.
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from .convert import from_timm, from_torchvision
+from .hf import from_transformers
+from .hf_source import hf_model
 from .hub import load_pretrained, save_pretrained
 
 __all__ = [
     "CheckpointError",
     "from_timm",
     "from_torchvision",
+    "from_transformers",
+    "hf_model",
     "load_checkpoint",
     "load_pretrained",
     "model_from_checkpoint",
