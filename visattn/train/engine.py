@@ -53,6 +53,7 @@ __all__ = [
     "check_resume_config",
     "build_model",
     "choose_precision",
+    "enable_grad_checkpointing",
     "evaluate",
     "fit",
     "load_run_config",
@@ -76,7 +77,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 #: the config keys an override may change when a run is resumed (the others shaped the saved
 #: state: changing them would continue a different run, or fail half-way)
-RESUME_OVERRIDES = ("train.epochs", "run.progress", "run.log_every")
+#: keys a resumed run may change: they change neither the arithmetic nor the state (checkpointing
+#: recomputes activations, giving the same gradients)
+RESUME_OVERRIDES = ("train.epochs", "run.progress", "run.log_every", "train.grad_checkpointing")
 
 
 @dataclass
@@ -169,6 +172,8 @@ def _prepare(
         "in_chans": data_config["in_chans"],
     }
     model = build_model(model_config).to(procs.device)
+    if cfg.train.grad_checkpointing:
+        enable_grad_checkpointing(model, model_config["name"])
     amp_dtype, reason = _agreed_precision(cfg.train.amp, model, train_loader, procs, state)
     log(f"precision {DTYPE_NAMES[amp_dtype]}: {reason}")
     log(
@@ -371,6 +376,17 @@ def build_model(model_config: dict[str, Any]) -> nn.Module:
         raise ValueError(
             f"model {name!r} does not take an argument given in the config's model section: {err}"
         ) from None
+
+
+def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
+    """``train.grad_checkpointing=true``: timm's ``set_grad_checkpointing``, which visattn's ViTs
+    and timm's models have; any other model is refused by name."""
+    if not callable(getattr(model, "set_grad_checkpointing", None)):
+        raise ValueError(
+            f"train.grad_checkpointing=true: model {name!r} ({type(model).__name__}) has no set_grad_checkpointing; "
+            "visattn's ViTs and HybridViT and timm models have it, torchvision models do not"
+        )
+    model.set_grad_checkpointing(True)
 
 
 def train_one_epoch(
