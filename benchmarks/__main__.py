@@ -18,12 +18,12 @@ from types import ModuleType
 
 import torch
 
-from . import peak, precision, record, selfattention2d, training, vit
+from . import grad_checkpointing, peak, precision, record, selfattention2d, training, vit
 from .common import DEFAULT_OUT, Config, machine_info
 
 #: the parts in the order they run; a new part is a module with NAME, TITLE and run(config)
 PARTS: dict[str, ModuleType] = {
-    module.NAME: module for module in (selfattention2d, vit, peak, record, training, precision)
+    module.NAME: module for module in (selfattention2d, vit, peak, record, training, precision, grad_checkpointing)
 }
 
 

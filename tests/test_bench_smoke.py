@@ -74,6 +74,7 @@ def test_quick_suite_runs_and_writes_valid_json(tmp_path: Path) -> None:
     _check_record_part(doc["parts"]["record"])
     _check_train_part(doc["parts"]["train"])
     _check_precision_part(doc["parts"]["precision"])
+    _check_grad_checkpointing_part(doc["parts"]["grad_checkpointing"])
 
 
 def _check_record_part(part: dict) -> None:
@@ -135,6 +136,15 @@ def _check_precision_part(part: dict) -> None:
         if "bf16_ms" in row:
             assert math.isclose(row["ratio"], row["bf16_ms"] / row["fp32_ms"])
             assert row["auto"] == ("bf16" if row["ratio"] < 0.9 else "fp32")
+
+
+def _check_grad_checkpointing_part(part: dict) -> None:
+    """Part 7 measured both contenders; recomputing the blocks' activations lowers the step's peak."""
+    rows = {r["checkpointing"]: r for r in part["rows"]}
+    assert set(rows) == {"off", "on"} and rows["on"]["batch"] == 4
+    assert math.isclose(rows["on"]["time_ratio"], rows["on"]["ms"] / rows["off"]["ms"])
+    if peak_memory_supported("cpu"):
+        assert 0 < rows["on"]["peak_bytes"] < rows["off"]["peak_bytes"]
 
 
 def test_train_part_scales_the_default_config_with_torchrun_at_the_same_global_batch() -> None:
