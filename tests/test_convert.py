@@ -67,6 +67,7 @@ TIMM_PEERS = [
     ("vit_tiny_patch16_224", {}),
     ("vit_small_patch16_224", {}),
     ("deit_tiny_patch16_224", {}),
+    ("deit_tiny_distilled_patch16_224", {}),  # distillation token and head_dist
     ("vit_small_patch16_224.dino", {}),  # num_classes=0: logits are the class token features
     ("vit_base_patch32_224", {}),
     ("vit_tiny_patch16_224", dict(global_pool="avg", class_token=False, img_size=64)),  # fc_norm
@@ -146,10 +147,15 @@ def test_unsupported_timm_features_are_named(kwargs, feature):
 
 
 def test_non_vit_timm_models_are_refused():
-    with pytest.raises(UnsupportedModelError, match="VisionTransformerDistilled is not timm's VisionTransformer"):
-        from_timm(
-            timm.models.deit.VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
-        )
+    relpos = timm.models.vision_transformer_relpos.VisionTransformerRelPos
+    with pytest.raises(UnsupportedModelError, match="VisionTransformerRelPos is not timm's VisionTransformer"):
+        from_timm(relpos(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2))
+    distilled = timm.models.deit.VisionTransformerDistilled(
+        img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2
+    )
+    distilled.set_distilled_training(True)  # training would return the two heads' logits apart
+    with pytest.raises(UnsupportedModelError, match="distilled_training=True"):
+        from_timm(distilled)
 
 
 @pytest.fixture(scope="module")

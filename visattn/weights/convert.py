@@ -33,6 +33,7 @@ from timm.layers import PatchEmbed as TimmPatchEmbed
 from timm.layers.activations import GELU as TimmGELU
 from timm.layers.activations import GELUTanh as TimmGELUTanh
 from timm.models import adapt_input_conv
+from timm.models.deit import VisionTransformerDistilled as TimmVisionTransformerDistilled
 from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn
@@ -198,10 +199,10 @@ def timm_config(model: nn.Module) -> dict[str, Any]:
     Raises:
         UnsupportedModelError: naming every feature of ``model`` visattn does not implement.
     """
-    if type(model) is not TimmVisionTransformer:
+    if type(model) not in (TimmVisionTransformer, TimmVisionTransformerDistilled):
         raise UnsupportedModelError(
             f"{type(model).__name__} is not timm's VisionTransformer; visattn converts timm "
-            "VisionTransformer models (ViT, DeiT without distillation token, DINO, AugReg, ...)"
+            "VisionTransformer models (ViT, DeiT with or without distillation token, DINO, AugReg, ...)"
         )
     refused = _refused_layout(model)
     signatures: set[_BlockSignature] = set()
@@ -235,6 +236,8 @@ def _refused_layout(model: TimmVisionTransformer) -> list[str]:
         refused.append(f"global_pool={model.global_pool!r} (only 'token' and 'avg')")
     if model.pool_include_prefix:
         refused.append("pool_include_prefix=True")
+    if getattr(model, "distilled_training", False):
+        refused.append("distilled_training=True (the two heads' logits returned apart while training)")
     if model.pos_embed is None:
         refused.append("pos_embed='none' (no positional embedding)")
     if not _is_plain(model.patch_drop):
@@ -340,6 +343,7 @@ def _layout_arguments(model: TimmVisionTransformer) -> dict[str, Any]:
         depth=len(model.blocks),
         pool="cls" if model.global_pool == "token" else "mean",
         class_token=model.cls_token is not None,
+        dist_token=getattr(model, "dist_token", None) is not None,
         reg_tokens=model.num_reg_tokens,
         no_embed_class=model.no_embed_class,
         final_norm=not (_is_plain(model.norm) and _is_plain(model.fc_norm)),
