@@ -18,6 +18,7 @@ from torch import nn
 
 import visattn
 from visattn import create_model, from_transformers, record_attention
+from visattn.cli import main
 from visattn.explain.maps import cls_attention, rollout
 from visattn.weights.convert import PretrainedUnavailableError, UnsupportedModelError
 
@@ -200,6 +201,16 @@ def test_model_folder_through_create_model(tmp_path):
     torch.testing.assert_close(  # in_chans=1 sums the RGB filters, as timm does (in float32)
         fine_tune.patch_embed.proj.weight, model.patch_embed.proj.weight.sum(1, keepdim=True), **RESAMPLED
     )
+
+
+def test_command_line_reads_hf_folders_and_names_a_missing_extra(tmp_path, monkeypatch, capsys):
+    _peer(transformers.ViTForImageClassification, _vit_config()).save_pretrained(tmp_path)
+    assert main(["demo", "--model", f"hf:{tmp_path}"]) == 0
+    assert "input (2, 3, 40, 40) -> logits (2, 5)" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    assert main(["demo", "--model", f"hf:{tmp_path}"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("visattn demo: error: Hugging Face models need the transformers package: pip install")
 
 
 def test_hub_id_offline_without_cache_says_what_to_download(monkeypatch, tmp_path):

@@ -154,6 +154,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (
         ValueError,  # ConfigError and CheckpointError too
         OSError,  # missing files, disk full, read-only folders, undecodable pictures
+        ImportError,  # an optional extra that is not installed (pip install 'visattn[hf]')
         KeyError,
         IndexError,
         RuntimeError,  # NonFiniteLossError, out of memory, models refusing an input
