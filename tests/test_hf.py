@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import visattn
-from visattn import create_model, from_transformers, record_attention
+from visattn import create_model, from_transformers, load_pretrained, record_attention, save_pretrained
 from visattn.cli import main
 from visattn.explain.maps import cls_attention, rollout
 from visattn.weights.convert import PretrainedUnavailableError, UnsupportedModelError
@@ -103,7 +103,7 @@ def test_peer_outputs_equal_at_native_and_other_sizes(name, make_config):
         assert (model.dist_token is not None) == (name != "DeiTForImageClassification")
 
 
-def test_deit_with_teacher_averages_its_two_heads():
+def test_deit_with_teacher_averages_its_two_heads(tmp_path):
     peer = _peer(transformers.DeiTForImageClassificationWithTeacher, _deit_config())
     model = from_transformers(peer)
     x = torch.randn(2, 3, 32, 32)
@@ -112,6 +112,8 @@ def test_deit_with_teacher_averages_its_two_heads():
         tokens = model.forward_features(x)
         torch.testing.assert_close(model.head(tokens[:, 0]), out.cls_logits, **EXACT)
         torch.testing.assert_close(model.head_dist(tokens[:, 1]), out.distillation_logits, **EXACT)
+    save_pretrained(model, tmp_path)  # the distillation token and head are part of the saved config
+    torch.testing.assert_close(load_pretrained(tmp_path)(x), out.logits, **EXACT)
     model.reset_classifier(3)  # both heads are replaced
     assert model(x).shape == (2, 3) and model.head_dist.out_features == 3
 
@@ -139,6 +141,8 @@ def test_dinov2_classifier_reads_class_token_and_patch_mean():
     peer = _peer(transformers.Dinov2WithRegistersForImageClassification, _dinov2_registers_config())
     model = from_transformers(peer)
     assert model.pool == "cls_mean" and model.head.in_features == 64
+    with pytest.raises(ValueError, match="dist_token=True reads the class and distillation tokens"):
+        visattn.VisionTransformer(**{**model.config, "dist_token": True})
     x = torch.randn(1, 3, 28, 28)
     with torch.no_grad(), record_attention(model) as rec:
         model(x)
