@@ -41,7 +41,15 @@ from torch import Tensor, nn
 from ..models.vit import VisionTransformer
 from .convert import _VIT_ARGUMENTS, UnsupportedModelError, _adapt_input_channels, _build, _unwrap
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "HFArchitecture", "from_transformers", "hf_config", "import_transformers"]
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "HFArchitecture",
+    "convert_parts",
+    "from_transformers",
+    "hf_config",
+    "hf_to_visattn_names",
+    "import_transformers",
+]
 
 StateDict = Mapping[str, Tensor]
 
