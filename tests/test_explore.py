@@ -170,7 +170,7 @@ def test_the_budget_subsamples_query_cells_and_says_so(tmp_path, monkeypatch):
     kept = full[offset::s, offset::s].reshape(-1, 32, 32)
     assert_quantized(layer["rows"]["maps"], kept.numpy(), "kept rows")
     assert_quantized(layer["received"], maps.received(rec, "attn")[0].numpy(), "received over all cells")
-    with pytest.raises(ValueError, match="max_mb is too small"):
+    with pytest.raises(ValueError, match="max_mb=0.002 is too small.*give at least"):
         explore(model, pictures()[:1], tmp_path / "tiny.html", data_config=config, max_mb=0.002)
 
 

@@ -510,6 +510,27 @@ def explore(
     return _write_page(model, views, Path(out_path), class_names, max_mb, title or type(model).__name__, cmap, alpha)
 
 
+def _plan(views: list[_View], max_mb: float) -> dict[str, int]:
+    """Query-cell strides that keep the page within ``max_mb`` (:func:`plan_strides`), after the
+    pictures, the template and the whole-picture maps (known in advance) have taken their share."""
+    template = resources.files(__package__).joinpath("explorer.html").read_text("utf-8")
+    layers = views[0].layers  # every picture is fed at the same input size: the same layers
+    token_grids = [lay.query_grid[0] * lay.query_grid[1] for lay in layers if lay.kind == "token"]
+    grad_rollouts = TOP_K * (max(token_grids) + 8) if token_grids else 0
+    small_maps = len(views) * (sum(layer.map_bytes() for layer in layers) + grad_rollouts)
+    fixed = sum(len(_picture_src(v.picture)) for v in views) + len(template) + 16 * 1024 + small_maps * 4 / 3
+    per_picture = (max_mb * 1e6 - fixed) * 3 / 4 / len(views)
+    fewest = sum(layer.row_bytes(max(layer.query_grid)) for layer in layers)  # one query cell per layer
+    if fewest > per_picture:
+        least = (fixed + fewest * 4 / 3 * len(views)) / 1e6
+        raise ValueError(
+            f"max_mb={max_mb:g} is too small for this page: the pictures and whole-picture maps take "
+            f"{fixed / 1e6:.2f} MB and the query rows at least {least - fixed / 1e6:.2f} MB more; "
+            f"give at least {least:.2f}"
+        )
+    return plan_strides(layers, per_picture)
+
+
 def _write_page(
     model: nn.Module,
     views: list[_View],
@@ -523,15 +544,7 @@ def _write_page(
     """Plan the query rows within ``max_mb``, encode every picture's maps, write the page."""
     if not out_path.resolve().parent.is_dir():
         raise FileNotFoundError(f"{out_path}: the folder {out_path.parent} does not exist; create it first")
-    template = resources.files(__package__).joinpath("explorer.html").read_text("utf-8")
-    layers = views[0].layers  # every picture is fed at the same input size: the same layers
-    grad_rollouts = TOP_K * max(
-        [lay.query_grid[0] * lay.query_grid[1] + 8 for lay in layers if lay.kind == "token"] or [0]
-    )
-    small_maps = len(views) * (sum(layer.map_bytes() for layer in layers) + grad_rollouts)
-    fixed = sum(len(_picture_src(v.picture)) for v in views) + len(template) + 16 * 1024 + small_maps * 4 / 3
-    budget = (max_mb * 1e6 - fixed) * 3 / 4 / len(views)
-    strides = plan_strides(views[0].layers, budget)
+    strides = _plan(views, max_mb)
     for view in views:
         for layer in view.layers:
             layer.stride = strides[layer.path]
