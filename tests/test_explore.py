@@ -160,7 +160,7 @@ def test_the_budget_subsamples_query_cells_and_says_so(tmp_path, monkeypatch):
     page = explore(model, pictures()[:1], tmp_path / "small.html", data_config=config, max_mb=0.4)
     assert page.bytes <= 0.4e6 and page.strides["attn"] >= 2
     data = read_page_data(tmp_path / "small.html")
-    assert data["notes"] == page.notes and "subsampled" in page.notes[0] and "0.4 MB" in page.notes[0]
+    assert data["notes"] == page.notes and "one cell in every" in page.notes[0] and "0.4 MB" in page.notes[0]
     layer = data["images"][0]["layers"][0]
     s, offset = layer["stride"], layer["offset"]
     x = Preprocess.from_data_config(config)(pictures()[0])[None]

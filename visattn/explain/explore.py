@@ -449,9 +449,9 @@ def _subsampling_notes(layers: Sequence[LayerShape], max_mb: float) -> list[str]
             kept = len(layer.kept_cells())
             total = layer.query_grid[0] * layer.query_grid[1]
             notes.append(
-                f"{layer.path}: query cells subsampled to every {layer.stride} rows and columns "
+                f"{layer.path}: query rows kept for one cell in every {layer.stride}×{layer.stride} block "
                 f"({kept} of {total} cells) to stay within {max_mb:g} MB; pointing elsewhere shows the "
-                "nearest kept cell (marked)"
+                "nearest kept cell (marked); attention received still averages every query cell"
             )
     return notes
 
