@@ -250,3 +250,37 @@ def test_a_large_picture_is_drawn_at_its_own_size_and_the_query_stays_in_its_pix
     expected = np.asarray(attention_overlay(model, small, "query", **kwargs), dtype=np.int16)
     reduced = np.asarray(drawn.resize(small.size, Image.Resampling.BOX), dtype=np.int16)
     assert np.abs(reduced - expected).mean() < 2.0  # the same map on the same pixels, at another resolution
+
+
+def test_pretrained_file_for_any_name_create_model_accepts(tmp_path, cat, capsys):
+    """``--pretrained-file`` reads the files ``create_model(..., pretrained_file=...)`` reads, for a
+    timm ViT name (converted exactly), a ``timm:`` CNN and visattn's own names (built, then
+    loaded with every name and shape checked): the logits are those of the weights' own model."""
+    import timm
+    from safetensors.torch import save_file
+
+    from visattn.weights.convert import from_timm
+    from visattn.weights.named import model_with_weights
+
+    x = torch.randn(2, 3, 32, 48)
+    peer = timm.create_model("test_resnet").eval()
+    save_file(peer.state_dict(), tmp_path / "resnet.safetensors")
+    loaded = model_with_weights("timm:test_resnet", pretrained_file=tmp_path / "resnet.safetensors")
+    torch.testing.assert_close(loaded(x), peer(x), rtol=0, atol=0)
+    own = create_model("vit_digits_patch4_16").eval()
+    torch.save({"model": own.state_dict()}, tmp_path / "own.pth")
+    torch.manual_seed(1)  # another random init: only the file's weights can make the logits equal
+    loaded = model_with_weights("vit_digits_patch4_16", pretrained_file=tmp_path / "own.pth")
+    x = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(loaded(x), own(x), rtol=0, atol=0)
+    vit = timm.create_model("test_vit").eval()
+    torch.save(vit.state_dict(), tmp_path / "test_vit.pth")
+    out = tmp_path / "timm.png"
+    argv = ["--model", "test_vit", "--pretrained-file", tmp_path / "test_vit.pth", "--image", cat, "--method", "cls"]
+    code, stdout, err = run(capsys, *argv, "--head", "1", "--out", out)
+    assert code == 0, err
+    config = {"img_size": [160, 160], "in_chans": 3, "mean": [0.5] * 3, "std": [0.5] * 3}  # test_vit's pretrained_cfg
+    expected = attention_overlay(
+        from_timm(vit), load_image(cat), "cls", preprocess=Preprocess.from_data_config(config), head=1
+    )
+    assert Image.open(out).convert("RGB").tobytes() == expected.tobytes()

@@ -2,7 +2,8 @@
 
 ``recording`` (``record_attention``: exact, opt-in capture), ``maps`` (class-token attention,
 rollout, gradient rollout, query maps, attention received), ``overlay`` (maps on the
-original picture) and ``explore`` (the attention explorer: one self-contained HTML page). Imports the layers below; never ``visattn.train``.
+original picture) and ``explore`` (the attention explorer: one self-contained HTML page).
+Imports the layers below; never ``visattn.train``.
 """
 
 from . import maps

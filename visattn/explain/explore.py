@@ -35,7 +35,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .._io import atomic_write_text
-from ..layers.attention import AttentionRecord, SelfAttention2d
+from ..layers.attention import SelfAttention2d
 from . import maps
 from .overlay import Preprocess, default_data_config, load_image
 from .recording import AttentionRecording, record_attention
@@ -224,11 +224,8 @@ def plan_strides(layers: Sequence[LayerShape], budget: float) -> dict[str, int]:
     while sum(cost(p) for p in strides) > budget:
         thinnable = [p for p in strides if len(by_path[p].kept_cells(strides[p])) > 1]
         if not thinnable:
-            need = sum(cost(p) for p in strides) * 4 / 3 / 1e6
-            raise ValueError(
-                f"max_mb is too small: even one query cell per layer needs {need:.2f} MB more than is "
-                "left after the pictures and the other maps; raise max_mb"
-            )
+            need = sum(cost(p) for p in strides)
+            raise ValueError(f"even one query cell per layer needs {need} bytes, over the budget of {budget:.0f}")
         widest = max(thinnable, key=cost)
         strides[widest] += 1
     return strides
@@ -251,16 +248,18 @@ def _cell_points(layer: LayerShape, cells: Sequence[tuple[int, int]], image_size
     return [((c + 0.5) * width / gw, (r + 0.5) * height / gh) for r, c in cells]
 
 
-def _record_rows(model: nn.Module, x: Tensor, layer: LayerShape, cells: Sequence[tuple[int, int]]) -> AttentionRecord:
+def _record_cells(
+    model: nn.Module, x: Tensor, layer: LayerShape, cells: Sequence[tuple[int, int]]
+) -> AttentionRecording:
     """A grid module's weights for exactly these query cells (one forward, ``queries=``)."""
     points = _cell_points(layer, cells, tuple(x.shape[-2:]))
     with torch.no_grad(), record_attention(model, layers=layer.path, queries=points, max_bytes=None) as rec:
         model(x)
-    record = rec[layer.path]
+    index = rec[layer.path].query_index
     want = torch.tensor([r * layer.query_grid[1] + c for r, c in cells])
-    if record.query_index is None or not torch.equal(record.query_index.cpu(), want):
+    if index is None or not torch.equal(index.cpu(), want):
         raise RuntimeError(f"{layer.path}: the recorded query cells are not the ones asked for")
-    return record
+    return rec
 
 
 def _grid_received(model: nn.Module, x: Tensor, layer: LayerShape) -> Tensor:
@@ -271,10 +270,7 @@ def _grid_received(model: nn.Module, x: Tensor, layer: LayerShape) -> Tensor:
     total = None
     for start in range(0, len(cells), chunk):
         part = cells[start : start + chunk]
-        record = _record_rows(model, x, layer, part)
-        recording = AttentionRecording({layer.path: model.get_submodule(layer.path)})
-        recording._add(layer.path, record)
-        mean = maps.received(recording, layer.path)[0].to(torch.float64) * len(part)
+        mean = maps.received(_record_cells(model, x, layer, part), layer.path)[0].to(torch.float64) * len(part)
         total = mean if total is None else total + mean
     return total / len(cells)
 
@@ -294,7 +290,7 @@ def _query_rows(model: nn.Module, x: Tensor, recording: AttentionRecording, laye
     """The kept query rows of one module: prefix queries first, then the kept cells row-major."""
     cells = layer.kept_cells()
     if layer.kind == "grid":
-        weights = _record_rows(model, x, layer, cells).weights[0]
+        weights = _record_cells(model, x, layer, cells)[layer.path].weights[0]
     else:
         full = recording[layer.path].weights[0]
         index = list(range(layer.prefix)) + [layer.prefix + r * layer.query_grid[1] + c for r, c in cells]
