@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from visattn import create_model
 from visattn.train.config import config_to_dict, load_config
@@ -34,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2"]
 OVERLAY = ["overlay", "--model", "vit_digits_patch4_16", "--method", "cls"]
 PICTURE = ["--image", "{tmp}/ok.png", "--out", "o.png"]
+EXPLORE = ["explore", "--model", "vit_digits_patch4_16"]
+PAGE = ["--image", "{tmp}/ok.png", "--out", "o.html"]
+TIMM_FILE = ["--pretrained-file", "{tmp}/test_vit2.safetensors"]  # timm's test_vit2: another depth and layer scale
 
 
 def drawn(source: str, *flags: str, method: str = "cls") -> list[str]:
@@ -122,6 +127,32 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("overlay layer with grad_rollout",
      drawn("model:vit_digits_patch4_16", "--layer", "-1", method="grad_rollout"), "cls, query, received"),
     ("overlay no image flag", [*OVERLAY, "--out", "o.png"], "--image"),
+    ("overlay head with rollout", drawn("model:vit_digits_patch4_16", "--head", "0", method="rollout"), "--head"),
+    ("overlay head out of range", drawn("model:vit_digits_patch4_16", "--head", "9", method="received"), "head number"),
+    ("overlay head not a number", drawn("model:vit_digits_patch4_16", "--head", "max"), "--head"),
+    # pretrained weights: a file of another architecture is one line naming the file and the mismatch
+    ("overlay pretrained-file mismatch", ["overlay", "--model", "test_vit", *TIMM_FILE, "--method", "cls", *PICTURE],
+     "does not fit the architecture 'test_vit'"),
+    ("explore pretrained-file mismatch", ["explore", "--model", "test_vit", *TIMM_FILE, *PAGE],
+     "test_vit2.safetensors"),
+    ("explore pretrained-file CNN mismatch", ["explore", "--model", "timm:test_resnet", *TIMM_FILE, *PAGE],
+     "does not fit the architecture 'timm:test_resnet'"),
+    ("explore pretrained-file missing",
+     ["explore", "--model", "test_vit", "--pretrained-file", "{tmp}/nothere.pth", *PAGE], "nothere.pth"),
+    ("overlay pretrained with checkpoint", drawn("{tmp}/good.pt", "--pretrained"), "--pretrained"),
+    ("overlay pretrained own model", [*OVERLAY, "--pretrained", *PICTURE], "no published weights"),
+    ("overlay pretrained offline", ["overlay", "--model", "test_vit", "--pretrained", "--method", "cls", *PICTURE],
+     "pretrained_file"),
+    ("explore pretrained and file", ["explore", "--model", "test_vit", "--pretrained", *TIMM_FILE, *PAGE],
+     "--pretrained-file"),
+    # explore
+    ("explore max-mb zero", [*EXPLORE, *PAGE, "--max-mb", "0"], "--max-mb"),
+    ("explore max-mb too small", [*EXPLORE, *PAGE, "--max-mb", "0.001"], "max_mb"),
+    ("explore out folder", [*EXPLORE, "--image", "{tmp}/ok.png", "--out", "{tmp}/no/o.html"], "--out"),
+    ("explore no attention", ["explore", "--model", "timm:test_resnet", *PAGE], "no visattn attention modules"),
+    ("explore not an image", [*EXPLORE, "--image", "{tmp}/not_image.png", "--out", "o.html"], "not_image.png"),
+    ("explore unknown colormap", [*EXPLORE, *PAGE, "--cmap", "rainbow"], "rainbow"),
+    ("explore no image", [*EXPLORE, "--out", "o.html"], "--image"),
     # demo and sites
     ("demo unknown model", ["demo", "--model", "nope"], "nope"),
     ("demo bad batch", ["demo", "--batch", "abc"], "--batch"),
@@ -194,6 +225,7 @@ def make_checkpoints(tmp: Path) -> None:
         tmp / "no_model_config.pt",
     )
     torch.save({"weights": torch.zeros(3)}, tmp / "foreign.pt")
+    save_file(timm.create_model("test_vit2").state_dict(), tmp / "test_vit2.safetensors")
     torch.save({"format": "visattn-checkpoint", "payload": Payload(tmp / "pwned")}, tmp / "evil.pt")
     (tmp / "truncated.pt").write_bytes((tmp / "good.pt").read_bytes()[:700])
     (tmp / "saved").mkdir()
@@ -229,7 +261,14 @@ def make_inputs(tmp: Path) -> None:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "VISATTN_TRACEBACK": ""}
+    # HF_HUB_OFFLINE: --pretrained must fail at once (nothing is downloaded in the tests)
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "VISATTN_TRACEBACK": "",
+        "HF_HUB_OFFLINE": "1",
+    }
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,10 @@ from PIL import Image
 from torch import nn
 
 from visattn import SelfAttention2d
+from visattn.explain.maps import to_image
 from visattn.explain.overlay import (
     Preprocess,
+    attention_overlay,
     attention_panels,
     load_image,
     normalize_map,
@@ -283,3 +285,31 @@ def test_query_points_stay_in_original_pixels_on_a_reduced_picture(tmp_path):
         attention_panels(model, small, "query", preprocess=prep, query=query)  # without original_size
     with pytest.raises(ValueError, match="outside the 900×600"):
         attention_panels(model, small, "query", preprocess=prep, query=(900.0, 0.0), original_size=(900, 600))
+
+
+def test_to_image_samples_a_strip_of_rows_as_the_whole_picture_does():
+    heat = torch.rand(2, 5, 7, dtype=torch.float64)
+    for mode in ("bilinear", "nearest", "bicubic"):
+        whole = to_image(heat, (50, 30), extent=(4.5, 7.0), mode=mode)
+        strip = to_image(heat, (50, 30), extent=(4.5, 7.0), mode=mode, rows=(10, 27))
+        assert strip.shape == (2, 17, 30) and torch.equal(strip, whole[:, 10:27])
+
+
+def test_attention_overlay_is_one_map_at_the_pictures_size_or_the_panels():
+    """By default one overlay (the mean of the heads, or one head) at the picture's resolution;
+    ``panels=True`` the figure, with each panel as wide as the picture."""
+    image = picture(300, 200, square=(180, 40, 240, 100))
+    prep = Preprocess.from_data_config(DIGITS_LIKE)
+    attn = SelfAttention2d(1, num_heads=2, qk_channels=2, v_channels=2)
+    model = nn.Sequential(nn.AvgPool2d(4), attn).eval()
+    p = attention_panels(model, image, "received", preprocess=prep)
+    assert p.titles == ["head 0", "head 1", "mean of heads"]
+    mean = attention_overlay(model, image, "received", preprocess=prep, alpha=0.7)
+    assert mean.size == image.size
+    assert mean.tobytes() == overlay(image, p.panels[2], alpha=0.7, box=p.box, extent=p.extent).tobytes()
+    one = attention_overlay(model, image, "received", preprocess=prep, head=1)
+    assert one.tobytes() == overlay(image, p.panels[1], box=p.box, extent=p.extent).tobytes()
+    with pytest.raises(ValueError, match="head number in 0..1"):
+        attention_overlay(model, image, "received", preprocess=prep, head=2)
+    figure = attention_overlay(model, image, "received", preprocess=prep, panels=True)
+    assert figure.width >= 4 * 300 and figure.height >= 200  # picture + 3 maps, titles above

@@ -144,6 +144,7 @@ PUBLIC_API = {
     "VisionTransformer",
     "attention_sites",
     "create_model",
+    "explore",
     "format_sites",
     "from_timm",
     "from_torchvision",

@@ -8,6 +8,7 @@ The package is layered (imports only go down): the leaves ``_io`` and ``_utils``
 import sys
 
 from .explain import maps
+from .explain.explore import explore
 from .explain.overlay import overlay, overlay_grid
 from .explain.recording import AttentionRecording, record_attention
 from .layers import functional
@@ -44,6 +45,7 @@ __all__ = [
     "VisionTransformer",
     "attention_sites",
     "create_model",
+    "explore",
     "format_sites",
     "from_timm",
     "from_torchvision",

@@ -56,13 +56,43 @@ def _positive_int(text: str) -> int:
 LAYER_METHODS = ("cls", "query", "received")
 
 
-def _cmd_overlay(args: argparse.Namespace) -> int:
-    """Draw an attention map of one picture (see visattn.overlay.attention_overlay)."""
-    from .explain.overlay import OVERLAY_MAX_SIDE, Preprocess, attention_overlay, default_data_config, load_image
+def _model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, str]:
+    """``--checkpoint`` or ``--model [--pretrained | --pretrained-file]``: (model in eval mode, its
+    data_config, a name for it)."""
+    from .explain.overlay import default_data_config, pretrained_data_config
     from .weights.checkpoint import load_checkpoint, model_from_checkpoint
+    from .weights.named import model_with_weights
 
-    if args.checkpoint and args.img_size:
-        raise ValueError("--img-size is for --model; a checkpoint's data_config sets the input size")
+    if args.checkpoint:
+        if args.img_size:
+            raise ValueError("--img-size is for --model; a checkpoint's data_config sets the input size")
+        if args.pretrained or args.pretrained_file:
+            raise ValueError("--pretrained and --pretrained-file are for --model; a checkpoint holds its own weights")
+        state = load_checkpoint(_checkpoint_file(args.checkpoint))
+        model = model_from_checkpoint(state, source=args.checkpoint)
+        data_config = state.get("data_config")
+        if data_config is None:
+            data_config = default_data_config(model)
+            print(f"note: {args.checkpoint} has no data_config; using {data_config}", file=sys.stderr)
+        return model, data_config, str(args.checkpoint)
+    if args.pretrained or args.pretrained_file:
+        model = model_with_weights(args.model, pretrained=args.pretrained, pretrained_file=args.pretrained_file)
+        source = args.pretrained_file or "pretrained"
+        return model, pretrained_data_config(model, args.img_size), f"{args.model} ({source})"
+    torch.manual_seed(args.seed)
+    model = create_model(args.model).eval()
+    return model, default_data_config(model, args.img_size), f"{args.model} (untrained, seed {args.seed})"
+
+
+def _check_out_folder(out: str) -> None:
+    if not Path(out).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: the folder {Path(out).parent} does not exist; create it first")
+
+
+def _cmd_overlay(args: argparse.Namespace) -> int:
+    """Draw an attention map of one picture (see visattn.explain.overlay.attention_overlay)."""
+    from .explain.overlay import OVERLAY_MAX_SIDE, Preprocess, attention_overlay, load_image
+
     if (args.method == "query") != (args.query is not None):
         raise ValueError(
             "--method query needs a query point, --query X,Y (a pixel of the picture); the other methods take none"
@@ -72,24 +102,16 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
             f"--layer picks the attention module of --method {', '.join(LAYER_METHODS)}; --method {args.method} "
             "combines every layer, so leave --layer out"
         )
-    if not Path(args.out).resolve().parent.is_dir():
-        raise FileNotFoundError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist; create it first")
-    if args.checkpoint:
-        state = load_checkpoint(_checkpoint_file(args.checkpoint))
-        model = model_from_checkpoint(state, source=args.checkpoint)
-        data_config = state.get("data_config")
-        if data_config is None:
-            data_config = default_data_config(model)
-            print(f"note: {args.checkpoint} has no data_config; using {data_config}", file=sys.stderr)
-    else:
-        torch.manual_seed(args.seed)
-        model = create_model(args.model).eval()
-        data_config = default_data_config(model, args.img_size)
+    if args.head != "mean" and (args.panels or args.method not in LAYER_METHODS):
+        raise ValueError(f"--head picks one head's map of --method {', '.join(LAYER_METHODS)} without --panels")
+    _check_out_folder(args.out)
+    model, data_config, _ = _model_source(args)
     preprocess = Preprocess.from_data_config(data_config)
-    image = load_image(args.image, max_side=max(OVERLAY_MAX_SIDE, *preprocess.img_size))
+    # one overlay: the whole picture, at its own resolution; panels: a copy of at most 2048 pixels
+    image = load_image(args.image, max_side=max(OVERLAY_MAX_SIDE, *preprocess.img_size) if args.panels else None)
     layer = "-1" if args.layer is None else args.layer
     layer = int(layer) if layer.lstrip("-").isdigit() else layer
-    attention_overlay(
+    drawn = attention_overlay(
         model,
         image,
         args.method,
@@ -103,9 +125,31 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
         class_names=data_config.get("class_names"),
         cmap=args.cmap,
         alpha=args.alpha,
+        panels=args.panels,
+        head=args.head,
         out=args.out,
     )
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} ({drawn.width}×{drawn.height})")
+    return 0
+
+
+def _cmd_explore(args: argparse.Namespace) -> int:
+    """Write the attention explorer: one self-contained HTML page (see visattn.explain.explore)."""
+    from .explain.explore import explore
+
+    _check_out_folder(args.out)
+    model, data_config, name = _model_source(args)
+    page = explore(
+        model,
+        args.image,
+        args.out,
+        data_config=data_config,
+        max_mb=args.max_mb,
+        title=args.title or name,
+        cmap=args.cmap,
+        alpha=args.alpha,
+    )
+    print(f"wrote {page.summary()}")
     return 0
 
 
@@ -278,15 +322,48 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_overlay_arguments(overlay: argparse.ArgumentParser) -> None:
-    source = overlay.add_mutually_exclusive_group(required=True)
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint | --model NAME [--pretrained | --pretrained-file FILE]``, ``--seed``, ``--img-size``."""
+    source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a visattn checkpoint (RUN/best.pt) or a run folder RUN")
-    source.add_argument("--model", help="a name from `visattn models` (untrained weights)")
+    source.add_argument(
+        "--model", help="any name visattn.create_model accepts (`visattn models`, timm/torchvision names, timm:NAME)"
+    )
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument(
+        "--pretrained", action="store_true", help="--model's published weights (timm's/torchvision's download or cache)"
+    )
+    weights.add_argument(
+        "--pretrained-file", metavar="FILE", help="--model's weights from a .safetensors/.pth/.bin state dict"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of --model's untrained weights")
+    parser.add_argument(
+        "--img-size", type=lambda t: _pair(t, int), metavar="H,W", help="input size for --model (default: its own)"
+    )
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _head(text: str) -> int | str:
+    if text == "mean":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 'mean' or a head number, got {text!r}")
+    return int(text)
+
+
+def _add_overlay_arguments(overlay: argparse.ArgumentParser) -> None:
+    _add_model_arguments(overlay)
     overlay.add_argument(
-        "--image",
-        required=True,
-        help="the picture (any size, RGB or gray); a longer side over 2048 px (or over the model input) is "
-        "decoded reduced to that",
+        "--image", required=True, help="the picture (any size, RGB or gray); the overlay has its width and height"
     )
     overlay.add_argument("--method", required=True, choices=["cls", "rollout", "grad_rollout", "query", "received"])
     overlay.add_argument(
@@ -298,18 +375,40 @@ def _add_overlay_arguments(overlay: argparse.ArgumentParser) -> None:
     overlay.add_argument(
         "--layer", help="attention module path or position for cls, query, received (default -1: the last)"
     )
+    overlay.add_argument(
+        "--head",
+        type=_head,
+        default="mean",
+        help="cls, query, received: 'mean' of the heads (default) or a head number",
+    )
+    overlay.add_argument(
+        "--panels",
+        action="store_true",
+        help="the picture and every head's map side by side with a title (a picture over 2048 px is reduced)",
+    )
     overlay.add_argument("--target", type=int, help="class for grad_rollout (default: the predicted one)")
     overlay.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout head fusion")
     overlay.add_argument(
         "--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links"
     )
-    overlay.add_argument("--seed", type=int, default=0, help="random seed of --model's untrained weights")
-    overlay.add_argument(
-        "--img-size", type=lambda t: _pair(t, int), metavar="H,W", help="input size for --model without its own"
-    )
     overlay.add_argument("--cmap", default="inferno", help="matplotlib colormap")
     overlay.add_argument("--alpha", type=float, default=0.5, help="opacity of the map")
     overlay.add_argument("--out", required=True, help="PNG to write")
+
+
+def _add_explore_arguments(explore: argparse.ArgumentParser) -> None:
+    _add_model_arguments(explore)
+    explore.add_argument("--image", action="append", required=True, help="a picture (any size); repeat for several")
+    explore.add_argument("--out", required=True, help="the HTML file to write (e.g. explorer.html)")
+    explore.add_argument(
+        "--max-mb",
+        type=_positive_float,
+        default=20.0,
+        help="size budget of the page in MB (default 20); query cells are subsampled beyond it",
+    )
+    explore.add_argument("--title", help="the page's title (default: the checkpoint or model)")
+    explore.add_argument("--cmap", default="inferno", help="colormap the page opens with")
+    explore.add_argument("--alpha", type=float, default=0.6, help="opacity the page opens with")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -338,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     overlay = sub.add_parser("overlay", help="an attention map of one picture, drawn on it, as a PNG")
     _add_overlay_arguments(overlay)
     _with_traceback(overlay).set_defaults(func=_user_errors(_cmd_overlay))
+    explore = sub.add_parser("explore", help="an interactive HTML page of where the model looks in your pictures")
+    _add_explore_arguments(explore)
+    _with_traceback(explore).set_defaults(func=_user_errors(_cmd_explore))
     sites = sub.add_parser("sites", help="candidate places for attention in a CNN, with their costs")
     sites.add_argument("model", help="e.g. torchvision:resnet50, timm:convnext_atto, resnet18_small")
     sites.add_argument("--input-size", type=int, nargs=3, default=[3, 224, 224], metavar=("C", "H", "W"))

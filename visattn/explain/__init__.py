@@ -1,8 +1,9 @@
 """Layer 4: where the model looks.
 
 ``recording`` (``record_attention``: exact, opt-in capture), ``maps`` (class-token attention,
-rollout, gradient rollout, query maps, attention received) and ``overlay`` (maps on the
-original picture). Imports the layers below; never ``visattn.train``.
+rollout, gradient rollout, query maps, attention received), ``overlay`` (maps on the
+original picture) and ``explore`` (the attention explorer: one self-contained HTML page).
+Imports the layers below; never ``visattn.train``.
 """
 
 from . import maps

@@ -332,15 +332,17 @@ def to_image(
     *,
     extent: tuple[float, float] | None = None,
     mode: Literal["bilinear", "nearest", "bicubic"] = "bilinear",
+    rows: tuple[int, int] | None = None,
 ) -> Tensor:
     """Resample a grid map ``(..., h, w)`` onto the pixels of an ``image_size`` ``(H, W)`` image.
 
     The grid's cells tile the image evenly (patches, feature-map strides); ``extent`` says how
     many cells the image spans when that is less than the grid (pooled key grids, see
-    :func:`key_extent`). Each pixel's centre samples the grid at its position.
+    :func:`key_extent`). Each pixel's centre samples the grid at its position. ``rows``
+    ``(start, stop)`` samples only those pixel rows of the image (a strip of a large picture).
 
     Returns:
-        ``(..., H, W)`` in the heatmap's dtype.
+        ``(..., H, W)`` in the heatmap's dtype, or ``(..., stop - start, W)`` with ``rows``.
     """
     if heatmap.dim() < 2:
         raise ValueError(f"heatmap must be (..., h, w), got {tuple(heatmap.shape)}")
@@ -350,11 +352,12 @@ def to_image(
     gh, gw = heatmap.shape[-2:]
     eh, ew = (gh, gw) if extent is None else extent
     dtype = heatmap.dtype if heatmap.is_floating_point() else torch.float32
-    ys = (torch.arange(height, dtype=torch.float64) + 0.5) / height * eh / gh * 2 - 1
+    start, stop = (0, height) if rows is None else (max(0, rows[0]), min(height, rows[1]))
+    ys = (torch.arange(start, stop, dtype=torch.float64) + 0.5) / height * eh / gh * 2 - 1
     xs = (torch.arange(width, dtype=torch.float64) + 0.5) / width * ew / gw * 2 - 1
     grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).to(dtype=dtype, device=heatmap.device)
     flat = heatmap.reshape(-1, 1, gh, gw).to(dtype)
     out = F.grid_sample(
-        flat, grid.expand(flat.shape[0], height, width, 2), mode=mode, padding_mode="border", align_corners=False
+        flat, grid.expand(flat.shape[0], len(ys), width, 2), mode=mode, padding_mode="border", align_corners=False
     )
-    return out.reshape(*heatmap.shape[:-2], height, width)
+    return out.reshape(*heatmap.shape[:-2], len(ys), width)

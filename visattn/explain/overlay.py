@@ -34,6 +34,7 @@ __all__ = [
     "attention_panels",
     "default_data_config",
     "load_image",
+    "pretrained_data_config",
     "normalize_map",
     "overlay",
     "overlay_grid",
@@ -153,6 +154,35 @@ def default_data_config(model: nn.Module, img_size: tuple[int, int] | None = Non
     return {"img_size": list(size), "in_chans": in_chans, "mean": list(mean), "std": list(std)}
 
 
+def _num_classes(model: nn.Module) -> int | None:
+    classes = getattr(model, "num_classes", None)
+    if classes is None:
+        heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        classes = heads[-1].out_features if heads else None
+    return classes
+
+
+def pretrained_data_config(model: nn.Module, img_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """:func:`default_data_config` for a model with published weights: the mean, std and input size
+    of its ``pretrained_cfg`` (timm's record of how the weights were trained), and ImageNet's class
+    names (timm's ``ImageNetInfo``, shipped with timm) when its head has ImageNet's classes."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    config = default_data_config(model, img_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if len(cfg.get("mean") or ()) == config["in_chans"] == len(cfg.get("std") or ()):
+        config.update(mean=list(cfg["mean"]), std=list(cfg["std"]))
+    if img_size is None and cfg.get("input_size"):
+        config["img_size"] = list(cfg["input_size"][-2:])
+    subset = infer_imagenet_subset(model) if cfg else None
+    if subset is None and _num_classes(model) == 1000:
+        subset = "imagenet-1k"
+    if subset is not None:
+        info = ImageNetInfo(subset)
+        config["class_names"] = [info.index_to_description(i) for i in range(info.num_classes())]
+    return config
+
+
 def _as_tensor(heatmap: Heatmap) -> Tensor:
     heatmap = torch.as_tensor(np.asarray(heatmap) if not isinstance(heatmap, Tensor) else heatmap)
     heatmap = heatmap.detach().cpu().double()
@@ -236,11 +266,13 @@ def overlay(
     left, top, right, bottom = (round(v) for v in (box or (0, 0, *base.size)))
     if not (0 <= left < right <= base.width and 0 <= top < bottom <= base.height):
         raise ValueError(f"box {box} does not lie inside the {base.width}×{base.height} picture")
-    pixels = to_image(heat, (bottom - top, right - left), extent=extent, mode=resample).clamp(0, 1).numpy()
+    size = (bottom - top, right - left)
     out = np.asarray(base).copy()
     for start in range(0, bottom - top, _STRIP_ROWS):  # float copies of a strip at a time, not of the picture
         rows = slice(top + start, min(top + start + _STRIP_ROWS, bottom))
-        colours = colormap(pixels[start : start + _STRIP_ROWS])[..., :3]
+        strip = (start, start + _STRIP_ROWS)
+        pixels = to_image(heat, size, extent=extent, mode=resample, rows=strip).clamp(0, 1).numpy()
+        colours = colormap(pixels)[..., :3]
         region = out[rows, left:right].astype(np.float64) / 255.0
         out[rows, left:right] = np.round(((1.0 - alpha) * region + alpha * colours) * 255.0).astype(np.uint8)
     result = Image.fromarray(out, mode="RGB")
@@ -282,6 +314,7 @@ def overlay_grid(
     row_labels: Sequence[str] | None = None,
     suptitle: str | None = None,
     panel_size: float = 2.4,
+    dpi: float = 100.0,
     out: str | os.PathLike | None = None,
     **overlay_kwargs: Any,
 ) -> Image.Image:
@@ -294,7 +327,8 @@ def overlay_grid(
         titles: one per panel, nested like ``heatmaps`` (a flat list for a single row).
         row_labels: one per row, written above its original picture.
         suptitle: a title over the whole grid.
-        panel_size: inches per panel (at 100 dpi).
+        panel_size: inches per panel.
+        dpi: pixels per inch of the PNG (text scales with it).
         out: also save the grid there as a PNG.
         overlay_kwargs: ``cmap``, ``alpha``, ``resample``, ``normalize``, ``box``, ``extent``,
             ``marker`` as in :func:`overlay` (the marker is drawn on every panel).
@@ -328,7 +362,7 @@ def overlay_grid(
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=dpi)
     buffer.seek(0)
     grid = Image.open(buffer).convert("RGB")
     if out is not None:
@@ -347,6 +381,19 @@ def _prediction(logits: Tensor, class_names: Sequence[str] | None) -> str:
     index = int(probs.argmax())
     name = class_names[index] if class_names and index < len(class_names) else str(index)
     return f"predicted {name} (p={probs[index]:.2g})"
+
+
+def _model_view(image: Image.Image, preprocess: Preprocess) -> Image.Image:
+    """``image``, or a copy reduced to :data:`OVERLAY_MAX_SIDE` (or the model input, if larger) on
+    its longer side: what the model input is made from, so a huge picture is never turned into
+    a float tensor whole."""
+    side = max(OVERLAY_MAX_SIDE, *preprocess.img_size)
+    if max(image.size) <= side:
+        return image
+    scale = side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    source = image if image.mode in ("RGB", "L") else image.convert("RGB")
+    return source.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 @dataclass
@@ -401,7 +448,7 @@ def attention_panels(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if (method == "query") != (query is not None):
         raise ValueError("method 'query' needs a query point (x, y) and the other methods take none")
-    x = preprocess(image)[None]
+    x = preprocess(_model_view(image, preprocess))[None]
     size = tuple(original_size or image.size)
     point = None if query is None else preprocess.to_input(query, size)
     marker = None if query is None else (query[0] * image.width / size[0], query[1] * image.height / size[1])
@@ -440,6 +487,24 @@ def attention_panels(
     )
 
 
+#: panels of ``attention_overlay(..., panels=True)`` show the picture at up to this many pixels wide
+PANEL_MAX_PX = 1024
+
+
+def _chosen_panel(p: AttentionPanels, head: int | Literal["mean"]) -> Tensor:
+    """The one map of :func:`attention_overlay`: a head's, or the mean of the heads (or the only map)."""
+    heads = [t for t in p.titles if t.startswith("head ")]
+    if head == "mean":
+        return p.panels[-1]
+    if not heads:
+        raise ValueError(
+            f"head={head!r} picks one head's map, and this method gives one map ({p.titles[0]}); use 'mean'"
+        )
+    if not (isinstance(head, int) and 0 <= head < len(heads)):
+        raise ValueError(f"head must be 'mean' or a head number in 0..{len(heads) - 1}, got {head!r}")
+    return p.panels[head]
+
+
 def attention_overlay(
     model: nn.Module,
     image: Image.Image,
@@ -449,13 +514,34 @@ def attention_overlay(
     out: str | os.PathLike | None = None,
     cmap: str = "inferno",
     alpha: float = 0.5,
+    panels: bool = False,
+    head: int | Literal["mean"] = "mean",
     **panel_kwargs: Any,
 ) -> Image.Image:
-    """:func:`attention_panels` drawn with :func:`overlay_grid`: the picture, then its maps.
+    """One attention map drawn on ``image`` at the picture's own resolution, or (``panels=True``)
+    the picture and all its maps side by side (:func:`overlay_grid`) with a title.
 
-    ``panel_kwargs`` are those of :func:`attention_panels`; ``out`` also saves the PNG.
+    Args:
+        model, image, method, preprocess, panel_kwargs: as :func:`attention_panels`.
+        out: also save the PNG here.
+        cmap, alpha: as :func:`overlay`.
+        panels: the side-by-side figure instead of one overlay; each panel shows the picture at
+            its own width up to :data:`PANEL_MAX_PX` pixels (the figure's resolution follows).
+        head: for a one-overlay output of a per-head method (``cls``, ``query``, ``received``):
+            ``"mean"`` (the mean of the heads) or a head number.
+
+    Returns:
+        an RGB image of ``image.size`` (or the figure).
     """
     p = attention_panels(model, image, method, preprocess=preprocess, **panel_kwargs)
+    if not panels:
+        drawn = overlay(
+            image, _chosen_panel(p, head), cmap=cmap, alpha=alpha, box=p.box, extent=p.extent, marker=p.marker
+        )
+        if out is not None:
+            drawn.save(out)
+        return drawn
+    dpi = max(100.0, min(image.width, PANEL_MAX_PX) / 2.4)  # 2.4-inch panels, as wide as the picture
     return overlay_grid(
         image,
         p.panels,
@@ -467,4 +553,5 @@ def attention_overlay(
         out=out,
         cmap=cmap,
         alpha=alpha,
+        dpi=dpi,
     )

@@ -91,6 +91,17 @@ class AttentionRecording(Mapping[str, AttentionRecord]):
         """How many key cells of ``module``'s key grid the input image spans (see :func:`key_extent`)."""
         return self._records[self.path_of(module)].key_extent
 
+    def select(self, paths: Sequence[str]) -> AttentionRecording:
+        """A recording of only these paths' records, in forward order (e.g. the first ``k``
+        layers, for a rollout up to layer ``k``); the records are shared, not copied."""
+        chosen = [self.path_of(p) for p in paths]
+        subset = AttentionRecording({p: m for p, m in self.modules.items() if p in chosen})
+        subset.image_size = self.image_size
+        for path, record in self._require().items():
+            if path in chosen:
+                subset._add(path, record)
+        return subset
+
     def _add(self, path: str, record: AttentionRecord) -> None:
         self._records.pop(path, None)  # keep forward order when a module runs again
         self._records[path] = record
