@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from visattn.train.engine import cpu_has_native_bf16
+from visattn._utils import cpu_has_native_bf16
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
