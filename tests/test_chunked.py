@@ -128,8 +128,10 @@ def test_chunk_size_budget():
 
 def test_forced_paths_run_their_kernels_and_refuse_what_they_cannot_do():
     q = torch.randn(1, 2, 40, 8)
+    leaf = q.clone().requires_grad_()
     with attention_backend("chunked"):
         assert attention_kernels(lambda: attention(q, q, q)) == {"visattn::chunked_attention"}
+        assert attention_kernels(lambda: attention(leaf, leaf, leaf).sum().backward()) == CHUNKED_KERNELS
         with pytest.raises(ValueError, match="no mask and no dropout"):
             attention(q, q, q, mask=torch.ones(40, 40, dtype=torch.bool))
         with pytest.raises(ValueError, match="no mask and no dropout"):
