@@ -34,9 +34,9 @@ __all__ = [
 
 #: the paths :func:`attention` can take without weights; ``"auto"`` measures (see :func:`attention_backend`)
 BACKENDS = ("auto", "fused", "chunked")
-#: ``"auto"`` measures only calls with at least this many scores per batch·head (``Nq·Nk``):
-#: below it the per-block overhead of the chunked path loses (measured: a ViT-S/16 layer, 197²)
-MIN_MEASURED_SCORES = 256 * 256
+#: ``"auto"`` measures only calls with at least this many scores per batch·head (``Nq·Nk``); smaller
+#: ones (a 65-token ViT) are cheap either way and take the fused kernel without a measurement
+MIN_MEASURED_SCORES = 128 * 128
 #: ``"auto"`` takes the chunked path only when it measured at least this much faster
 CHUNKED_MARGIN = 0.9
 _state = {"backend": "auto"}
