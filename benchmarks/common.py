@@ -43,10 +43,16 @@ class Config:
     models: Sequence[str] | None = None  # part 2 override
     plots: bool = True
     out: Path = DEFAULT_OUT
+    compile: bool = False  # parts 2 and 3: also torch.compile both ViTs
 
     @property
     def max_memory_bytes(self) -> int:
         return int(self.max_memory_gb * 2**30)
+
+
+def results_path(config: Config) -> Path:
+    """Where a run writes its JSON: ``<out>/bench-<device>[-quick].json``."""
+    return config.out / f"bench-{config.device.split(':')[0]}{'-quick' if config.quick else ''}.json"
 
 
 @dataclass

@@ -108,6 +108,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with bf16 instructions, else fp32), bf16, fp16 (CUDA), none
     device: str = "auto"
     seed: int = 0
+    compile: bool = False  # torch.compile the training model (inductor; the first steps compile: a minute or more)
 
 
 @dataclass

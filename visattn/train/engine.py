@@ -278,6 +278,8 @@ class _Run:
         """Train, evaluate, log and checkpoint every epoch from ``start_epoch``; the last metrics."""
         t, procs, ema = self.cfg.train, self.procs, self.recipe.ema
         train_model = DistributedDataParallel(self.model) if procs.distributed else self.model
+        if t.compile:  # the training forward and backward; evaluation and checkpoints use the module itself
+            train_model = torch.compile(train_model)
         num_classes = self.data_config["num_classes"]
         metrics: dict[str, Any] = {}
         started = time.perf_counter()
