@@ -203,3 +203,14 @@ def test_measurement_keeps_chunked_only_when_clearly_faster(monkeypatch, fused, 
     monkeypatch.setattr(functional, "_best_seconds", lambda fn: (fn(), next(seconds))[1])
     q = torch.randn(1, 1, 32, 8, dtype=torch.bfloat16)
     assert functional._measure_paths(q, q, q, 0.3, with_grad=True) == expected
+
+
+def test_the_measurement_is_invisible_to_the_callers_flop_counter(monkeypatch):
+    from visattn.profiling import attention_flops, count_flops
+
+    monkeypatch.setattr(functional, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(functional, "_choices", {})
+    q = torch.randn(1, 1, 128, 8, dtype=torch.bfloat16)
+    with attention_backend("auto"):
+        assert count_flops(lambda: attention(q, q, q)) == attention_flops(q.shape, q.shape, q.shape)
+    assert len(functional.attention_choices()) == 1  # it did measure, inside the counted call

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .._utils import cpu_has_native_bf16
 from .chunked import chunked_attention
@@ -198,7 +199,10 @@ def _measure_paths(q: Tensor, k: Tensor, v: Tensor, scale: float, with_grad: boo
 
         return once
 
-    fused, chunked = _best_seconds(run(_fused)), _best_seconds(run(_chunked))
+    # outside the caller's dispatch modes: a FlopCounterMode (or any mode) around the first call of
+    # a shape must neither count nor slow down the timing runs
+    with _disable_current_modes():
+        fused, chunked = _best_seconds(run(_fused)), _best_seconds(run(_chunked))
     return "chunked" if chunked < CHUNKED_MARGIN * fused else "fused"
 
 
