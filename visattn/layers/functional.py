@@ -144,10 +144,11 @@ def attention_backend(name: str) -> Iterator[None]:
       matrix products (oneDNN: AVX512-BF16 or AMX), no mask, no dropout and at least
       :data:`MIN_MEASURED_SCORES` scores per batch·head. There the first call of each shape
       times both paths (forward, or forward+backward when gradients are needed; one warm-up,
-      best of two, on copies of the inputs) and keeps the chunked path only if it was at least
-      10 % faster. The choice is cached per shape (:func:`attention_choices`); the profiler shows
-      the kernel run (:func:`visattn.profiling.attention_kernels`). Under ``torch.compile``
-      nothing is timed and the fused kernel runs.
+      then the best of two calls each, alternating, on copies of the inputs) and keeps the
+      chunked path only if it was at least 10 % faster. The choice is cached per shape
+      (:func:`attention_choices`); the profiler shows the kernel run
+      (:func:`visattn.profiling.attention_kernels`). Under ``torch.compile`` nothing is timed
+      and the fused kernel runs.
     - ``"fused"``: always :func:`torch.nn.functional.scaled_dot_product_attention`.
     - ``"chunked"``: always :func:`visattn.layers.chunked.chunked_attention` (any dtype; no mask
       or dropout).
@@ -175,14 +176,17 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return chunked_attention(*folded, scale).reshape(*q.shape[:-1], v.shape[-1])
 
 
-def _best_seconds(fn: Callable[[], object]) -> float:
-    fn()
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
+def _best_seconds(fns: dict[str, Callable[[], object]], rounds: int = 2) -> dict[str, float]:
+    """Fastest of ``rounds`` timed calls of each function after one warm-up, alternating them."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    best = dict.fromkeys(fns, math.inf)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def _measure_paths(q: Tensor, k: Tensor, v: Tensor, scale: float, with_grad: bool) -> str:
@@ -202,8 +206,8 @@ def _measure_paths(q: Tensor, k: Tensor, v: Tensor, scale: float, with_grad: boo
     # outside the caller's dispatch modes: a FlopCounterMode (or any mode) around the first call of
     # a shape must neither count nor slow down the timing runs
     with _disable_current_modes():
-        fused, chunked = _best_seconds(run(_fused)), _best_seconds(run(_chunked))
-    return "chunked" if chunked < CHUNKED_MARGIN * fused else "fused"
+        seconds = _best_seconds({"fused": run(_fused), "chunked": run(_chunked)})
+    return "chunked" if seconds["chunked"] < CHUNKED_MARGIN * seconds["fused"] else "fused"
 
 
 def _path(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None, dropout_p: float) -> str:
