@@ -1,7 +1,8 @@
 """Run the benchmark suite: ``python -m benchmarks [--quick] [--only PART,...] [--device cuda]``.
 
 Prints one table per part and writes ``<out>/bench-<device>[-quick].json`` (machine, settings,
-every sample) and PNG plots next to it.
+every sample) and PNG plots next to it. ``--suite gpu`` is the GPU preset (``benchmarks/gpu.sh``
+runs it and puts its tables into the README); ``--dry-run`` prints what a run would do and stops.
 """
 
 from __future__ import annotations
@@ -18,12 +19,29 @@ from types import ModuleType
 
 import torch
 
-from . import grad_checkpointing, peak, precision, record, selfattention2d, training, vit
-from .common import DEFAULT_OUT, Config, machine_info
+from . import bf16, grad_checkpointing, peak, precision, record, selfattention2d, training, vit
+from .common import DEFAULT_OUT, Config, machine_info, results_path
 
 #: the parts in the order they run; a new part is a module with NAME, TITLE and run(config)
 PARTS: dict[str, ModuleType] = {
-    module.NAME: module for module in (selfattention2d, vit, peak, record, training, precision, grad_checkpointing)
+    module.NAME: module
+    for module in (selfattention2d, vit, peak, record, training, precision, grad_checkpointing, bf16)
+}
+#: settings a run takes unless the command line gives them; a suite overrides some
+DEFAULTS = {"only": None, "grids": None, "models": None, "bf16": "auto", "max_memory_gb": 6.0, "repeats": None}
+#: presets: what matters on a GPU — flash SDPA for SelfAttention2d at 64² to 256², ViT-S/B
+#: inference and training in bf16 (and fp32), the achieved fraction of peak, recording cost.
+#: The CPU-only parts (train.py processes and threads, shipped configs' precision) are left out.
+SUITES = {
+    "cpu": {},
+    "gpu": {
+        "only": ["selfattention2d", "bf16", "vit", "peak", "record"],
+        "grids": [64, 96, 128, 192, 256],
+        "models": ["vit_small_patch16_224", "vit_base_patch16_224"],
+        "bf16": "on",
+        "max_memory_gb": 40.0,
+        "repeats": 10,
+    },
 }
 
 
@@ -42,36 +60,62 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", type=_csv(str), default=None, help=f"comma-separated parts to run (default: all of {','.join(PARTS)})"
     )
     parser.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        default="cpu",
+        help="a preset of parts and sizes; gpu: parts selfattention2d,bf16,vit,peak,record at grids 64..256, "
+        "ViT-S/B, bf16 on (options given on the command line win)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="fewer sizes and repeats (grids up to 64x64, the 32x32 ViT only, one tiny train.py job)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default 5, quick 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed runs per contender (default 5, quick 3, suite gpu 10)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per contender first")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
         "--max-memory-gb",
         type=float,
-        default=6.0,
-        help="skip (and estimate) cases expected to need more than this (default 6)",
+        default=None,
+        help="skip (and estimate) cases expected to need more than this (default 6, suite gpu 40)",
     )
     parser.add_argument(
         "--bf16",
         choices=("auto", "on", "off"),
-        default="auto",
+        default=None,
         help="bf16 autocast cases; auto = only where the hardware has native bf16",
     )
     parser.add_argument("--grids", type=_csv(int), default=None, help="part 1 grid sides, e.g. 16,32,64")
     parser.add_argument("--models", type=_csv(str), default=None, help=f"part 2 models (from {','.join(vit.MODELS)})")
+    parser.add_argument(
+        "--compile", action="store_true", help="parts vit and peak: also run both ViTs through torch.compile"
+    )
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    parser.add_argument("--dry-run", action="store_true", help="print the parts and settings of the run; run nothing")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available here; use --device cpu")
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options the command line left out from the suite's preset, then the defaults."""
+    preset = SUITES[args.suite]
+    for key, default in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, default))
+    return args
+
+
+def config_from_args(args: argparse.Namespace, *, need_device: bool = True) -> Config:
+    if need_device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(
+            f"--device {args.device}: no CUDA device is available here (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'}); run on a machine with a GPU, or use --device cpu "
+            "(--dry-run prints the plan without a GPU)"
+        )
     unknown = [p for p in args.only or [] if p not in PARTS]
     if unknown:
         raise SystemExit(f"--only: unknown part(s) {unknown}; choose from {','.join(PARTS)}")
@@ -87,7 +131,20 @@ def config_from_args(args: argparse.Namespace) -> Config:
         models=args.models,
         plots=args.plots,
         out=args.out,
+        compile=args.compile,
     )
+
+
+def plan(config: Config, only: Sequence[str] | None, command: str) -> str:
+    """What a run of ``command`` would do: its parts and settings, and where it writes."""
+    lines = [f"dry run of: {command}", "parts:"]
+    lines += [f"  {name}: {PARTS[name].TITLE}" for name in only or PARTS]
+    lines.append("settings:")
+    lines += [f"  {key} = {value}" for key, value in vars(config).items()]
+    lines.append(f"writes: {results_path(config)}")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        lines.append("note: no CUDA device here; the real run stops with an error")
+    return "\n".join(lines)
 
 
 def run_suite(config: Config, only: Sequence[str] | None = None, command: str = "") -> dict:
@@ -121,7 +178,7 @@ def run_suite(config: Config, only: Sequence[str] | None = None, command: str = 
             print(f"  plot: {plot}")
     doc["machine"]["loadavg_end"] = list(os.getloadavg())
     config.out.mkdir(parents=True, exist_ok=True)
-    path = config.out / f"bench-{config.device.split(':')[0]}{'-quick' if config.quick else ''}.json"
+    path = results_path(config)
     path.write_text(json.dumps(doc, indent=1))
     print(f"\nresults: {path}")
     return doc
@@ -129,8 +186,13 @@ def run_suite(config: Config, only: Sequence[str] | None = None, command: str = 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    run_suite(config_from_args(args), args.only, command=" ".join(["python -m benchmarks", *argv]))
+    args = resolve(build_parser().parse_args(argv))
+    command = " ".join(["python -m benchmarks", *argv])
+    config = config_from_args(args, need_device=not args.dry_run)
+    if args.dry_run:
+        print(plan(config, args.only, command))
+        return 0
+    run_suite(config, args.only, command=command)
     return 0
 
 

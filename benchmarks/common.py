@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from visattn.train.engine import cpu_has_native_bf16
+from visattn._utils import cpu_has_native_bf16
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
@@ -43,10 +43,16 @@ class Config:
     models: Sequence[str] | None = None  # part 2 override
     plots: bool = True
     out: Path = DEFAULT_OUT
+    compile: bool = False  # parts 2 and 3: also torch.compile both ViTs
 
     @property
     def max_memory_bytes(self) -> int:
         return int(self.max_memory_gb * 2**30)
+
+
+def results_path(config: Config) -> Path:
+    """Where a run writes its JSON: ``<out>/bench-<device>[-quick].json``."""
+    return config.out / f"bench-{config.device.split(':')[0]}{'-quick' if config.quick else ''}.json"
 
 
 @dataclass

@@ -4,7 +4,9 @@ For each model the timm twin is built with the same hyper-parameters, its weight
 into the visattn model (strict: every name maps one to one) and the logits are compared before
 timing. Inference = eval mode under ``torch.inference_mode``; training step = train mode,
 cross-entropy, backward, AdamW step, ``zero_grad(set_to_none=True)``. bf16 runs under
-``torch.autocast`` (the weights stay fp32), as a training script would use it.
+``torch.autocast`` (the weights stay fp32), as a training script would use it. With ``--compile``
+both models are also run through ``torch.compile`` (default options, the same for both; the
+warm-up call compiles) and compared with each other.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ TITLE = "Part 2: visattn VisionTransformer vs timm VisionTransformer (same hyper
 MODELS: dict[str, tuple[int, dict]] = {
     "vit_tiny_patch16_224": (8, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)),
     "vit_small_patch16_224": (8, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)),
+    "vit_base_patch16_224": (8, dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)),
     "vit_tiny_patch4_32": (32, dict(img_size=32, patch_size=4, num_classes=10, embed_dim=192, depth=12, num_heads=3)),
 }
 QUICK_MODELS = ("vit_tiny_patch4_32",)
+#: the models a run measures unless ``--models`` says otherwise (ViT-B/16 is for the GPU suite)
+DEFAULT_MODELS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_tiny_patch4_32")
 MODES = ("inference", "train_step")
 
 
@@ -53,7 +58,7 @@ def make_batch(name: str, device: str, batch: int | None = None) -> tuple[Tensor
     return x.to(device), y.to(device)
 
 
-def _autocast(device: str, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+def autocast(device: str, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.split(":")[0], dtype=dtype)
@@ -65,7 +70,7 @@ def step(model: nn.Module, x: Tensor, y: Tensor, mode: str, dtype: torch.dtype, 
 
         def infer() -> Tensor:
             model.eval()
-            with torch.inference_mode(), _autocast(device, dtype):
+            with torch.inference_mode(), autocast(device, dtype):
                 return model(x)
 
         return infer
@@ -74,7 +79,7 @@ def step(model: nn.Module, x: Tensor, y: Tensor, mode: str, dtype: torch.dtype, 
 
     def train_step() -> float:
         model.train()
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
@@ -90,8 +95,38 @@ def logits_difference(pair: dict[str, nn.Module], name: str, device: str) -> flo
         return (pair["visattn"].eval()(x) - pair["timm"].eval()(x)).abs().max().item()
 
 
+def _rows(name: str, pair: dict[str, nn.Module], compiled: bool, dtypes: list, config: Config) -> list[dict]:
+    """One row per dtype and mode: both libraries' images/s, timed against each other."""
+    batch = MODELS[name][0] if not config.quick else min(MODELS[name][0], 8)
+    x, y = make_batch(name, config.device, batch)
+    models = {lib: torch.compile(m) for lib, m in pair.items()} if compiled else pair
+    rows = []
+    for dtype in dtypes:
+        for mode in MODES:
+            fns = {lib: step(m, x, y, mode, dtype, config.device) for lib, m in models.items()}
+            samples = measure(fns, warmup=config.warmup, repeats=config.repeats, device=config.device)
+            row = {
+                "model": name,
+                "dtype": str(dtype).removeprefix("torch."),
+                "mode": mode,
+                "compiled": "torch.compile" if compiled else "eager",
+                "batch": batch,
+            }
+            for lib, s in samples.items():
+                row[f"{lib}_img_s"] = batch / summary(s)["median_s"]
+                row[f"{lib}_samples_s"] = s
+            row["ratio"] = row["visattn_img_s"] / row["timm_img_s"]
+            rows.append(row)
+            del fns
+            free_memory()
+    return rows
+
+
 def run(config: Config) -> Part:
-    names = list(config.models or (QUICK_MODELS if config.quick else MODELS))
+    names = list(config.models or (QUICK_MODELS if config.quick else DEFAULT_MODELS))
+    unknown = [name for name in names if name not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown} for the ViT benchmark; choose from {sorted(MODELS)}")
     use_bf16, why_not = bf16_enabled(config)
     dtypes = [torch.float32] + ([torch.bfloat16] if use_bf16 else [])
     part = Part(
@@ -101,6 +136,7 @@ def run(config: Config) -> Part:
             ("model", "model"),
             ("dtype", "dtype"),
             ("mode", "mode"),
+            ("compiled", "compiled"),
             ("batch", "batch"),
             ("visattn_img_s", "visattn img/s"),
             ("timm_img_s", "timm img/s"),
@@ -108,34 +144,14 @@ def run(config: Config) -> Part:
             ("note", "note"),
         ],
     )
+    differences = []
     for name in names:
-        if name not in MODELS:
-            raise ValueError(f"unknown model {name!r} for the ViT benchmark; choose from {sorted(MODELS)}")
-        batch = MODELS[name][0] if not config.quick else min(MODELS[name][0], 8)
         pair = make_pair(name, config.device)
-        diff = logits_difference(pair, name, config.device)
-        x, y = make_batch(name, config.device, batch)
-        for dtype in dtypes:
-            for mode in MODES:
-                fns = {lib: step(m, x, y, mode, dtype, config.device) for lib, m in pair.items()}
-                samples = measure(fns, warmup=config.warmup, repeats=config.repeats, device=config.device)
-                row = {
-                    "model": name,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "mode": mode,
-                    "batch": batch,
-                    "max_abs_logit_difference": diff,
-                }
-                for lib, s in samples.items():
-                    stats = summary(s)
-                    row[f"{lib}_img_s"] = batch / stats["median_s"]
-                    row[f"{lib}_samples_s"] = s
-                row["ratio"] = row["visattn_img_s"] / row["timm_img_s"]
-                part.rows.append(row)
-                del fns
-                free_memory()
+        differences.append(logits_difference(pair, name, config.device))
+        for compiled in (False, True) if config.compile else (False,):
+            part.rows += _rows(name, pair, compiled, dtypes, config)
         if not use_bf16:
-            part.rows.append({"model": name, "dtype": "bfloat16", "mode": "-", "batch": batch, "note": why_not})
+            part.rows.append({"model": name, "dtype": "bfloat16", "mode": "-", "note": why_not})
         print(f"  [{NAME}] {name} done", flush=True)
     ratios = [r["ratio"] for r in part.rows if r.get("ratio") is not None]
     if ratios:
@@ -143,8 +159,6 @@ def run(config: Config) -> Part:
             f"visattn/timm throughput ratio: min {min(ratios):.2f}, max {max(ratios):.2f} (goal >= 1.0; "
             "differences within a few % are noise on a shared machine)"
         )
-    part.notes.append(
-        "weights copied from timm into visattn (strict load); logits agree to "
-        f"{max(r.get('max_abs_logit_difference', 0) for r in part.rows):.1e}"
-    )
+    part.extra["max_abs_logit_difference"] = max(differences)
+    part.notes.append(f"weights copied from timm into visattn (strict load); logits agree to {max(differences):.1e}")
     return part

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import record, selfattention2d, training, vit
+from benchmarks import bf16, record, selfattention2d, training, vit
 from benchmarks.__main__ import PARTS, main
 from benchmarks.common import PeakMemory, peak_memory_supported
 from visattn.layers.functional import attention_matrix_bytes
+from visattn.profiling import CHUNKED_KERNELS
 
 MB = 2**20
 
@@ -58,8 +59,9 @@ def test_quick_suite_runs_and_writes_valid_json(tmp_path: Path) -> None:
     part2 = doc["parts"]["vit"]
     timed = [r for r in part2["rows"] if r.get("ratio") is not None]
     assert {r["mode"] for r in timed} == set(vit.MODES)
+    assert part2["extra"]["max_abs_logit_difference"] < 1e-4
     for row in timed:
-        assert row["max_abs_logit_difference"] < 1e-4
+        assert row["compiled"] == "eager"
         assert math.isclose(row["ratio"], row["visattn_img_s"] / row["timm_img_s"])
 
     part3 = doc["parts"]["peak"]
@@ -75,6 +77,24 @@ def test_quick_suite_runs_and_writes_valid_json(tmp_path: Path) -> None:
     _check_train_part(doc["parts"]["train"])
     _check_precision_part(doc["parts"]["precision"])
     _check_grad_checkpointing_part(doc["parts"]["grad_checkpointing"])
+    _check_bf16_part(doc["parts"]["bf16"])
+
+
+def _check_bf16_part(part: dict) -> None:
+    """Part 8 ran every contender with the kernels it names, or said why bf16 was skipped."""
+    if not part["rows"]:
+        assert part["notes"][0].startswith("skipped: no native bf16")
+        return
+    block = {r["contender"]: r for r in part["rows"] if r["workload"] == "SelfAttention2d 8x8"}
+    assert set(block) == set(bf16.BLOCK_CONTENDERS)
+    assert block["visattn bf16 chunked"]["kernels"] == ", ".join(sorted(CHUNKED_KERNELS))
+    assert block["visattn bf16 fused"]["kernels"] == "aten::_scaled_dot_product_flash_attention_for_cpu"
+    for row in block.values():
+        fp32, timm = block["visattn fp32"]["forward_backward_ms"], block["timm bf16"]["forward_backward_ms"]
+        assert math.isclose(row["vs_fp32"], row["forward_backward_ms"] / fp32)
+        assert math.isclose(row["vs_timm"], row["forward_backward_ms"] / timm)
+    alone = [r for r in part["rows"] if r["workload"].startswith("attention ")]
+    assert {r["contender"] for r in alone} == {"fused fp32", "fused bf16", "chunked bf16"}
 
 
 def _check_record_part(part: dict) -> None:

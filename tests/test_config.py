@@ -73,6 +73,8 @@ def test_wrong_type_and_bad_choices():
         load_config(overrides=["train.amp=fp8"])
     with pytest.raises(ConfigError, match="train.epochs must be positive"):
         load_config(overrides=["train.epochs=0"])
+    with pytest.raises(ConfigError, match=r"'train.compile'.*'maybe' is not a valid bool"):
+        load_config(overrides=["train.compile=maybe"])
     with pytest.raises(ConfigError, match="model.num_classes comes from the dataset"):
         load_config(overrides=["model.num_classes=3"])
     with pytest.raises(ConfigError, match="key=value"):

@@ -1,4 +1,4 @@
-"""Small helpers shared across layers: pairs, a dry forward pass in eval mode, input checks.
+"""Small helpers shared across layers: pairs, a dry forward pass in eval mode, input checks, native bf16.
 
 A leaf: imports nothing of visattn.
 """
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-__all__ = ["check_images", "dry_forward", "eight_bit", "eval_mode", "to_pair"]
+__all__ = ["check_images", "cpu_has_native_bf16", "dry_forward", "eight_bit", "eval_mode", "to_pair"]
 
 #: PIL modes of 16-bit and 32-bit integer pictures (16-bit PNG, TIFF), which ``convert`` would clip at 255
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -23,6 +23,15 @@ _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 def to_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     """``7`` → ``(7, 7)``; ``(h, w)`` or ``[h, w]`` → ``(h, w)``."""
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matrix products natively on this CPU (AVX512-BF16 or AMX).
+
+    Asked of oneDNN rather than read from the CPU flags, so that ``ONEDNN_MAX_CPU_ISA=AVX2``
+    (which emulates bf16 on any CPU) is seen too.
+    """
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @contextmanager

@@ -223,6 +223,13 @@ def record_attention(
         ``query_grid``, ``key_grid``, ``key_stride``, ``num_prefix_tokens``, ``query_index``,
         ``image_size``, ``class_token`` and ``pool``.
 
+    Under ``torch.compile``: recording works on a compiled model, ``fullgraph=True`` included
+    (tested): it switches an attribute of each attention module, which the compiled graph's
+    guards check, rather than adding hooks after compilation (the case of pytorch#117758). The
+    first recorded call compiles a second graph, with the explicit weights; later recordings and
+    plain calls reuse the two graphs. Pass the original module (``record_attention(model)``) to
+    keep its paths; the compiled wrapper's paths start with ``_orig_mod.``.
+
     Example::
 
         with record_attention(vit) as rec:

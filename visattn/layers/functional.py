@@ -1,21 +1,48 @@
 """The attention arithmetic, written once: ``softmax(q kᵀ · scale + mask) v``.
 
 Every visattn module (the ViT's :class:`~visattn.MultiHeadAttention`, the CNN block
-:class:`~visattn.SelfAttention2d`) calls :func:`attention`. Without weights it runs
-:func:`torch.nn.functional.scaled_dot_product_attention` on inputs laid out for the fused
-(flash) kernel; with ``need_weights=True`` it computes the weights explicitly, in the same
-arithmetic, and returns them too.
+:class:`~visattn.SelfAttention2d`) calls :func:`attention`. Without weights it runs one of two
+paths that never store the weight matrix: :func:`torch.nn.functional.scaled_dot_product_attention`
+on inputs laid out for the fused (flash) kernel, or the query-chunked path of
+:mod:`visattn.layers.chunked` (bf16 products on the matrix units), whichever measured faster for
+the shape (see :func:`attention_backend`). With ``need_weights=True`` it computes the weights
+explicitly, in the same arithmetic, and returns them too.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 
-__all__ = ["attention", "attention_matrix_bytes", "attention_weights"]
+from .._utils import cpu_has_native_bf16
+from .chunked import chunked_attention
+
+__all__ = [
+    "BACKENDS",
+    "attention",
+    "attention_backend",
+    "attention_choices",
+    "attention_matrix_bytes",
+    "attention_weights",
+]
+
+#: the paths :func:`attention` can take without weights; ``"auto"`` measures (see :func:`attention_backend`)
+BACKENDS = ("auto", "fused", "chunked")
+#: ``"auto"`` measures only calls with at least this many scores per batch·head (``Nq·Nk``); smaller
+#: ones (a 65-token ViT) are cheap either way and take the fused kernel without a measurement
+MIN_MEASURED_SCORES = 128 * 128
+#: ``"auto"`` takes the chunked path only when it measured at least this much faster
+CHUNKED_MARGIN = 0.9
+_state = {"backend": "auto"}
+#: (device, dtype, q shape, Nk, dv, with grad) → the path measured faster
+_choices: dict[tuple, str] = {}
 
 
 def attention_matrix_bytes(
@@ -109,6 +136,109 @@ def attention_weights(q: Tensor, k: Tensor, *, mask: Tensor | None = None, scale
     return weights.to(scores.dtype)
 
 
+@contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Choose the path :func:`attention` takes without weights, inside the ``with`` block.
+
+    - ``"auto"`` (the default): the fused kernel, except for bf16 on a CPU with native bf16
+      matrix products (oneDNN: AVX512-BF16 or AMX), no mask, no dropout and at least
+      :data:`MIN_MEASURED_SCORES` scores per batch·head. There the first call of each shape
+      times both paths (forward, or forward+backward when gradients are needed; one warm-up,
+      then the best of two calls each, alternating, on copies of the inputs) and keeps the
+      chunked path only if it was at least 10 % faster. The choice is cached per shape
+      (:func:`attention_choices`); the profiler shows the kernel run
+      (:func:`visattn.profiling.attention_kernels`). Under ``torch.compile`` nothing is timed
+      and the fused kernel runs.
+    - ``"fused"``: always :func:`torch.nn.functional.scaled_dot_product_attention`.
+    - ``"chunked"``: always :func:`visattn.layers.chunked.chunked_attention` (any dtype; no mask
+      or dropout).
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
+    previous, _state["backend"] = _state["backend"], name
+    try:
+        yield
+    finally:
+        _state["backend"] = previous
+
+
+def attention_choices() -> dict[tuple, str]:
+    """The paths ``"auto"`` chose so far: ``(device, dtype, q shape, Nk, dv, with grad)`` → path."""
+    return dict(_choices)
+
+
+def _chunked(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """The chunked path on ``(..., N, d)`` inputs (leading dims folded into one)."""
+    if torch.is_autocast_enabled(q.device.type):  # as autocast would cast the fused kernel's inputs
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+    folded = (t.reshape(-1, t.shape[-2], t.shape[-1]) for t in (q, k, v))
+    return chunked_attention(*folded, scale).reshape(*q.shape[:-1], v.shape[-1])
+
+
+def _best_seconds(fns: dict[str, Callable[[], object]], rounds: int = 2) -> dict[str, float]:
+    """Fastest of ``rounds`` timed calls of each function after one warm-up, alternating them."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, math.inf)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def _measure_paths(q: Tensor, k: Tensor, v: Tensor, scale: float, with_grad: bool) -> str:
+    """Time the fused and the chunked path on copies of the inputs; the faster one's name."""
+    inputs = [t.detach() for t in (q, k, v)]
+
+    def run(path: Callable[..., Tensor]) -> Callable[[], None]:
+        def once() -> None:
+            xs = [t.requires_grad_(with_grad) for t in (x.clone() for x in inputs)]
+            with torch.enable_grad() if with_grad else torch.no_grad():
+                out = path(*xs, scale)
+                if with_grad:
+                    out.backward(torch.ones_like(out))
+
+        return once
+
+    # outside the caller's dispatch modes: a FlopCounterMode (or any mode) around the first call of
+    # a shape must neither count nor slow down the timing runs
+    with _disable_current_modes():
+        seconds = _best_seconds({"fused": run(_fused), "chunked": run(_chunked)})
+    return "chunked" if seconds["chunked"] < CHUNKED_MARGIN * seconds["fused"] else "fused"
+
+
+def _path(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None, dropout_p: float) -> str:
+    """The path this call takes: the forced one, or what ``"auto"`` measured (see :func:`attention_backend`)."""
+    backend = _state["backend"]
+    if backend == "chunked" and (mask is not None or dropout_p > 0.0):
+        raise ValueError(
+            "attention_backend('chunked') takes no mask and no dropout; use attention_backend('fused') "
+            "(or 'auto') for this call"
+        )
+    if backend != "auto":
+        return backend
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+    eligible = (
+        q.device.type == "cpu"
+        and dtype == torch.bfloat16
+        and mask is None
+        and dropout_p == 0.0
+        and q.shape[-2] * k.shape[-2] >= MIN_MEASURED_SCORES
+        and not torch.compiler.is_compiling()
+        and cpu_has_native_bf16()
+    )
+    if not eligible:
+        return "fused"
+    with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    key = (q.device.type, dtype, tuple(q.shape), k.shape[-2], v.shape[-1], with_grad)
+    if key not in _choices:
+        _choices[key] = _measure_paths(q, k, v, scale, with_grad)
+    return _choices[key]
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -136,21 +266,30 @@ def attention(
     Returns:
         ``out`` of shape ``(..., Nq, dv)``, or ``(out, weights)`` when ``need_weights``.
 
-    The fast path feeds ``scaled_dot_product_attention`` 4-D inputs whose last dim is
-    contiguous, so the fused flash kernel is selected on CPU and GPU; when ``dv != d`` on CPU
-    (whose flash kernel needs one head size) the narrower of q/k and v is zero-padded, which
-    leaves the result unchanged and is far cheaper than the unfused kernel.
+    Without weights the path is chosen by :func:`attention_backend`. The fused path feeds
+    ``scaled_dot_product_attention`` 4-D inputs whose last dim is contiguous, so the fused flash
+    kernel is selected on CPU and GPU; when ``dv != d`` on CPU (whose flash kernel needs one
+    head size) the narrower of q/k and v is zero-padded, which leaves the result unchanged and
+    is far cheaper than the unfused kernel. The chunked path
+    (:func:`visattn.layers.chunked.chunked_attention`) computes the same function by blocks of
+    queries with bf16 matrix products.
     """
     _check_inputs(q, k, v, mask)
-    d, dv = q.shape[-1], v.shape[-1]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
     if need_weights:
         weights = attention_weights(q, k, mask=mask, scale=scale)
         dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
         out = torch.matmul(dropped.to(v.dtype), v)
         return out, weights
+    if _path(q, k, v, scale, mask, dropout_p) == "chunked":
+        return _chunked(q, k, v, scale)
+    return _fused(q, k, v, scale, mask, dropout_p)
 
+
+def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
+    """``scaled_dot_product_attention`` on inputs laid out for the fused kernel (see :func:`attention`)."""
+    d, dv = q.shape[-1], v.shape[-1]
     lead = q.shape[:-2]
     q4, k4, v4 = (_last_dim_contiguous(_as_4d(t)) for t in (q, k, v))
     mask4 = None if mask is None else _mask_for_kernel(mask, q, k.shape[-2])

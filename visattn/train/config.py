@@ -109,6 +109,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, same gradients
     device: str = "auto"
     seed: int = 0
+    compile: bool = False  # torch.compile the training model (inductor; the first steps compile: a minute or more)
 
 
 @dataclass

@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, Subset
 
 from .._io import CheckpointError, atomic_write_json, atomic_write_text, save_safetensors
+from .._utils import cpu_has_native_bf16
 from ..models.registry import create_model
 from ..weights.checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, config_to_dict, load_config
@@ -282,6 +283,8 @@ class _Run:
         """Train, evaluate, log and checkpoint every epoch from ``start_epoch``; the last metrics."""
         t, procs, ema = self.cfg.train, self.procs, self.recipe.ema
         train_model = DistributedDataParallel(self.model) if procs.distributed else self.model
+        if t.compile:  # the training forward and backward; evaluation and checkpoints use the module itself
+            train_model = torch.compile(train_model)
         num_classes = self.data_config["num_classes"]
         metrics: dict[str, Any] = {}
         started = time.perf_counter()
@@ -793,15 +796,6 @@ def _agreed_precision(
     if procs.distributed:
         dist.broadcast_object_list(choice, src=0)
     return choice[0], choice[1]
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 matrix products natively on this CPU (AVX512-BF16 or AMX).
-
-    Asked of oneDNN rather than read from the CPU flags, so that ``ONEDNN_MAX_CPU_ISA=AVX2``
-    (which emulates bf16 on any CPU) is seen too.
-    """
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _fast_optimizer_kwargs(opt: str) -> dict[str, Any]:
