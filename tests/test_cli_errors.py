@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2"]
 OVERLAY = ["overlay", "--model", "vit_digits_patch4_16", "--method", "cls"]
 PICTURE = ["--image", "{tmp}/ok.png", "--out", "o.png"]
+MAPS = ["evaluate-maps", "--checkpoint", "{tmp}/good.pt"]
 
 
 def drawn(source: str, *flags: str, method: str = "cls") -> list[str]:
@@ -122,6 +123,16 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("overlay layer with grad_rollout",
      drawn("model:vit_digits_patch4_16", "--layer", "-1", method="grad_rollout"), "cls, query, received"),
     ("overlay no image flag", [*OVERLAY, "--out", "o.png"], "--image"),
+    # evaluate-maps
+    ("maps missing checkpoint", ["evaluate-maps", "--checkpoint", "{tmp}/missing.pt"], "missing.pt"),
+    ("maps cls without class token", [*MAPS, "--methods", "cls", "--metrics", "deletion"], "'cls'"),
+    ("maps pointing without boxes", [*MAPS, "--methods", "rollout", "--metrics", "pointing"], "pointing"),
+    ("maps unknown method", [*MAPS, "--methods", "rollout,gradcam"], "gradcam"),
+    ("maps unknown metric", [*MAPS, "--metrics", "deletion,faithfulness"], "faithfulness"),
+    ("maps zero limit", [*MAPS, "--limit", "0"], "--limit"),
+    ("maps zero steps", [*MAPS, "--steps", "0"], "--steps"),
+    ("maps out folder", [*MAPS, "--metrics", "deletion", "--out", "{tmp}/no/where"], "--out"),
+    ("maps layer out of range", [*MAPS, "--methods", "received", "--layer", "7", "--metrics", "deletion"], "7"),
     # demo and sites
     ("demo unknown model", ["demo", "--model", "nope"], "nope"),
     ("demo bad batch", ["demo", "--batch", "abc"], "--batch"),

@@ -1,12 +1,14 @@
 """Layer 4: where the model looks.
 
 ``recording`` (``record_attention``: exact, opt-in capture), ``maps`` (class-token attention,
-rollout, gradient rollout, query maps, attention received) and ``overlay`` (maps on the
-original picture). Imports the layers below; never ``visattn.train``.
+rollout, gradient rollout, query maps, attention received), ``overlay`` (maps on the
+original picture), ``metrics`` (pointing game, deletion/insertion, randomization test) and
+``evaluate`` (all of them with baselines, intervals, a table and a figure). Imports the layers
+below; never ``visattn.train``.
 """
 
-from . import maps
+from . import maps, metrics
 from .overlay import overlay, overlay_grid
 from .recording import AttentionRecording, record_attention
 
-__all__ = ["AttentionRecording", "maps", "overlay", "overlay_grid", "record_attention"]
+__all__ = ["AttentionRecording", "maps", "metrics", "overlay", "overlay_grid", "record_attention"]
