@@ -432,8 +432,8 @@ def cascade(model: nn.Module, images: Tensor) -> list[tuple[str, list[nn.Module]
     ran = sorted((calls[name], name, module) for name, module in units if name in calls)
     if not ran:
         raise ValueError("the randomization test found no part of the model with parameters that runs in forward")
-    own = [p for p in model.parameters(recurse=False)]
-    parts = [(name, [module], own if index == 0 else []) for index, (_, name, module) in enumerate(ran)]
+    own = list(model.parameters(recurse=False))
+    parts = [(name, [module], []) for _, name, module in ran]
     if own:
         names = ", ".join(n for n, _ in model.named_parameters(recurse=False))
         parts[0] = (f"{parts[0][0]} + {names}", parts[0][1], own)
