@@ -39,6 +39,7 @@ PICTURE = ["--image", "{tmp}/ok.png", "--out", "o.png"]
 EXPLORE = ["explore", "--model", "vit_digits_patch4_16"]
 PAGE = ["--image", "{tmp}/ok.png", "--out", "o.html"]
 TIMM_FILE = ["--pretrained-file", "{tmp}/test_vit2.safetensors"]  # timm's test_vit2: another depth and layer scale
+MAPS = ["evaluate-maps", "--checkpoint", "{tmp}/good.pt"]
 
 
 def drawn(source: str, *flags: str, method: str = "cls") -> list[str]:
@@ -153,6 +154,16 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("explore not an image", [*EXPLORE, "--image", "{tmp}/not_image.png", "--out", "o.html"], "not_image.png"),
     ("explore unknown colormap", [*EXPLORE, *PAGE, "--cmap", "rainbow"], "rainbow"),
     ("explore no image", [*EXPLORE, "--out", "o.html"], "--image"),
+    # evaluate-maps
+    ("maps missing checkpoint", ["evaluate-maps", "--checkpoint", "{tmp}/missing.pt"], "missing.pt"),
+    ("maps cls without class token", [*MAPS, "--methods", "cls", "--metrics", "deletion"], "'cls'"),
+    ("maps pointing without boxes", [*MAPS, "--methods", "rollout", "--metrics", "pointing"], "pointing"),
+    ("maps unknown method", [*MAPS, "--methods", "rollout,gradcam"], "gradcam"),
+    ("maps unknown metric", [*MAPS, "--metrics", "deletion,faithfulness"], "faithfulness"),
+    ("maps zero limit", [*MAPS, "--limit", "0"], "--limit"),
+    ("maps zero steps", [*MAPS, "--steps", "0"], "--steps"),
+    ("maps out folder", [*MAPS, "--metrics", "deletion", "--out", "{tmp}/no/where"], "--out"),
+    ("maps layer out of range", [*MAPS, "--methods", "received", "--layer", "7", "--metrics", "deletion"], "7"),
     # demo and sites
     ("demo unknown model", ["demo", "--model", "nope"], "nope"),
     ("demo bad batch", ["demo", "--batch", "abc"], "--batch"),

@@ -8,6 +8,7 @@ import torch
 
 import visattn
 from visattn import VisionTransformer, create_model, list_models
+from visattn.layers.patch_embed import ConvStem
 from visattn.layers.pos_embed import sincos_2d
 
 from .helpers import assert_every_parameter_gets_gradient, explicit_attention
@@ -130,6 +131,36 @@ def test_clear_errors():
         VisionTransformer(pool="max")
 
 
+@pytest.mark.parametrize("patch", [4, 8])
+def test_conv_stem_tokens_look_at_a_window_centred_on_their_patch(patch):
+    stem = ConvStem(patch, in_chans=1, embed_dim=16).eval()
+    for module in stem.modules():  # all-positive weights: no ReLU hides a pixel's influence
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.constant_(module.weight, 0.1)
+    x = torch.rand(1, 1, 4 * patch, 6 * patch, requires_grad=True)
+    tokens, grid = stem.tokenize(x)
+    assert grid == (4, 6) and tokens.shape == (1, 24, 16)
+    row, col = 2, 3
+    tokens[0, row * 6 + col].sum().backward()
+    rows, cols = (x.grad[0, 0].abs().sum(dim=d).nonzero()[:, 0] for d in (1, 0))
+    span = 3 * patch - 2
+    assert len(rows) == len(cols) == span  # the window: 3p - 2 pixels wide (22 for p = 8)
+    assert (rows[0] + rows[-1]) / 2 == row * patch + (patch - 1) / 2  # centred on the patch
+    assert (cols[0] + cols[-1]) / 2 == col * patch + (patch - 1) / 2
+
+
+def test_a_conv_stem_vit_has_the_patch_grid_and_refuses_other_patches():
+    model = create_model("vit_digits_patch4_16", img_size=32, patch_size=8, stem="conv", pool="cls").eval()
+    assert model.forward_features(torch.randn(2, 1, 32, 48)).shape == (2, 1 + 4 * 6, 64)
+    assert VisionTransformer(**model.config).patch_embed.proj[0].kernel_size == (4, 4)  # the config rebuilds it
+    with pytest.raises(ValueError, match="power-of-two patch"):
+        create_model("vit_digits_patch4_16", patch_size=6, stem="conv")
+    with pytest.raises(ValueError, match="stem"):
+        create_model("vit_digits_patch4_16", stem="hybrid")
+    with pytest.raises(ValueError, match="not a multiple of the patch size 8×8"):
+        model(torch.randn(1, 1, 36, 32))
+
+
 #: the public names users' code relies on (the README's API); removing one breaks them
 PUBLIC_API = {
     "AttentionRecord",
@@ -154,6 +185,7 @@ PUBLIC_API = {
     "list_models",
     "load_pretrained",
     "maps",
+    "metrics",
     "overlay",
     "overlay_grid",
     "record_attention",
@@ -178,5 +210,7 @@ def test_public_api_is_complete_documented_and_from_the_layers():
 def test_the_public_modules_keep_their_import_paths():
     from visattn.functional import attention
     from visattn.maps import rollout
+    from visattn.metrics import deletion
 
     assert attention is visattn.layers.functional.attention and rollout is visattn.explain.maps.rollout
+    assert deletion is visattn.explain.metrics.deletion

@@ -7,7 +7,7 @@ The package is layered (imports only go down): the leaves ``_io`` and ``_utils``
 
 import sys
 
-from .explain import maps
+from .explain import maps, metrics
 from .explain.explore import explore
 from .explain.overlay import overlay, overlay_grid
 from .explain.recording import AttentionRecording, record_attention
@@ -27,10 +27,11 @@ from .weights.hub import load_pretrained, save_pretrained
 
 __version__ = "0.1.0"
 
-# The two public modules keep their import paths (`from visattn.maps import rollout`,
+# The public modules keep their import paths (`from visattn.maps import rollout`,
 # `from visattn.functional import attention`) although their files live in the layers now.
 sys.modules[f"{__name__}.functional"] = functional
 sys.modules[f"{__name__}.maps"] = maps
+sys.modules[f"{__name__}.metrics"] = metrics
 
 __all__ = [
     "AttentionRecord",
@@ -55,6 +56,7 @@ __all__ = [
     "list_models",
     "load_pretrained",
     "maps",
+    "metrics",
     "overlay",
     "overlay_grid",
     "record_attention",

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -109,8 +109,7 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
     preprocess = Preprocess.from_data_config(data_config)
     # one overlay: the whole picture, at its own resolution; panels: a copy of at most 2048 pixels
     image = load_image(args.image, max_side=max(OVERLAY_MAX_SIDE, *preprocess.img_size) if args.panels else None)
-    layer = "-1" if args.layer is None else args.layer
-    layer = int(layer) if layer.lstrip("-").isdigit() else layer
+    layer = _layer(args.layer)
     drawn = attention_overlay(
         model,
         image,
@@ -273,13 +272,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    """Top-1/top-5 and a per-class table of a checkpoint on its dataset's held-out split."""
-    from torch.utils.data import DataLoader
-
+def _held_out(args: argparse.Namespace) -> tuple[Path, dict, torch.nn.Module, Any, Any, dict]:
+    """``--checkpoint`` (``--data``, ``--set``) → the checkpoint file, its state, its model (eval
+    mode), its resolved config, the held-out split of its data set and that set's data config."""
     from .train.config import load_config
     from .train.data import build_datasets
-    from .train.engine import evaluate
     from .weights.checkpoint import load_checkpoint, model_from_checkpoint
 
     path = _checkpoint_file(args.checkpoint)
@@ -287,7 +284,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not isinstance(state.get("config"), dict):
         raise ValueError(
             f"{path} holds no training config (not written by visattn train); "
-            "evaluate it from Python with visattn.engine.evaluate"
+            f"evaluate it from Python (visattn.engine.evaluate, visattn.metrics)"
         )
     model = model_from_checkpoint(state, source=path)
     overrides = ([f"data.name={args.data}"] if args.data else []) + args.set
@@ -296,6 +293,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     classes = state["model_config"].get("num_classes")
     if classes is not None and data_config["num_classes"] != classes:
         raise ValueError(f"the model has {classes} classes but {cfg.data.name} has {data_config['num_classes']}")
+    return path, state, model, cfg, test_set, data_config
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Top-1/top-5 and a per-class table of a checkpoint on its dataset's held-out split."""
+    from torch.utils.data import DataLoader
+
+    from .train.engine import evaluate
+
+    path, _, model, cfg, test_set, data_config = _held_out(args)
     loader = DataLoader(test_set, batch_size=args.batch)
     stats = evaluate(model, loader, num_classes=data_config["num_classes"])
     print(f"{path}: {cfg.data.name} held-out split, {len(test_set)} images")
@@ -307,6 +314,57 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         acc = f"{correct / count:.2%}" if count else "-"
         print(f"{name:<16}{int(count):>8}{acc:>9}")
     return 0
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _cmd_evaluate_maps(args: argparse.Namespace) -> int:
+    """Pointing game, deletion, insertion and randomization test of a checkpoint's maps, with baselines."""
+    from torch.utils.data import DataLoader, Subset
+
+    from ._io import atomic_write_json
+    from .explain.evaluate import evaluate_maps, format_randomization, format_table, plot_curves, summarize
+
+    path, _, model, cfg, test_set, _ = _held_out(args)
+    out = Path(args.out) if args.out else path.parent / "evaluate-maps"
+    if not out.resolve().parent.is_dir():
+        raise FileNotFoundError(f"--out {args.out}: the folder {out.parent} does not exist; create it first")
+    count = min(args.limit or len(test_set), len(test_set))
+    images, labels = next(iter(DataLoader(Subset(test_set, range(count)), batch_size=count)))
+    boxes = getattr(test_set, "boxes", None)
+    methods, metrics = _names(args.methods), _names(args.metrics)
+    result = evaluate_maps(
+        model,
+        images,
+        methods=methods,
+        metrics=metrics,
+        boxes=None if boxes is None else boxes[:count],
+        layer=_layer(args.layer),
+        steps=args.steps,
+        batch_size=args.batch,
+        seed=args.seed,
+    )
+    correct = int((result.predictions == labels).sum())
+    summary = {"checkpoint": str(path), "data": cfg.data.name, "images": count, "accuracy": correct / count}
+    summary.update(steps=args.steps, deletion_baseline="blur", **summarize(result))
+    print(f"{path}: {cfg.data.name} held-out split, {count} images, top-1 {correct / count:.2%}; {summary['interval']}")
+    print(format_table(summary))
+    if "randomization" in metrics:
+        print(format_randomization(summary))
+    written = [Path(f"{out}.json")]
+    atomic_write_json(written[0], summary)
+    if {"deletion", "insertion"} & set(metrics):
+        written.append(Path(f"{out}.png"))
+        plot_curves(summary, written[1], title=f"{path} on {cfg.data.name} ({count} images)")
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+def _layer(text: str | None) -> int | str:
+    layer = "-1" if text is None else text
+    return int(layer) if layer.lstrip("-").isdigit() else layer
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -411,6 +469,30 @@ def _add_explore_arguments(explore: argparse.ArgumentParser) -> None:
     explore.add_argument("--alpha", type=float, default=0.6, help="opacity the page opens with")
 
 
+def _add_evaluate_maps_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a run folder (its best.pt) or a checkpoint")
+    parser.add_argument("--data", help="the data set to use instead of the checkpoint's (same classes)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a data key, e.g. data.root=/data"
+    )
+    parser.add_argument(
+        "--methods", default="rollout,grad_rollout", help="comma-separated: cls, rollout, grad_rollout, received"
+    )
+    parser.add_argument(
+        "--metrics",
+        default="pointing,deletion,insertion,randomization",
+        help="comma-separated: pointing (needs boxes, e.g. digits_canvas), deletion, insertion, randomization",
+    )
+    parser.add_argument("--layer", help="attention module path or position for cls and received (default -1)")
+    parser.add_argument("--limit", type=_positive_int, help="only the first N held-out images (default all)")
+    parser.add_argument("--steps", type=_positive_int, default=32, help="points of the deletion/insertion curves - 1")
+    parser.add_argument("--batch", type=_positive_int, default=256, help="pictures per forward pass")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random map and of the randomization test")
+    parser.add_argument(
+        "--out", help="PREFIX of PREFIX.json and PREFIX.png (default: evaluate-maps next to the checkpoint)"
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its usage errors on one line (``visattn CMD: error: ... (see --help)``), exit status 2."""
 
@@ -463,6 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--batch", type=_positive_int, default=256, help="pictures per forward pass")
     _with_traceback(evaluate).set_defaults(func=_user_errors(_cmd_eval))
+    maps = sub.add_parser(
+        "evaluate-maps", help="pointing game, deletion, insertion, randomization test of a checkpoint's maps"
+    )
+    _add_evaluate_maps_arguments(maps)
+    _with_traceback(maps).set_defaults(func=_user_errors(_cmd_evaluate_maps))
     return parser
 
 

@@ -2,12 +2,14 @@
 
 ``recording`` (``record_attention``: exact, opt-in capture), ``maps`` (class-token attention,
 rollout, gradient rollout, query maps, attention received), ``overlay`` (maps on the
-original picture) and ``explore`` (the attention explorer: one self-contained HTML page).
-Imports the layers below; never ``visattn.train``.
+original picture), ``explore`` (the attention explorer: one self-contained HTML page),
+``metrics`` (pointing game, deletion/insertion, randomization test) and ``evaluate`` (all of
+them with baselines, intervals, a table and a figure). Imports the layers below; never
+``visattn.train``.
 """
 
-from . import maps
+from . import maps, metrics
 from .overlay import overlay, overlay_grid
 from .recording import AttentionRecording, record_attention
 
-__all__ = ["AttentionRecording", "maps", "overlay", "overlay_grid", "record_attention"]
+__all__ = ["AttentionRecording", "maps", "metrics", "overlay", "overlay_grid", "record_attention"]

@@ -1,4 +1,6 @@
-"""Patch embedding: an image cut into non-overlapping patches, each projected to a token."""
+"""Token stems: an image cut into non-overlapping patches, each projected to a token
+(:class:`PatchEmbed`), or a small stack of strided convolutions with the same token grid
+(:class:`ConvStem`)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from torch import Tensor, nn
 
 from .._utils import check_images, to_pair
 
-__all__ = ["PatchEmbed"]
+__all__ = ["ConvStem", "PatchEmbed"]
 
 
 class PatchEmbed(nn.Module):
@@ -48,3 +50,33 @@ class PatchEmbed(nn.Module):
         check_images(x, self.in_chans)
         self.grid_size(*x.shape[-2:])
         return rearrange(self.proj(x), "b d gh gw -> b (gh gw) d")
+
+
+class ConvStem(PatchEmbed):
+    """A convolutional stem after Xiao et al. 2021 ("Early Convolutions Help Transformers See
+    Better"): ``log2(p)`` stride-2 convolutions, each followed by BatchNorm and ReLU, then a 1×1
+    convolution to the token width. Same token grid as ``PatchEmbed(p)`` — so the same maps,
+    positions and checks —, but each token sees an overlapping neighbourhood of its patch through
+    a non-linear filter bank instead of one linear projection of the patch alone.
+
+    The kernels are 4×4 with padding 1 (Xiao et al. use 3×3): an even kernel at stride 2 is
+    centred on the 2×2 block it reduces, so every token's window (``3p - 2`` pixels wide) is
+    centred on its patch, and a map drawn on the patch grid lies where the token looked. Widths
+    double towards ``embed_dim``: for ``p = 8``, ``D = 64``: 16, 32, 64 channels (at least 8).
+
+    Shapes:
+        ``(B, C, H, W)`` → tokens ``(B, (H/p)·(W/p), D)``; ``p`` a power of two, both sides
+        multiples of it.
+    """
+
+    def __init__(self, patch_size: int | tuple[int, int] = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
+        super().__init__(patch_size, in_chans, embed_dim)
+        side = self.patch_size[0]
+        if self.patch_size[1] != side or side < 2 or side & (side - 1):
+            raise ValueError(f"a convolutional stem needs a square power-of-two patch (2, 4, 8, 16), got {patch_size}")
+        layers = side.bit_length() - 1
+        widths = [max(8, embed_dim >> (layers - 1 - i)) for i in range(layers)]
+        convs: list[nn.Module] = []
+        for before, width in zip([in_chans, *widths[:-1]], widths, strict=True):
+            convs += [nn.Conv2d(before, width, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        self.proj = nn.Sequential(*convs, nn.Conv2d(widths[-1], embed_dim, 1))
