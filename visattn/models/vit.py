@@ -138,8 +138,7 @@ class VisionTransformer(nn.Module):
         norm_layer = partial(nn.LayerNorm, eps=norm_eps) if norm_layer is None else norm_layer
         class_token = _resolve_class_token(pool, pos_embed, class_token)
         _check_dist_token(dist_token, pool, fc_norm)
-        self.img_size = to_pair(img_size)
-        self.num_classes = num_classes
+        self.img_size, self.num_classes = to_pair(img_size), num_classes
         self.embed_dim = self.num_features = embed_dim
         self.head_hidden_size = 2 * embed_dim if pool == "cls_mean" else embed_dim
         self.pool = pool
@@ -149,10 +148,7 @@ class VisionTransformer(nn.Module):
         self.num_reg_tokens = reg_tokens
         self.num_prefix_tokens = int(class_token) + int(dist_token) + reg_tokens
         self.grad_checkpointing = False
-
-        if stem not in STEMS:
-            raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
-        embed_layer = STEMS[stem](patch_size, in_chans, embed_dim) if embed_layer is None else embed_layer
+        embed_layer = _token_stem(stem, patch_size, in_chans, embed_dim) if embed_layer is None else embed_layer
         self._build_tokens(class_token, dist_token, reg_tokens, embed_layer)
         self.pos_drop = nn.Dropout(pos_drop_rate)
         blocks = dict(norm=norm, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate)
@@ -464,6 +460,13 @@ def _json_config(arguments: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- named configurations -------------------------------------------------------------------
+
+
+def _token_stem(stem: str, patch_size: int | tuple[int, int], in_chans: int, embed_dim: int) -> nn.Module:
+    """The token stem named by ``VisionTransformer(stem=...)``."""
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
+    return STEMS[stem](patch_size, in_chans, embed_dim)
 
 
 def _vit(defaults: dict, overrides: dict) -> VisionTransformer:
