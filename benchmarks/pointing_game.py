@@ -7,12 +7,13 @@ insertion, randomization test, with the random, centre and ink baselines; see
 :mod:`visattn.explain.evaluate`) and writes ``OUT/<run>.json`` and ``OUT/<run>.png``; with
 ``--figure`` it draws the first canvases with each model's maps.
 
-Usage (after training the shipped configs with train.py)::
+Usage (after training the shipped configs with train.py; ``last.pt`` is the final epoch, so the
+held-out canvases play no part in choosing the model)::
 
     python -m benchmarks.pointing_game \\
-        --run runs/digits_canvas_vit/best.pt:rollout,grad_rollout \\
-        --run runs/digits_canvas_vit_cls/best.pt:cls,rollout,grad_rollout,received \\
-        --run runs/digits_canvas_resnet_attn/best.pt:received \\
+        --run runs/digits_canvas_vit/last.pt:rollout,grad_rollout,received \\
+        --run runs/digits_canvas_vit_cls/last.pt:cls,rollout,grad_rollout,received \\
+        --run runs/digits_canvas_resnet_attn/last.pt:received \\
         --out assets/evaluate-maps --figure assets/digits_canvas_maps.png
 """
 
