@@ -11,7 +11,7 @@ The loop itself is visattn.train.engine.fit (also `visattn train`); the run fold
 
 import sys
 
-from visattn.cli import main
+from visattn.cli import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(["train", *sys.argv[1:]]))
+    run(["train", *sys.argv[1:]])

@@ -24,30 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: name → overrides on the default config (``default`` is the shipped recipe as it is); a few
 #: rows of the README's tuning table, to re-measure them in fresh processes
-HALF_AUGMENTATION = [
-    "data.augment.affine_degrees=5",
-    "data.augment.affine_translate=0.05",
-    "data.augment.affine_scale=0.05",
-]
+#: the previous default: 2 blocks on linear 4×4 patches, 60 epochs, lr 3e-3
+PATCH_STEM_2_BLOCKS = ["model.stem=patch", "model.depth=2", "train.epochs=60", "train.lr=3e-3"]
 CANDIDATES: dict[str, list[str]] = {
     "default": [],
-    "the previous default (4 blocks, 80 epochs, lr 2e-3)": ["model.depth=4", "train.epochs=80", "train.lr=2e-3"],
+    "the previous default (linear patches, 2 blocks, 60 epochs, lr 3e-3)": PATCH_STEM_2_BLOCKS,
+    "conv stem, 2 blocks, 60 epochs, lr 3e-3 (over budget)": ["model.depth=2", "train.epochs=60", "train.lr=3e-3"],
     "default, 50 epochs": ["train.epochs=50"],
-    "4 blocks, 45 epochs, batch 128, lr 5e-3, half augmentation, sin-cos positions": [
-        "model.depth=4",
-        "model.pos_embed=sincos",
-        "train.epochs=45",
-        "train.batch_size=128",
-        "train.lr=5e-3",
-        *HALF_AUGMENTATION,
-    ],
-    "2 blocks x 96, 60 epochs, batch 128, lr 5e-3, half augmentation": [
-        "model.embed_dim=96",
-        "train.epochs=60",
-        "train.batch_size=128",
-        "train.lr=5e-3",
-        *HALF_AUGMENTATION,
-    ],
+    "default, lr 3e-3, weight decay 0.1": ["train.lr=3e-3", "train.weight_decay=0.1"],
 }
 
 

@@ -350,3 +350,16 @@ def test_real_processes_exit_2_with_one_line_and_traceback_on_request(tmp_path):
     for code, err in (traced, env_traced):
         assert code == 1 and "Traceback (most recent call last)" in err and "unknown model 'nope'" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_the_entry_point_exits_with_mains_code_after_freezing_the_collector(monkeypatch):
+    """``visattn`` and ``train.py`` go through ``run``: main's exit code, and ``gc.freeze()`` first
+    (what spares the interpreter's teardown from collecting every torch object)."""
+    from visattn import cli
+
+    calls: list = []
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 3)
+    monkeypatch.setattr(cli.gc, "freeze", lambda: calls.append("freeze"))
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(["models"])
+    assert stopped.value.code == 3 and calls == [["models"], "freeze"]
