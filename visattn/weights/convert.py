@@ -47,14 +47,19 @@ __all__ = [
     "PretrainedUnavailableError",
     "TORCHVISION_VITS",
     "UnsupportedModelError",
+    "VIT_ARGUMENTS",
+    "adapt_input_channels",
+    "build_vit",
     "from_timm",
     "from_torchvision",
     "is_convertible_name",
     "load_state_dict_exactly",
     "load_weights_file",
     "pretrained_model",
+    "reset_head",
     "timm_config",
     "torchvision_to_timm_names",
+    "unwrap_state_dict",
 ]
 
 StateDict = Mapping[str, Tensor]
@@ -100,7 +105,7 @@ def load_state_dict_exactly(model: nn.Module, state: StateDict, source: str, ass
     model.load_state_dict(state, strict=True, assign=assign)
 
 
-def _build(config: dict[str, Any], state: StateDict, source: str) -> VisionTransformer:
+def build_vit(config: dict[str, Any], state: StateDict, source: str) -> VisionTransformer:
     """A :class:`VisionTransformer` of ``config`` holding copies of ``state``'s tensors, converted to
     the default dtype; built on the meta device, so no time goes into a random initialization."""
     with torch.device("meta"):
@@ -111,14 +116,14 @@ def _build(config: dict[str, Any], state: StateDict, source: str) -> VisionTrans
     return model
 
 
-def _reset_head(model: VisionTransformer, num_classes: int | None) -> VisionTransformer:
+def reset_head(model: VisionTransformer, num_classes: int | None) -> VisionTransformer:
     """A fresh head for ``num_classes`` when it differs from the weights' (timm's behaviour)."""
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     return model
 
 
-def _unwrap(state: Mapping[str, Any]) -> dict[str, Tensor]:
+def unwrap_state_dict(state: Mapping[str, Any]) -> dict[str, Tensor]:
     """A bare ``{name: tensor}`` dict from common checkpoint wrappers (``model``, ``state_dict``,
     DDP's ``module.`` prefix)."""
     for key in ("model", "state_dict", "model_ema"):
@@ -156,7 +161,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
         state = read_torch_file(path, what="weights file")
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
-    return _unwrap(state)
+    return unwrap_state_dict(state)
 
 
 def _json_values(cfg: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -189,7 +194,7 @@ class _BlockSignature(NamedTuple):
 
 
 #: the arguments of :class:`VisionTransformer` in their order (the order of ``timm_config``'s keys)
-_VIT_ARGUMENTS = tuple(inspect.signature(VisionTransformer).parameters)
+VIT_ARGUMENTS = tuple(inspect.signature(VisionTransformer).parameters)
 
 
 def timm_config(model: nn.Module) -> dict[str, Any]:
@@ -224,7 +229,7 @@ def timm_config(model: nn.Module) -> dict[str, Any]:
         **_dropout_arguments(model),
         "norm_eps": eps_values.pop() if eps_values else 1e-6,
     }
-    return {name: config[name] for name in _VIT_ARGUMENTS if name in config}
+    return {name: config[name] for name in VIT_ARGUMENTS if name in config}
 
 
 def _refused_layout(model: TimmVisionTransformer) -> list[str]:
@@ -379,7 +384,7 @@ def _head_classes(state: StateDict) -> int:
     return 0 if head is None else head.shape[0]
 
 
-def _adapt_input_channels(state: dict[str, Tensor], in_chans: int) -> dict[str, Tensor]:
+def adapt_input_channels(state: dict[str, Tensor], in_chans: int) -> dict[str, Tensor]:
     """Fit the patch embedding to ``in_chans`` as timm's pretrained loading does (``in_chans=1``
     sums the RGB filters; more channels repeat them, rescaled)."""
     weight = state.get("patch_embed.proj.weight")
@@ -432,19 +437,19 @@ def from_timm(
                 "a state dict does not record the architecture (e.g. the number of heads); "
                 "pass the timm name it was trained as, e.g. from_timm(state, name='vit_small_patch16_224')"
             )
-        raw = _unwrap(model_or_state_dict)
+        raw = unwrap_state_dict(model_or_state_dict)
         if is_torchvision_state_dict(raw):
             raw = torchvision_to_timm_names(raw)
         num_classes = timm_kwargs.pop("num_classes", None)
         peer = _timm_peer(name, num_classes=_head_classes(raw), **timm_kwargs)
         timm_config(peer)  # refuse unsupported architectures before touching the weights
-        state = _adapt_input_channels(checkpoint_filter_fn(raw, peer), peer.patch_embed.proj.in_channels)
+        state = adapt_input_channels(checkpoint_filter_fn(raw, peer), peer.patch_embed.proj.in_channels)
         source = f"a state dict for timm's {name!r}"
-    model = _build(timm_config(peer), state, source)
+    model = build_vit(timm_config(peer), state, source)
     model.pretrained_cfg = _timm_pretrained_cfg(peer)
     if isinstance(model_or_state_dict, nn.Module):
         return model.train(peer.training)
-    return _reset_head(model, num_classes).train()
+    return reset_head(model, num_classes).train()
 
 
 # --- torchvision -------------------------------------------------------------------------------
@@ -569,10 +574,10 @@ def from_torchvision(model_or_state_dict: nn.Module | StateDict) -> VisionTransf
         state = torchvision_to_timm_names(model_or_state_dict.state_dict())
         training = model_or_state_dict.training
     else:
-        state = torchvision_to_timm_names(_unwrap(model_or_state_dict))
+        state = torchvision_to_timm_names(unwrap_state_dict(model_or_state_dict))
         config = _torchvision_config_from_state(state)
         training = True
-    model = _build(config, state, "the torchvision ViT")
+    model = build_vit(config, state, "the torchvision ViT")
     model.pretrained_cfg = _torchvision_pretrained_cfg(model)
     return model.train(training)
 
@@ -606,7 +611,7 @@ def _from_file(name: str, path: str | os.PathLike, kwargs: dict[str, Any]) -> Vi
         num_classes = kwargs.pop("num_classes", None)
         if kwargs:
             raise ValueError(f"a torchvision weights file takes only num_classes, not {sorted(kwargs)}")
-        model = _reset_head(from_torchvision(state), num_classes)
+        model = reset_head(from_torchvision(state), num_classes)
     else:
         model = from_timm(state, name=name, **kwargs)
         if is_torchvision_state_dict(state):
@@ -648,7 +653,7 @@ def pretrained_model(
             peer = torchvision.models.get_model(name, weights=weights, **kwargs)
         except OSError as err:
             raise _unavailable(name, weights.url, err) from err
-        return _reset_head(from_torchvision(peer), num_classes)
+        return reset_head(from_torchvision(peer), num_classes)
     if not pretrained:
         return from_timm(timm.create_model(name, pretrained=False, **kwargs))
     try:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.vit import VisionTransformer
-from .convert import _VIT_ARGUMENTS, UnsupportedModelError, _adapt_input_channels, _build, _unwrap
+from .convert import VIT_ARGUMENTS, UnsupportedModelError, adapt_input_channels, build_vit, unwrap_state_dict
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -213,7 +213,7 @@ def hf_config(config: Any, arch: HFArchitecture, num_classes: int) -> dict[str, 
         act_layer=_ACTIVATIONS[config.hidden_act],
         norm_eps=config.layer_norm_eps,
     )
-    return {name: args[name] for name in _VIT_ARGUMENTS if name in args}
+    return {name: args[name] for name in VIT_ARGUMENTS if name in args}
 
 
 def _pair(value: int | list[int] | tuple[int, int]) -> list[int]:
@@ -340,7 +340,7 @@ def from_transformers(model_or_state_dict: nn.Module | StateDict, config: Any = 
                 "config: from_transformers(state, config=AutoConfig.from_pretrained(FOLDER)) or the config.json dict"
             )
         config = _as_config(config)
-        state = _unwrap(model_or_state_dict)
+        state = unwrap_state_dict(model_or_state_dict)
         arch = _architecture_of_state(config, state)
         training = True
     return convert_parts(config, state, arch).train(training)
@@ -357,8 +357,8 @@ def convert_parts(
     if args["no_embed_class"]:
         renamed = _fold_class_position(renamed)
     if in_chans is not None and in_chans != args["in_chans"]:
-        renamed = _adapt_input_channels(renamed, in_chans)
+        renamed = adapt_input_channels(renamed, in_chans)
         args["in_chans"] = in_chans
-    model = _build(args, renamed, f"the transformers {arch.name}")
+    model = build_vit(args, renamed, f"the transformers {arch.name}")
     model.pretrained_cfg = {"input_size": [args["in_chans"], *args["img_size"]], "source": f"transformers:{arch.name}"}
     return model

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..models.registry import register_source
 from ..models.vit import VisionTransformer
-from .convert import PretrainedUnavailableError, UnsupportedModelError, _reset_head
+from .convert import PretrainedUnavailableError, UnsupportedModelError, reset_head
 from .hf import SUPPORTED_ARCHITECTURES, HFArchitecture, convert_parts, import_transformers
 
 __all__ = ["hf_model"]
@@ -79,7 +79,7 @@ def hf_model(
     if "input_size" in preprocessing:
         preprocessing["input_size"] = [model.patch_embed.in_chans, *preprocessing["input_size"]]
     model.pretrained_cfg = {**model.pretrained_cfg, **preprocessing, "source": f"hf:{name}"}
-    return _reset_head(model, num_classes).train()
+    return reset_head(model, num_classes).train()
 
 
 def _locate(name: str) -> tuple[str, bool]:
