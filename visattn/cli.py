@@ -568,8 +568,8 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
     """The process entry point (the ``visattn`` command, ``train.py``): :func:`main`, then exit.
 
     The garbage collector is frozen before the exit: interpreter teardown otherwise collects
-    every object that torch, torchvision and timm created, about 1.5 s of the default job's 26 s
-    on the AMD EPYC (README › Results). In-process callers use :func:`main`, which leaves it alone.
+    every object that torch, torchvision and timm created (1.3-1.5 s on the AMD EPYC, against
+    0.25-0.3 s frozen; README › Results). In-process callers use :func:`main`, which leaves it alone.
     """
     code = main(argv)
     gc.freeze()
