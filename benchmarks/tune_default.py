@@ -58,16 +58,27 @@ def run_once(overrides: list[str], seed: int, out_dir: str) -> dict:
     return {"acc1": rows[-1]["test_acc1"], "wall_s": wall, "precision": precision}
 
 
+def select(keys: list[str]) -> dict[str, list[str]]:
+    """The candidates named by ``keys``: the one of that exact name, else every one starting with it."""
+    chosen: dict[str, list[str]] = {}
+    for key in keys:
+        names = [key] if key in CANDIDATES else [n for n in CANDIDATES if n.startswith(key)]
+        if not names:
+            raise SystemExit(f"tune_default: no candidate {key!r}; candidates: {', '.join(map(repr, CANDIDATES))}")
+        chosen.update((n, CANDIDATES[n]) for n in names)
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--only", nargs="+", help="candidate names (or a unique start of one)")
+    parser.add_argument("--only", nargs="+", help="candidate names (a name, or the start of names)")
     args = parser.parse_args(argv)
-    chosen = {n: o for n, o in CANDIDATES.items() if not args.only or any(n.startswith(k) for k in args.only)}
+    chosen = select(args.only) if args.only else CANDIDATES
     print(
         "| recipe | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± sd | min | wall s (max) | precision |"
     )
-    print("|---|" + "---|" * (len(args.seeds) + 5))
+    print("|---|" + "---|" * (len(args.seeds) + 4))
     for name, overrides in chosen.items():
         with tempfile.TemporaryDirectory() as out_dir:
             runs = [run_once(overrides, seed, out_dir) for seed in args.seeds]

@@ -211,3 +211,14 @@ def test_peak_memory_sees_an_allocation_and_resets_between_blocks() -> None:
 def test_unknown_part_is_a_clear_error() -> None:
     with pytest.raises(SystemExit, match="unknown part"):
         main(["--only", "nonexistent"])
+
+
+def test_tune_default_selects_an_exact_name_before_names_that_start_with_it():
+    from benchmarks.tune_default import CANDIDATES, select
+
+    assert list(select(["default"])) == ["default"]
+    assert len(select(["default,"])) >= 2 and all(name.startswith("default,") for name in select(["default,"]))
+    previous = {name for name in CANDIDATES if name.startswith("the previous")}
+    assert len(previous) == 1 and set(select(["default", "the previous"])) == {"default"} | previous
+    with pytest.raises(SystemExit, match="no candidate 'nope'"):
+        select(["nope"])
