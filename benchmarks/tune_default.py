@@ -24,11 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: name → overrides on the default config (``default`` is the shipped recipe as it is); a few
 #: rows of the README's tuning table, to re-measure them in fresh processes
-#: the previous default: 2 blocks on linear 4×4 patches, 60 epochs, lr 3e-3
-PATCH_STEM_2_BLOCKS = ["model.stem=patch", "model.depth=2", "train.epochs=60", "train.lr=3e-3"]
 CANDIDATES: dict[str, list[str]] = {
     "default": [],
-    "the previous default (linear patches, 2 blocks, 60 epochs, lr 3e-3)": PATCH_STEM_2_BLOCKS,
+    "the previous default (linear patches, 2 blocks, 60 epochs, lr 3e-3)": [
+        "model.stem=patch",
+        "model.depth=2",
+        "train.epochs=60",
+        "train.lr=3e-3",
+    ],
     "conv stem, 2 blocks, 60 epochs, lr 3e-3 (over budget)": ["model.depth=2", "train.epochs=60", "train.lr=3e-3"],
     "default, 50 epochs": ["train.epochs=50"],
     "default, lr 3e-3, weight decay 0.1": ["train.lr=3e-3", "train.weight_decay=0.1"],

@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -56,6 +56,7 @@ __all__ = [
     "load_state_dict_exactly",
     "load_weights_file",
     "pretrained_model",
+    "rename_by_table",
     "reset_head",
     "timm_config",
     "torchvision_to_timm_names",
@@ -475,6 +476,15 @@ def is_torchvision_state_dict(state: StateDict) -> bool:
     return "encoder.pos_embedding" in state and "class_token" in state
 
 
+def rename_by_table(key: str, table: Sequence[tuple[str, str]]) -> str | None:
+    """``key`` renamed by the first ``(pattern, replacement)`` of ``table`` whose pattern matches it
+    whole (``re.sub`` groups), or ``None`` when none does."""
+    for pattern, replacement in table:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return None
+
+
 def torchvision_to_timm_names(state: StateDict) -> dict[str, Tensor]:
     """Rename a torchvision ViT state dict to timm's (= visattn's) names; tensors are shared.
 
@@ -487,12 +497,11 @@ def torchvision_to_timm_names(state: StateDict) -> dict[str, Tensor]:
     """
     renamed, unmapped = {}, []
     for key, value in state.items():
-        for pattern, replacement in _TORCHVISION_NAMES:
-            if re.fullmatch(pattern, key):
-                renamed[re.sub(pattern, replacement, key)] = value
-                break
-        else:
+        name = rename_by_table(key, _TORCHVISION_NAMES)
+        if name is None:
             unmapped.append(key)
+        else:
+            renamed[name] = value
     if unmapped:
         raise UnsupportedModelError(
             f"torchvision entries with no visattn counterpart: {unmapped[:6]} (representation_size "

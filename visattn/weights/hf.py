@@ -39,7 +39,14 @@ import torch
 from torch import Tensor, nn
 
 from ..models.vit import VisionTransformer
-from .convert import VIT_ARGUMENTS, UnsupportedModelError, adapt_input_channels, build_vit, unwrap_state_dict
+from .convert import (
+    VIT_ARGUMENTS,
+    UnsupportedModelError,
+    adapt_input_channels,
+    build_vit,
+    rename_by_table,
+    unwrap_state_dict,
+)
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -264,12 +271,11 @@ def hf_to_visattn_names(state: StateDict, arch: HFArchitecture, dist_token: bool
         if base == "embeddings.distillation_token":
             renamed["dist_token" if dist_token else "reg_token"] = value
             continue
-        for pattern, replacement in _NAMES:
-            if re.fullmatch(pattern, base):
-                renamed[re.sub(pattern, replacement, base)] = value
-                break
-        else:
+        name = rename_by_table(base, _NAMES)
+        if name is None:
             unmapped.append(key)
+        else:
+            renamed[name] = value
     if unmapped:
         raise UnsupportedModelError(f"transformers entries with no visattn counterpart: {unmapped[:6]}")
     return _fuse_qkv(renamed)
