@@ -13,6 +13,11 @@ weights :func:`record_attention` gives. Mean and max over heads are computed her
 maps of their own, not recombined from quantized heads. Where the query rows of all layers would
 pass ``max_mb``, a layer keeps every ``s``-th row and column of query cells (recorded with
 ``queries=``, so a large grid is never materialized) and the page says so.
+
+What the page shows of the data (class names, module paths, picture names, the title, notes) is
+inserted as text, never as markup: a class folder named `<img src=x onerror=...>` is shown as
+those characters. Scores and maps must be finite (NaN weights are refused with one line before
+anything is written), and the embedded JSON is strict and cannot end its `<script>` element.
 """
 
 from __future__ import annotations
@@ -509,6 +514,10 @@ def explore(
 
     Returns:
         an :class:`ExplorerPage` with the file's size and the notes the page shows.
+
+    Raises:
+        ValueError: a bad argument, a model that records no attention on the picture, or class
+            scores or maps with NaN or infinite values (e.g. from NaN weights); nothing is written.
     """
     if cmap not in COLORMAPS:
         raise ValueError(f"cmap must be one of {', '.join(COLORMAPS)}, got {cmap!r}")
