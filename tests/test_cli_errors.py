@@ -172,6 +172,14 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("eval zero batch", ["eval", "--checkpoint", "{tmp}/good.pt", "--batch", "0"], "--batch"),
     ("sites unknown model", ["sites", "nope"], "nope"),
     ("sites empty input", ["sites", "resnet18_small", "--input-size", "3", "0", "0"], "input_size"),
+    # non-finite scores and maps: no page, no picture
+    ("explore NaN weights", ["explore", "--checkpoint", "{tmp}/nan.pt", *PAGE],
+     "the model's output for ok.png: 10 of 10 values are NaN or infinite"),
+    ("explore max-mb infinite", [*EXPLORE, *PAGE, "--max-mb", "inf"], "max_mb must be a positive number"),
+    ("overlay NaN weights", drawn("{tmp}/nan.pt", method="received"),
+     "the heatmap to draw: 16 of 16 values are NaN or infinite"),
+    ("overlay panels NaN weights", drawn("{tmp}/nan.pt", "--panels", method="rollout"),
+     "the heatmap to draw: 16 of 16 values are NaN or infinite"),
 ]  # fmt: skip
 
 DRIVER = r"""
@@ -246,6 +254,10 @@ def make_checkpoints(tmp: Path) -> None:
     )
     (tmp / "nostate").mkdir()
     (tmp / "nostate" / "config.yaml").write_text("train:\n  epochs: 3\n")
+    with torch.no_grad():  # the weights of a diverged run: every score and map is NaN
+        for weight in model.parameters():
+            weight.fill_(float("nan"))
+    save_checkpoint(tmp / "nan.pt", model, model_config, config=config_to_dict(cfg), data_config=data_config)
     (tmp / "pwned").unlink(missing_ok=True)  # torch.save pickles without unpickling: nothing ran yet
 
 

@@ -222,3 +222,41 @@ def test_explore_command_with_a_checkpoint_and_a_pretrained_file(tmp_path, capsy
     info = timm.data.ImageNetInfo("imagenet-1k")
     assert image["input_size"] == [160, 160] and len(image["layers"]) == 6
     assert image["predictions"][0]["label"] == info.index_to_description(image["predictions"][0]["index"])
+
+
+def test_a_model_with_nan_weights_gets_no_page(tmp_path):
+    """A NaN weight (a diverged run) made a page whose JSON held `NaN`: a blank page in the browser."""
+    model = small_vit(depth=1)
+    with torch.no_grad():
+        model.head.weight[2, 0] = float("nan")  # one class score of six is NaN
+    message = r"the model's output for picture 1: 1 of 6 values are NaN or infinite; the model's weights"
+    with pytest.raises(ValueError, match=message):
+        explore(model, pictures()[:1], tmp_path / "nan.html", data_config=RGB_CONFIG)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_map_that_is_not_finite_is_refused_by_name(tmp_path, monkeypatch):
+    """Finite scores but a map with an infinite value (an overflow): refused, naming the map."""
+    received = maps.received
+
+    def overflowing(recording, layer):
+        heads = received(recording, layer).clone()
+        heads[0, 1, 2, 3] = float("inf")
+        return heads
+
+    monkeypatch.setattr(explore_module.maps, "received", overflowing)
+    # head 1, the mean and the max of the heads: 3 of the 4 × 4 × 6 values of the first layer's maps
+    message = r"the attention received in blocks\.0\.attn: 3 of 96 values are NaN or infinite"
+    with pytest.raises(ValueError, match=message):
+        explore(small_vit(depth=2), pictures()[:1], tmp_path / "inf.html", data_config=RGB_CONFIG)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_page_data_is_strict_json(tmp_path):
+    """`NaN` and `Infinity` are not JSON (`JSON.parse` refuses them): writing them is refused too."""
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="not JSON compliant"):
+            explore_module._fill_template({"p": bad}, "title")
+    with pytest.raises(ValueError, match="max_mb must be a positive number of megabytes, got inf"):
+        explore(small_vit(depth=1), pictures()[:1], tmp_path / "p.html", data_config=RGB_CONFIG, max_mb=float("inf"))
+    assert not list(tmp_path.iterdir())

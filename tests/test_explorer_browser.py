@@ -46,9 +46,9 @@ def _missing() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def browser():
-    """One headless Chromium for the module (skipped, or failed under VISATTN_REQUIRE_BROWSER=1, without it)."""
+def headless_chromium():
+    """A headless Chromium session while the generator runs (skipped, or failed under
+    VISATTN_REQUIRE_BROWSER=1, without it): the body of each test module's `browser` fixture."""
     missing = _missing()
     if missing:
         message = f"browser tests need Chromium: {missing}; {INSTALL}"
@@ -72,8 +72,16 @@ def browser():
     )
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-    yield driver
-    driver.quit()
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module."""
+    yield from headless_chromium()
 
 
 def picture() -> Image.Image:

@@ -118,6 +118,20 @@ def test_normalize_map():
         overlay(Image.new("RGB", (4, 4)), heat, cmap="nope")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_map_that_is_not_finite_is_refused_not_drawn_as_constant(bad):
+    """An all-NaN map was drawn as a constant one (the bottom colour over the whole picture)."""
+    image = Image.new("RGB", (30, 20), (10, 200, 30))
+    with pytest.raises(ValueError, match=r"the heatmap to draw: 6 of 6 values are NaN or infinite"):
+        overlay(image, torch.full((2, 3), bad))
+    one = np.arange(6.0).reshape(2, 3)
+    one[1, 2] = bad
+    with pytest.raises(ValueError, match=r"the heatmap to draw: 1 of 6 values are NaN or infinite"):
+        overlay(image, one)  # an array, one bad cell
+    with pytest.raises(ValueError, match=r"1 of 6 values are NaN or infinite"):
+        overlay_grid(image, [torch.rand(2, 3), torch.as_tensor(one)])
+
+
 def test_load_image_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_image(tmp_path / "missing.png")

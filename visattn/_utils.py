@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-__all__ = ["check_images", "cpu_has_native_bf16", "dry_forward", "eight_bit", "eval_mode", "to_pair"]
+__all__ = ["check_images", "cpu_has_native_bf16", "dry_forward", "eight_bit", "eval_mode", "require_finite", "to_pair"]
 
 #: PIL modes of 16-bit and 32-bit integer pictures (16-bit PNG, TIFF), which ``convert`` would clip at 255
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -70,6 +70,15 @@ def check_images(x: Tensor, in_chans: int) -> None:
             f"expected images (B, {in_chans}, H, W), got {tuple(x.shape)}"
             + (f"; build the model with in_chans={x.shape[1]}" if x.dim() == 4 else "")
         )
+
+
+def require_finite(values: Tensor | np.ndarray, what: str, hint: str) -> None:
+    """Raise a one-line `ValueError` unless every value is finite: `"{what}: 3 of 24 values are NaN or
+    infinite; {hint}"` (`what` names the values, `hint` the likely cause or the fix). Any shape."""
+    values = torch.as_tensor(values)
+    if values.is_floating_point() and not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(f"{what}: {bad} of {values.numel()} values are NaN or infinite; {hint}")
 
 
 def eight_bit(image: Image.Image) -> Image.Image:

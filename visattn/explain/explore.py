@@ -13,6 +13,11 @@ weights :func:`record_attention` gives. Mean and max over heads are computed her
 maps of their own, not recombined from quantized heads. Where the query rows of all layers would
 pass ``max_mb``, a layer keeps every ``s``-th row and column of query cells (recorded with
 ``queries=``, so a large grid is never materialized) and the page says so.
+
+What the page shows of the data (class names, module paths, picture names, the title, notes) is
+inserted as text, never as markup: a class folder named `<img src=x onerror=...>` is shown as
+those characters. Scores and maps must be finite (NaN weights are refused with one line before
+anything is written), and the embedded JSON is strict and cannot end its `<script>` element.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -35,6 +41,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .._io import atomic_write_text
+from .._utils import require_finite
 from ..layers.attention import SelfAttention2d
 from . import maps
 from .overlay import Preprocess, default_data_config, load_image
@@ -58,6 +65,10 @@ TOP_K = 5
 #: bytes of float32 weights one recording pass may hold while computing "attention received"
 RECEIVED_CHUNK_BYTES = 64 * 2**20
 _DATA_TAG = re.compile(r'<script type="application/json" id="visattn-data">(.*?)</script>', re.S)
+#: what a map or a score that is not finite most likely comes from
+_NOT_FINITE = "the model's weights are probably not finite (e.g. saved after training diverged); no page was written"
+#: characters of the JSON text that could end or confuse its <script> element, as JSON escapes
+_SCRIPT_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
 
 
 # --- encoding ------------------------------------------------------------------------------------
@@ -67,7 +78,7 @@ def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 
 
-def quantize(values: Tensor, dims: int = 2) -> dict[str, Any]:
+def quantize(values: Tensor, dims: int = 2, what: str = "maps") -> dict[str, Any]:
     """Maps ``(..., *map_dims)`` → ``uint8`` with a minimum and maximum per map, base64-encoded.
 
     Each map (the last ``dims`` dimensions) is stored as ``q = round((v - lo) / (hi - lo) · 255)``
@@ -77,7 +88,11 @@ def quantize(values: Tensor, dims: int = 2) -> dict[str, Any]:
     Returns:
         ``{"shape": [...], "q": uint8 bytes, "lo": float32 bytes, "hi": float32 bytes}`` (base64,
         little-endian), maps in row-major order of the leading dimensions.
+
+    Raises:
+        ValueError: a value is NaN or infinite (the message names the values as ``what``).
     """
+    require_finite(values, what, _NOT_FINITE)
     array = values.detach().to(torch.float64).cpu().numpy()
     flat = array.reshape(-1, int(np.prod(array.shape[len(array.shape) - dims :])))
     lo, hi = flat.min(axis=1), flat.max(axis=1)
@@ -100,8 +115,9 @@ def dequantize(entry: dict[str, Any]) -> np.ndarray:
     return (lo[:, None] + maps_ / 255.0 * (hi - lo)[:, None]).reshape(entry["shape"])
 
 
-def _fixed16(values: Tensor) -> dict[str, Any]:
+def _fixed16(values: Tensor, what: str) -> dict[str, Any]:
     """Weights in ``[0, 1]`` as ``uint16`` fixed point (to 1/65535): the few prefix-token values."""
+    require_finite(values, what, _NOT_FINITE)
     array = values.detach().to(torch.float64).cpu().numpy()
     return {"shape": list(array.shape), "q16": _b64(np.rint(array.clip(0, 1) * 65535).astype("<u2"))}
 
@@ -280,9 +296,9 @@ def _split_rows(weights: Tensor, layer: LayerShape) -> dict[str, Any]:
     fused = _with_fused(weights)
     kh, kw = layer.key_grid
     grid_part = fused[..., layer.prefix :].reshape(*fused.shape[:2], kh, kw)
-    entry = {"maps": quantize(grid_part)}
+    entry = {"maps": quantize(grid_part, what=f"the query rows of {layer.path}")}
     if layer.prefix:
-        entry["prefix"] = _fixed16(fused[..., : layer.prefix])
+        entry["prefix"] = _fixed16(fused[..., : layer.prefix], f"the prefix-token weights of {layer.path}")
     return entry
 
 
@@ -302,9 +318,11 @@ def _token_maps(recording: AttentionRecording, layer: LayerShape, token_paths: l
     """Class-token attention and rollout (through this layer: mean and max fusion) of a token layer."""
     out: dict[str, Any] = {}
     if layer.class_token:
-        out["cls"] = quantize(_with_fused(maps.cls_attention(recording, layer.path)[0]))
+        cls = _with_fused(maps.cls_attention(recording, layer.path)[0])
+        out["cls"] = quantize(cls, what=f"the class-token attention of {layer.path}")
     upto = recording.select(token_paths[: token_paths.index(layer.path) + 1])
-    out["rollout"] = quantize(torch.stack([maps.rollout(upto, fusion)[0] for fusion in ("mean", "max")]))
+    rollouts = torch.stack([maps.rollout(upto, fusion)[0] for fusion in ("mean", "max")])
+    out["rollout"] = quantize(rollouts, what=f"the rollout through {layer.path}")
     return out
 
 
@@ -324,10 +342,9 @@ def _layer_entry(
         "offset_x": min((layer.stride - 1) // 2, layer.query_grid[1] - 1),
         "rows": _query_rows(model, x, recording, layer),
     }
-    if layer.kind == "grid":
-        entry["received"] = quantize(_with_fused(_grid_received(model, x, layer)))
-    else:
-        entry["received"] = quantize(_with_fused(maps.received(recording, layer.path)[0]))
+    received = _grid_received(model, x, layer) if layer.kind == "grid" else maps.received(recording, layer.path)[0]
+    entry["received"] = quantize(_with_fused(received), what=f"the attention received in {layer.path}")
+    if layer.kind == "token":
         entry.update(_token_maps(recording, layer, token_paths))
     return entry
 
@@ -381,7 +398,7 @@ def _grad_rollouts(model: nn.Module, view: _View, predictions: list[dict[str, An
         return None
     targets = [p["index"] for p in predictions]
     copies = view.x.expand(len(targets), *view.x.shape[1:])  # one batch: a copy of the picture per class
-    return quantize(maps.grad_rollout(model, copies, targets, layers=token_paths))
+    return quantize(maps.grad_rollout(model, copies, targets, layers=token_paths), what="the gradient rollouts")
 
 
 def _image_entry(model: nn.Module, view: _View, class_names: Sequence[str] | None) -> dict[str, Any]:
@@ -429,6 +446,7 @@ def _views(model: nn.Module, images: Sequence, preprocess: Preprocess) -> list[_
         name, picture = _as_picture(image, number)
         x = preprocess(picture)[None].to(next(model.parameters()).device)
         logits, recording = _probe(model, x)
+        require_finite(logits, f"the model's output for {name}", _NOT_FINITE)
         views.append(_View(name, picture, x, logits, recording, _layer_shapes(recording)))
         if not views[-1].layers:
             raise ValueError(
@@ -453,8 +471,15 @@ def _subsampling_notes(layers: Sequence[LayerShape], max_mb: float) -> list[str]
 
 
 def _fill_template(data: dict[str, Any], title: str) -> str:
+    """The page: `data` as JSON inside its `<script type="application/json">` element, `title` as HTML text.
+
+    The JSON is strict (`NaN` or `Infinity` raise `ValueError`, as `JSON.parse` would refuse them)
+    and ASCII (`ensure_ascii`: U+2028, U+2029 and every other non-ASCII character are `\\uXXXX`
+    escapes); `<`, `>` and `&` are escaped too, so no string in it can close the element, open
+    a comment or be read as markup.
+    """
     template = resources.files(__package__).joinpath("explorer.html").read_text("utf-8")
-    payload = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")  # no "</script>" or "<!--" inside
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).translate(_SCRIPT_SAFE)
     page = template.replace("__VISATTN_TITLE__", html.escape(title))
     return page.replace("__VISATTN_DATA__", payload)
 
@@ -489,13 +514,17 @@ def explore(
 
     Returns:
         an :class:`ExplorerPage` with the file's size and the notes the page shows.
+
+    Raises:
+        ValueError: a bad argument, a model that records no attention on the picture, or class
+            scores or maps with NaN or infinite values (e.g. from NaN weights); nothing is written.
     """
     if cmap not in COLORMAPS:
         raise ValueError(f"cmap must be one of {', '.join(COLORMAPS)}, got {cmap!r}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if max_mb <= 0:
-        raise ValueError(f"max_mb must be positive, got {max_mb}")
+    if not 0 < max_mb < math.inf:
+        raise ValueError(f"max_mb must be a positive number of megabytes, got {max_mb}")
     images = [images] if isinstance(images, Image.Image | str | os.PathLike) else list(images)
     if not images:
         raise ValueError("give at least one picture")

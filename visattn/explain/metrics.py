@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
+from .._utils import require_finite
 from ..layers.attention import RecordableAttention
 from . import maps
 
@@ -105,8 +106,7 @@ def _check_maps(heatmaps: Tensor, batch: int | None, what: str = "maps") -> Tens
     heatmaps = heatmaps.detach()
     if not heatmaps.is_floating_point():
         heatmaps = heatmaps.float()
-    if not torch.isfinite(heatmaps).all():
-        raise ValueError(f"{what} contain NaN or infinite values; a map must be finite to be ranked")
+    require_finite(heatmaps, what, "a map must be finite to be ranked")
     return heatmaps
 
 

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
-from .._utils import eight_bit
+from .._utils import eight_bit, require_finite
 from ..layers.attention import SelfAttention2d
 from . import maps
 from .maps import Point, to_image
@@ -184,10 +184,13 @@ def pretrained_data_config(model: nn.Module, img_size: tuple[int, int] | None = 
 
 
 def _as_tensor(heatmap: Heatmap) -> Tensor:
+    """A heatmap `(h, w)` (tensor or array) as a float64 CPU tensor; other shapes and NaN or infinite
+    values are refused (an all-NaN map would otherwise be drawn as a constant one)."""
     heatmap = torch.as_tensor(np.asarray(heatmap) if not isinstance(heatmap, Tensor) else heatmap)
     heatmap = heatmap.detach().cpu().double()
     if heatmap.dim() != 2:
         raise ValueError(f"a heatmap is one (h, w) grid, got shape {tuple(heatmap.shape)}; pick one image and head")
+    require_finite(heatmap, "the heatmap to draw", "a map must be finite to be drawn (check the model's weights)")
     return heatmap
 
 
@@ -257,6 +260,9 @@ def overlay(
 
     Returns:
         an RGB PIL image of ``image.size``.
+
+    Raises:
+        ValueError: ``heatmap`` is not one ``(h, w)`` grid, or holds NaN or infinite values.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
