@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
@@ -32,7 +31,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 
-from .._utils import eight_bit
+from .._io import ImageFileError, load_image, verify_image
 from .augment import BatchAugment
 
 __all__ = [
@@ -467,7 +466,7 @@ class CheckedImageFolder(tv_datasets.ImageFolder):
         strict: bool = False,
         samples: list[tuple[str, int]] | None = None,
     ) -> None:
-        super().__init__(str(root), transform=transform, loader=load_rgb)
+        super().__init__(str(root), transform=transform, loader=load_image)
         if samples is not None:  # a split of an already checked folder
             self.samples = samples
         bad = [] if samples is not None else [path for path, _ in self.samples if not _readable(path)]
@@ -489,7 +488,7 @@ class CheckedImageFolder(tv_datasets.ImageFolder):
         for offset in range(len(self.samples)):
             try:
                 return super().__getitem__((index + offset) % len(self.samples))
-            except OSError as err:
+            except ImageFileError as err:
                 warnings.warn(
                     f"could not decode {self.samples[(index + offset) % len(self.samples)][0]} "
                     f"({err}); using the next image instead",
@@ -498,20 +497,11 @@ class CheckedImageFolder(tv_datasets.ImageFolder):
         raise ValueError("no image in the folder could be decoded")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """An image file as RGB, 16-bit gray pictures scaled (not clipped) to 8 bits."""
-    with open(path, "rb") as handle:
-        image = Image.open(handle)
-        image.load()
-        return eight_bit(image).convert("RGB")
-
-
 def _readable(path: str) -> bool:
     try:
-        with Image.open(path) as image:
-            image.verify()
+        verify_image(path)
         return True
-    except Exception:  # PIL raises many types for bad files
+    except ImageFileError:
         return False
 
 
