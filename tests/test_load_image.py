@@ -16,7 +16,7 @@ from PIL import Image
 
 from visattn._io import BACKGROUND, ImageFileError, load_image, to_rgb, verify_image
 from visattn.explain.overlay import Preprocess
-from visattn.train.data import CheckedImageFolder
+from visattn.train.imagefolder import CheckedImageFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 WHITE = 255
