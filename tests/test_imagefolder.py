@@ -1,18 +1,30 @@
-"""Image folders that cannot lie: hidden files, link loops, pictures reached twice."""
+"""Image folders that cannot lie: hidden files, link loops, pictures reached twice, files that
+vanish or stop decoding while a run reads them (with and without DataLoader workers)."""
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from visattn.train.config import load_config
 from visattn.train.data import build_datasets
-from visattn.train.imagefolder import CheckedImageFolder
+from visattn.train.engine import evaluate, fit
+from visattn.train.imagefolder import (
+    CheckedImageFolder,
+    UnreadableImages,
+    UnreadableImagesError,
+    collate_readable,
+)
 
 COLOURS = {"cat": (255, 0, 0), "dog": (0, 0, 255)}  # a picture's colour says its class
 
@@ -159,3 +171,93 @@ def test_train_and_val_folders(tmp_path):
     make_folder(tmp_path / "val", 2)
     train, test, _ = build_datasets(data_cfg(tmp_path))
     assert (len(train), len(test)) == (6, 4)
+
+
+# --- pictures that stop being readable while a run reads them -------------------------------
+
+
+class MeanColour(nn.Module):
+    """Says "cat" for red pictures and "dog" for blue ones."""
+
+    def forward(self, x):
+        return torch.stack([x[:, 0].mean((1, 2)), x[:, 2].mean((1, 2))], dim=1) * 10
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_held_out_set_that_lost_its_dogs_stops_the_evaluation(tmp_path, workers):
+    """Deleting every dog picture once gave a held-out set of cats and "100.00 %", exit 0: the
+    missing pictures were replaced by the next sample, with that sample's label."""
+    make_folder(tmp_path / "train", 2)
+    make_folder(tmp_path / "val", 3)
+    _, test, _ = build_datasets(data_cfg(tmp_path))
+    loader = DataLoader(test, batch_size=4, num_workers=workers, collate_fn=collate_readable)
+    assert evaluate(MeanColour(), loader, num_classes=2)["acc1"] == 1.0
+    for path in (tmp_path / "val" / "dog").iterdir():
+        path.unlink()
+    with pytest.raises(UnreadableImagesError) as caught:
+        evaluate(MeanColour(), loader, num_classes=2)
+    message = str(caught.value)
+    assert "\n" not in message and "of the held-out evaluation could not be read" in message
+    assert f"{tmp_path}/val/dog/0.png" in message and "does not exist" in message
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_epoch_skips_unreadable_pictures_and_never_gives_their_labels_away(tmp_path, workers):
+    """Up to 1 % of an epoch's pictures may fail: each is dropped from its batch and named; every
+    picture that arrives has its own label (its colour says which); one more failure stops the run."""
+    make_folder(tmp_path, 100)
+    folder = CheckedImageFolder(tmp_path, transform=pil_to_tensor)
+    loader = DataLoader(folder, batch_size=16, shuffle=True, num_workers=workers, collate_fn=collate_readable)
+    gone = [tmp_path / "cat" / "7.png", tmp_path / "dog" / "3.png"]
+    for path in gone:
+        path.unlink()
+    skips = UnreadableImages.training(1, len(folder))
+    seen = {0: 0, 1: 0}
+    for x, y in skips.batches(loader):
+        red = x[:, 0, 0, 0] == 255
+        assert torch.equal(red, y == 0) and torch.equal(x[:, 2, 0, 0] == 255, y == 1)
+        for label in (0, 1):
+            seen[label] += int((y == label).sum())
+    assert seen == {0: 99, 1: 99}
+    assert sorted(path for path, _ in skips.unreadable) == sorted(str(p) for p in gone)
+    assert skips.summary().startswith("skipped 2 unreadable picture(s) of training epoch 1 (at most 2): ")
+    (tmp_path / "cat" / "8.png").unlink()
+    with pytest.raises(UnreadableImagesError, match=r"3 picture\(s\) of training epoch 1 could not be read, more "
+                       r"than the 2 allowed \(1 % of its 200 pictures\)"):  # fmt: skip
+        list(UnreadableImages.training(1, len(folder)).batches(loader))
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_run_names_the_pictures_it_skipped_in_its_log(tmp_path, capsys, one_thread):
+    """A JPEG cut short passes the check when the folder is built and fails every time it is read
+    (201 training pictures in 3 whole batches: every one is read)."""
+    make_folder(tmp_path / "data" / "train", 100)
+    make_folder(tmp_path / "data" / "val", 2)
+    cut_jpeg(tmp_path / "data" / "train" / "dog" / "cut.jpg")
+    overrides = ["model.embed_dim=16", "model.depth=1", "model.num_heads=2", "train.epochs=1", "train.amp=none"]
+    cfg = load_config(
+        overrides=[
+            *overrides,
+            "train.batch_size=67",
+            "train.warmup_epochs=0",
+            f"run.out_dir={tmp_path / 'runs'}",
+            "data.name=imagefolder",
+            f"data.root={tmp_path / 'data'}",
+            "data.img_size=16",
+        ]
+    )
+    result = fit(cfg)
+    out = capsys.readouterr().out
+    cut = tmp_path / "data" / "train" / "dog" / "cut.jpg"
+    assert f"  skipped 1 unreadable picture(s) of training epoch 1 (at most 2): {cut}\n" in out
+    [epoch_line] = [line for line in out.splitlines() if line.startswith("epoch   1/1")]
+    assert epoch_line.endswith(" unreadable 1 skipped")
+    [row] = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert row["train_unreadable"] == 1

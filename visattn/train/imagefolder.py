@@ -12,28 +12,45 @@ A folder of class folders (`root/cat/*.jpg`) is indexed once, when the dataset i
   with `data.strict`).
 
 Each kind of skip is one warning with the count and a few names.
+
+While a run reads the pictures, one that can no longer be read (deleted, truncated, replaced by
+a FIFO) is dropped from its batch, never replaced by another picture and never given another's
+label, and counted by `UnreadableImages`: a training epoch stops when more than
+`MAX_UNREADABLE_PERCENT` (1 %) of its pictures fail, a held-out evaluation at the first one.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch import Tensor
+from torch.utils.data import default_collate
 from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .._io import ImageFileError, load_image, verify_image
 
 __all__ = [
+    "MAX_UNREADABLE_PERCENT",
     "CheckedImageFolder",
+    "ImageBatch",
+    "UnreadableImages",
+    "UnreadableImagesError",
     "build_image_folders",
+    "collate_readable",
 ]
+
+#: the share of a training epoch's pictures (in percent, rounded down) that may fail to read
+#: before the run stops; a held-out evaluation allows none
+MAX_UNREADABLE_PERCENT = 1
 
 #: how many paths a message names before it says "and N more"
 NAMES_SHOWN = 5
@@ -144,8 +161,9 @@ class CheckedImageFolder(tv_datasets.ImageFolder):
     `ValueError` when `strict`. Each kind of skip is one warning with the count and a few names.
     `samples` (a subset of an already checked folder's `samples`) skips the indexing and the check.
 
-    A file that still fails to decode later (e.g. a truncated JPEG whose header is intact) is
-    replaced by the next sample, with a warning naming it.
+    `dataset[i]` raises `ImageFileError` when its picture can no longer be read. A `DataLoader`
+    fetches a batch through `__getitems__`, which drops such pictures and names them on the list it
+    returns; `collate_readable` keeps the names with the batch, and `UnreadableImages` counts them.
     """
 
     def __init__(
@@ -189,17 +207,16 @@ class CheckedImageFolder(tv_datasets.ImageFolder):
             )
         return samples
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        for offset in range(len(self.samples)):
+    def __getitems__(self, indices: Sequence[int]) -> ReadSamples:
+        """The samples at `indices` whose pictures could be read; the others are named on the
+        returned list's `unreadable`."""
+        read = ReadSamples()
+        for index in indices:
             try:
-                return super().__getitem__((index + offset) % len(self.samples))
+                read.append(self[index])
             except ImageFileError as err:
-                warnings.warn(
-                    f"could not decode {self.samples[(index + offset) % len(self.samples)][0]} "
-                    f"({err}); using the next image instead",
-                    stacklevel=2,
-                )
-        raise ValueError("no image in the folder could be decoded")
+                read.unreadable.append((self.samples[index][0], str(err)))
+        return read
 
 
 def _readable(path: str) -> bool:
@@ -208,6 +225,106 @@ def _readable(path: str) -> bool:
         return True
     except ImageFileError:
         return False
+
+
+# --- batches without the unreadable pictures, and their count ---------------------------------
+
+
+class ReadSamples(list):
+    """The samples of a batch that could be read; `unreadable` holds `(path, reason)` of the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unreadable: list[tuple[str, str]] = []
+
+
+class ImageBatch(tuple):
+    """A batch `(x, y)` that also names the pictures dropped from it (`unreadable`: `(path,
+    reason)` pairs). Unpacks as `x, y`; crosses from `DataLoader` workers and through pinning
+    with its names."""
+
+    unreadable: tuple[tuple[str, str], ...]
+
+    def __new__(cls, x: Tensor, y: Tensor, unreadable: Iterable[tuple[str, str]] = ()) -> ImageBatch:
+        batch = super().__new__(cls, (x, y))
+        batch.unreadable = tuple(unreadable)
+        return batch
+
+    def __reduce__(self) -> tuple[type, tuple[Tensor, Tensor, tuple[tuple[str, str], ...]]]:
+        return ImageBatch, (self[0], self[1], self.unreadable)
+
+    def pin_memory(self) -> ImageBatch:
+        """What `DataLoader(pin_memory=True)` calls: the tensors pinned, the names kept."""
+        return ImageBatch(self[0].pin_memory(), self[1].pin_memory(), self.unreadable)
+
+
+def collate_readable(samples: Sequence[tuple[Any, int]]) -> ImageBatch:
+    """`default_collate` of the readable samples, with the names of the dropped ones
+    (`ReadSamples.unreadable`); an empty batch when none could be read."""
+    unreadable = getattr(samples, "unreadable", ())
+    if not samples:
+        return ImageBatch(torch.empty(0), torch.empty(0, dtype=torch.long), unreadable)
+    x, y = default_collate(list(samples))
+    return ImageBatch(x, y, unreadable)
+
+
+class UnreadableImagesError(ValueError):
+    """More pictures of a pass could not be read than it allows."""
+
+
+class UnreadableImages:
+    """Counts and names the pictures that a pass over a loader dropped because they could not be
+    read, and stops the pass as soon as there are more than `allowed`.
+
+    Args:
+        what: the pass, for messages (`"training epoch 3"`).
+        allowed: how many pictures may fail.
+        rule: why that many, for messages.
+    """
+
+    def __init__(self, what: str, allowed: int, rule: str) -> None:
+        self.what, self.allowed, self.rule = what, allowed, rule
+        self.unreadable: list[tuple[str, str]] = []
+
+    @classmethod
+    def training(cls, epoch: int, pictures: int) -> UnreadableImages:
+        """Training epoch `epoch` of `pictures` may lose `MAX_UNREADABLE_PERCENT` of them, rounded down."""
+        allowed = pictures * MAX_UNREADABLE_PERCENT // 100
+        return cls(f"training epoch {epoch}", allowed, f"{MAX_UNREADABLE_PERCENT} % of its {pictures} pictures")
+
+    @classmethod
+    def held_out(cls) -> UnreadableImages:
+        """A held-out evaluation may lose none: its accuracy must be over the whole held-out set."""
+        return cls("the held-out evaluation", 0, "an accuracy needs every held-out picture")
+
+    def batches(self, loader: Iterable, distributed: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches of `loader` that hold pictures, counting the unreadable ones (the
+        `unreadable` of an `ImageBatch`). An empty batch is skipped, or, when `distributed`
+        (every process must take the same number of steps), stops the pass."""
+        for batch in loader:
+            self.unreadable += getattr(batch, "unreadable", ())
+            if len(self.unreadable) > self.allowed:
+                raise UnreadableImagesError(
+                    f"stopping: {len(self.unreadable)} picture(s) of {self.what} could not be read, more than the "
+                    f"{self.allowed} allowed ({self.rule}): {self.names()}; restore or remove them "
+                    f"(the first: {self.unreadable[0][1]})"
+                )
+            if len(batch[1]) == 0 and distributed:
+                raise UnreadableImagesError(
+                    f"stopping: no picture of a batch of {self.what} could be read ({self.names()}), and the "
+                    "processes of a distributed run must take the same steps"
+                )
+            if len(batch[1]):
+                yield batch
+
+    def names(self) -> str:
+        """The paths of the unreadable pictures so far, a few of them."""
+        return _few([path for path, _ in self.unreadable])
+
+    def summary(self) -> str:
+        """One line: how many pictures were skipped, how many may be, and which."""
+        count = len(self.unreadable)
+        return f"skipped {count} unreadable picture(s) of {self.what} (at most {self.allowed}): {self.names()}"
 
 
 # --- the splits of an image folder -------------------------------------------------------------
