@@ -143,6 +143,13 @@ def test_a_picture_reached_from_two_classes_is_an_error_naming_both(tmp_path, li
     assert all(name in str(caught.value) for name in names), caught.value
 
 
+def test_a_class_folder_that_leads_back_to_the_dataset_is_refused(tmp_path):
+    make_folder(tmp_path / "data", 2)
+    os.symlink("..", tmp_path / "data" / "up")  # a "class" holding the dataset and what is beside it
+    with pytest.raises(ValueError, match=r"class folder .*data/up leads to .*, a folder that holds the dataset"):
+        CheckedImageFolder(tmp_path / "data")
+
+
 def test_a_held_out_folder_sharing_a_training_picture_is_refused(tmp_path):
     make_folder(tmp_path / "train", 3)
     make_folder(tmp_path / "val", 2)

@@ -112,8 +112,12 @@ def index_image_folder(root: Path, class_to_idx: dict[str, int]) -> tuple[list[t
     for folder in (real_root, *real_root.parents):  # a link to any of them is a loop
         walk.folders[str(folder)] = ("", str(folder))
     walk.hidden += [entry.path for entry in os.scandir(root) if entry.name.startswith(".")]
-    for name in class_to_idx:
-        walk.enter(str(root / name), name)  # two class folders that are one folder: an error here
+    for name in class_to_idx:  # two class folders that are one folder: an error in `enter`
+        if not walk.enter(str(root / name), name):
+            raise ValueError(
+                f"class folder {root / name} leads to {os.path.realpath(root / name)}, a folder that holds the "
+                "dataset (a loop); remove that link"
+            )
     samples = [sample for name, label in class_to_idx.items() for sample in _walk_class(root / name, label, walk)]
     skipped = (
         (walk.hidden, "hidden file(s) and folder(s)"),
@@ -197,7 +201,8 @@ class CheckedImageFolder(tv_datasets.ImageFolder):
             raise ValueError(f"{len(bad)} unreadable image file(s) under {directory}: {_few(bad)}")
         if bad:
             self._notes.append(f"skipping {len(bad)} unreadable image file(s) under {directory}: {_few(bad)}")
-            samples = [sample for sample in samples if sample[0] not in set(bad)]
+            unreadable = set(bad)
+            samples = [sample for sample in samples if sample[0] not in unreadable]
         found = {label for _, label in samples}
         empty = [name for name, label in class_to_idx.items() if label not in found]
         if empty:
