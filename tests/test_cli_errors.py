@@ -31,6 +31,7 @@ from visattn.train.config import config_to_dict, load_config
 from visattn.weights.checkpoint import save_checkpoint
 
 from .test_data import Payload, write_cifar10
+from .test_imagefolder import cut_jpeg, make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2"]
@@ -46,6 +47,12 @@ def drawn(source: str, *flags: str, method: str = "cls") -> list[str]:
     """``visattn overlay`` of the test picture: ``source`` a checkpoint file or ``model:NAME``."""
     where = ["--model", source[6:]] if source.startswith("model:") else ["--checkpoint", source]
     return ["overlay", *where, "--method", method, *flags, *PICTURE]
+
+
+def folder_run(root: str, *overrides: str) -> list[str]:
+    """``visattn train`` of a tiny model for one epoch on the image folder ``{tmp}/root``."""
+    data = ["data.name=imagefolder", f"data.root={{tmp}}/{root}", "data.img_size=16"]
+    return ["train", *MODEL, "train.epochs=1", "train.amp=none", *data, *overrides]
 
 
 #: (id, argv with {placeholders} for the files made below, what the one line must name)
@@ -180,6 +187,13 @@ ROWS: list[tuple[str, list[str], str]] = [
      "the heatmap to draw: 16 of 16 values are NaN or infinite"),
     ("overlay panels NaN weights", drawn("{tmp}/nan.pt", "--panels", method="rollout"),
      "the heatmap to draw: 16 of 16 values are NaN or infinite"),
+    # data folders and pictures: what is not a regular file, a picture in two classes, pictures gone mid-run
+    ("overlay fifo", [*OVERLAY, "--image", "{tmp}/pipe.png", "--out", "o.png"], "pipe.png is a named pipe"),
+    ("overlay device", [*OVERLAY, "--image", "/dev/zero", "--out", "o.png"], "/dev/zero is a character device"),
+    ("explore fifo", [*EXPLORE, "--image", "{tmp}/pipe.png", "--out", "o.html"], "pipe.png is a named pipe"),
+    ("picture in two classes", folder_run("two_classes"), "dog/stolen.png"),
+    ("strict folder with a fifo", folder_run("fifo_folder", "data.strict=true"), "cat/pipe.png"),
+    ("held-out pictures gone", folder_run("dogs_gone", "train.batch_size=4"), "val/dog/0.jpg"),
 ]  # fmt: skip
 
 DRIVER = r"""
@@ -281,6 +295,22 @@ def make_inputs(tmp: Path) -> None:
             for i in range(count):
                 Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp / name / label / f"{i}.png")
     make_checkpoints(tmp)
+    make_picture_inputs(tmp)
+
+
+def make_picture_inputs(tmp: Path) -> None:
+    """A FIFO, a folder whose dog class holds a cat picture, a strict folder holding a FIFO, and a
+    folder whose held-out dogs pass the check when built but cannot be read (JPEGs cut short)."""
+    os.mkfifo(tmp / "pipe.png")
+    make_folder(tmp / "two_classes", 3)
+    os.symlink(tmp / "two_classes" / "cat" / "0.png", tmp / "two_classes" / "dog" / "stolen.png")
+    make_folder(tmp / "fifo_folder", 3)
+    os.mkfifo(tmp / "fifo_folder" / "cat" / "pipe.png")
+    make_folder(tmp / "dogs_gone" / "train", 4)
+    make_folder(tmp / "dogs_gone" / "val", 2)
+    for path in (tmp / "dogs_gone" / "val" / "dog").iterdir():
+        path.unlink()
+        cut_jpeg(path.with_suffix(".jpg"))
 
 
 def env() -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Datasets: digits split, the cluttered canvas, CIFAR's pickle format, image folders with bad files."""
+"""Datasets: digits split, the cluttered canvas, CIFAR's pickle format, fake images (folders: test_imagefolder)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from sklearn.datasets import load_digits
 
 from visattn.train.config import load_config
 from visattn.train.data import (
-    CheckedImageFolder,
     DigitsCanvas,
     _build_canvases,
     build_datasets,
@@ -208,38 +206,6 @@ def test_cifar_missing_files_say_where_to_put_them(tmp_path):
         build_datasets(data_cfg("data.name=cifar100", f"data.root={tmp_path}"))
 
 
-def make_folder(root, per_class=6):
-    for c, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            Image.new("RGB", (20, 24), colour).save(root / f"class{c}" / f"{i}.png")
-
-
-def test_imagefolder_skips_a_corrupt_file_with_one_warning(tmp_path):
-    make_folder(tmp_path)
-    (tmp_path / "class1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    cfg = data_cfg("data.name=imagefolder", f"data.root={tmp_path}", "data.img_size=16", "data.val_fraction=0.5")
-    with pytest.warns(UserWarning, match=r"skipping 1 unreadable image file\(s\).*broken.jpg") as caught:
-        train, test, data_config = build_datasets(cfg)
-    assert len([w for w in caught if "unreadable" in str(w.message)]) == 1
-    assert len(train) + len(test) == 12 and len(test) == 6
-    assert data_config["class_names"] == ["class0", "class1"]
-    x, y = test[0]
-    assert x.shape == (3, 16, 16)
-    # the held-out half is stratified: 3 images of each class
-    assert sorted(label for _, label in test.samples) == [0, 0, 0, 1, 1, 1]
-    cfg.strict = True
-    with pytest.raises(ValueError, match=r"1 unreadable image file\(s\).*broken.jpg"):
-        build_datasets(cfg)
-
-
-def test_imagefolder_with_train_and_val_folders(tmp_path):
-    make_folder(tmp_path / "train", 3)
-    make_folder(tmp_path / "val", 2)
-    train, test, _ = build_datasets(data_cfg("data.name=imagefolder", f"data.root={tmp_path}", "data.img_size=16"))
-    assert (len(train), len(test)) == (6, 4)
-
-
 def test_fake_images_take_the_per_image_transforms():
     cfg = data_cfg(
         "data.name=fake",
@@ -252,36 +218,6 @@ def test_fake_images_take_the_per_image_transforms():
     )
     train, test, data_config = build_datasets(cfg)
     assert train[0][0].shape == (3, 8, 8) and len(test) == 2
-
-
-def test_imagefolder_replaces_a_file_that_fails_to_decode_later(tmp_path):
-    make_folder(tmp_path / "train", 2)
-    make_folder(tmp_path / "val", 2)
-    noise = (np.random.default_rng(0).random((80, 80, 3)) * 255).astype(np.uint8)
-    Image.fromarray(noise).save(tmp_path / "val" / "class1" / "cut.jpg")
-    data = (tmp_path / "val" / "class1" / "cut.jpg").read_bytes()
-    (tmp_path / "val" / "class1" / "cut.jpg").write_bytes(data[: len(data) * 3 // 5])  # header intact: passes the check
-    _, test, _ = build_datasets(data_cfg("data.name=imagefolder", f"data.root={tmp_path}", "data.img_size=16"))
-    index = [path for path, _ in test.samples].index(str(tmp_path / "val" / "class1" / "cut.jpg"))
-    with pytest.warns(UserWarning, match=r"could not decode .*cut.jpg.*using the next image"):
-        x, y = test[index]
-    assert x.shape == (3, 16, 16) and (index + 1 < len(test) or y == test.samples[0][1])
-
-
-def test_imagefolder_scales_16_bit_pictures(tmp_path):
-    rng = np.random.default_rng(0)
-    originals = {}
-    for c in ("a", "b"):
-        (tmp_path / c).mkdir()
-        for i in range(3):
-            values = rng.integers(0, 65536, (6, 5), dtype=np.uint16)
-            Image.fromarray(values).save(tmp_path / c / f"{i}.png")
-            originals[str(tmp_path / c / f"{i}.png")] = values
-    folder = CheckedImageFolder(tmp_path)
-    for index, (path, _) in enumerate(folder.samples):
-        image, _ = folder[index]
-        expected = np.floor(originals[path].astype(np.float64) / 257 + 0.5)  # 16 → 8 bits, not clipped
-        assert image.mode == "RGB" and all(np.array_equal(np.asarray(image)[..., c], expected) for c in range(3))
 
 
 @pytest.mark.parametrize(

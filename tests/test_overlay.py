@@ -132,19 +132,6 @@ def test_a_map_that_is_not_finite_is_refused_not_drawn_as_constant(bad):
         overlay_grid(image, [torch.rand(2, 3), torch.as_tensor(one)])
 
 
-def test_load_image_errors(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
-        load_image(tmp_path / "missing.png")
-    with pytest.raises(ValueError, match="is a folder"):
-        load_image(tmp_path)
-    text = tmp_path / "notes.png"
-    text.write_text("not a picture")
-    with pytest.raises(ValueError, match="not an image that PIL can read"):
-        load_image(text)
-    picture().save(tmp_path / "ok.jpg")
-    assert load_image(tmp_path / "ok.jpg").size == (90, 60)
-
-
 def test_overlay_grid_lays_out_rows_and_columns(tmp_path):
     image = picture()
     one_row = overlay_grid(image, torch.rand(3, 4, 6), titles=["a", "b", "c"], out=tmp_path / "g.png")
@@ -217,16 +204,6 @@ def test_readme_similarity_example_heads_are_gaussian_kernels():
         torch.testing.assert_close(rec[""].weights[:, head].double(), want, atol=1e-5, rtol=1e-4)
 
 
-def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
-    values = (np.arange(12 * 10, dtype=np.uint32).reshape(10, 12) * 65535 // 119).astype(np.uint16)
-    Image.fromarray(values).save(tmp_path / "deep.png")
-    assert Image.open(tmp_path / "deep.png").mode == "I;16"  # what PIL's convert("L") would clip
-    loaded = load_image(tmp_path / "deep.png")
-    expected = np.floor(values.astype(np.float64) / 257 + 0.5)  # oracle: 16 → 8 bits, rounded
-    assert loaded.mode == "L" and np.array_equal(np.asarray(loaded), expected)
-    assert np.asarray(loaded.convert("RGB")).min() == 0 and np.asarray(loaded.convert("RGB")).max() == 255
-
-
 def test_overlay_of_a_tall_picture_is_blended_the_same_in_every_strip():
     """``overlay`` blends a strip of rows at a time (no float copy of a whole large picture); the
     result is the whole-picture formula, across strip boundaries and inside a box."""
@@ -240,36 +217,6 @@ def test_overlay_of_a_tall_picture_is_blended_the_same_in_every_strip():
     np.testing.assert_array_equal(boxed[:100], np.asarray(image)[:100])
     np.testing.assert_array_equal(boxed[650:], np.asarray(image)[650:])
     assert (boxed[100:650, 5:45] != np.asarray(image)[100:650, 5:45]).mean() > 0.9
-
-
-@pytest.mark.parametrize("suffix", ["png", "jpg"])
-def test_load_image_decodes_a_large_picture_reduced(tmp_path, suffix):
-    path = tmp_path / f"big.{suffix}"
-    picture(900, 600, square=(540, 120, 720, 300)).save(path)
-    small = load_image(path, max_side=256)
-    assert max(small.size) == 256 and abs(small.width / small.height - 1.5) < 0.02
-    assert small.info["original_size"] == (900, 600) == load_image(path).info["original_size"]
-    rows, cols = np.nonzero(np.asarray(small.convert("L")) > 127)  # the square, at the same relative place
-    scale = small.width / 900
-    assert abs(cols.min() - 540 * scale) <= 1.5 and abs(cols.max() + 1 - 720 * scale) <= 1.5
-    assert abs(rows.min() - 120 * scale) <= 1.5 and abs(rows.max() + 1 - 300 * scale) <= 1.5
-    assert load_image(path, max_side=900).size == (900, 600)  # within the cap: as it is
-    with pytest.raises(ValueError, match="max_side"):
-        load_image(path, max_side=0)
-
-
-def test_load_image_reduced_keeps_exif_orientation_and_16_bits(tmp_path):
-    exif = Image.Exif()
-    exif[0x0112] = 6  # stored 800×400, shown turned a quarter: 400×800
-    picture(800, 400).save(tmp_path / "turned.jpg", exif=exif)
-    turned = load_image(tmp_path / "turned.jpg", max_side=200)
-    assert turned.size == (100, 200) and turned.info["original_size"] == (400, 800)
-    assert load_image(tmp_path / "turned.jpg").size == (400, 800)
-    values = (np.arange(300, dtype=np.uint32)[None].repeat(200, 0) * 65535 // 299).astype(np.uint16)
-    Image.fromarray(values).save(tmp_path / "deep.png")
-    deep = load_image(tmp_path / "deep.png", max_side=100)
-    assert deep.mode == "L" and deep.size == (100, 67) and deep.info["original_size"] == (300, 200)
-    assert np.asarray(deep)[:, 0].max() < 8 and np.asarray(deep)[:, -1].min() > 247  # scaled, not clipped
 
 
 def test_query_points_stay_in_original_pixels_on_a_reduced_picture(tmp_path):

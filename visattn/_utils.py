@@ -11,13 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
-__all__ = ["check_images", "cpu_has_native_bf16", "dry_forward", "eight_bit", "eval_mode", "require_finite", "to_pair"]
-
-#: PIL modes of 16-bit and 32-bit integer pictures (16-bit PNG, TIFF), which ``convert`` would clip at 255
-_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+__all__ = ["check_images", "cpu_has_native_bf16", "dry_forward", "eval_mode", "require_finite", "to_pair"]
 
 
 def to_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -79,13 +75,3 @@ def require_finite(values: Tensor | np.ndarray, what: str, hint: str) -> None:
     if values.is_floating_point() and not torch.isfinite(values).all():
         bad = int((~torch.isfinite(values)).sum())
         raise ValueError(f"{what}: {bad} of {values.numel()} values are NaN or infinite; {hint}")
-
-
-def eight_bit(image: Image.Image) -> Image.Image:
-    """A 16-bit gray picture (PIL modes ``I;16*``, or ``I`` holding 16-bit values) scaled to 8-bit
-    ``L`` (value / 257, rounded): PIL's own ``convert`` clips such pictures at 255, turning them
-    white. Other modes are returned as they are."""
-    if image.mode not in _WIDE_MODES:
-        return image
-    values = np.asarray(image).astype(np.float64)
-    return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), mode="L")

@@ -302,9 +302,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from .train.engine import evaluate
+    from .train.imagefolder import collate_readable
 
     path, _, model, cfg, test_set, data_config = _held_out(args)
-    loader = DataLoader(test_set, batch_size=args.batch)
+    loader = DataLoader(test_set, batch_size=args.batch, collate_fn=collate_readable)
     stats = evaluate(model, loader, num_classes=data_config["num_classes"])
     print(f"{path}: {cfg.data.name} held-out split, {len(test_set)} images")
     print(f"top-1 {stats['acc1']:.2%}  top-5 {stats['acc5']:.2%}  loss {stats['loss']:.4f}")

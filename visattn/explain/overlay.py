@@ -3,6 +3,9 @@
 A model sees a preprocessed copy of a picture (resized, maybe gray, normalized). A map made on
 that copy covers a ``box`` of the original picture (all of it for a plain resize); :func:`overlay`
 puts the map back on exactly those pixels, at the picture's own size.
+
+Pictures are read by `load_image` and turned into RGB by `to_rgb` (both from `visattn._io`, the
+loader that training and evaluation use too), so the model sees a file the same way here as there.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
-from .._utils import eight_bit, require_finite
+from .._io import load_image, to_rgb
+from .._utils import require_finite
 from ..layers.attention import SelfAttention2d
 from . import maps
 from .maps import Point, to_image
@@ -48,48 +52,6 @@ DATA_CONFIG_KEYS = ("img_size", "in_chans", "mean", "std")
 
 #: longest side :func:`load_image` keeps for ``visattn overlay`` (a grid panel is a few hundred pixels)
 OVERLAY_MAX_SIDE = 2048
-
-
-def load_image(path: str | os.PathLike, max_side: int | None = None) -> Image.Image:
-    """Open a picture file (EXIF orientation applied, 16-bit gray scaled to 8 bits by
-    :func:`visattn._utils.eight_bit`); clear errors for a missing, non-image or bomb file.
-
-    ``max_side``: decode a larger picture reduced so that its longer side is at most this many
-    pixels (aspect kept): JPEG is decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``), other
-    formats are reduced right after decoding (``Image.thumbnail``), so no full-size copy is ever
-    converted or blended. ``info["original_size"]`` of the result is the ``(W, H)`` of the whole
-    picture (as oriented); pass it as ``original_size`` to :func:`attention_panels` to give query
-    points in pixels of the original.
-    """
-    if max_side is not None and max_side < 1:
-        raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
-    if not os.path.exists(path):
-        raise ValueError(f"image {path} does not exist")
-    if os.path.isdir(path):
-        raise ValueError(f"image {path} is a folder; give one picture file (PNG, JPEG, ...)")
-    try:
-        with Image.open(path) as image:
-            full = image.size
-            if max_side is not None and max(full) > max_side:
-                scale = max_side / max(full)
-                image.draft(None, (max(1, round(full[0] * scale)), max(1, round(full[1] * scale))))
-                image.thumbnail((max_side, max_side))
-            image.load()
-            reduced = image.size
-            picture = eight_bit(ImageOps.exif_transpose(image))
-    except Image.DecompressionBombError as err:
-        raise ValueError(
-            f"{path} is refused as a possible decompression bomb: {' '.join(str(err).split())} "
-            "(raise PIL.Image.MAX_IMAGE_PIXELS from Python if the picture is genuine)"
-        ) from err
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(
-            f"{path} is not an image that PIL can read ({type(err).__name__}); give a PNG, JPEG or "
-            "another format PIL opens"
-        ) from err
-    turned = picture.size != reduced  # EXIF rotated it a quarter turn
-    picture.info["original_size"] = (full[1], full[0]) if turned else full
-    return picture
 
 
 @dataclass(frozen=True)
@@ -123,7 +85,9 @@ class Preprocess:
 
     def __call__(self, image: Image.Image) -> Tensor:
         """PIL picture (any size and mode) → model input ``(in_chans, H, W)``, float32, normalized."""
-        image = image.convert("L" if self.in_chans == 1 else "RGB")
+        image = to_rgb(image)
+        if self.in_chans == 1:
+            image = image.convert("L")
         x = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
         x = TF.resize(x, list(self.img_size), antialias=True)
         return TF.normalize(x, list(self.mean), list(self.std))
@@ -268,7 +232,7 @@ def overlay(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     colormap = _colormap(cmap)
     heat = normalize_map(_as_tensor(heatmap), normalize)
-    base = image.convert("RGB")
+    base = to_rgb(image)
     left, top, right, bottom = (round(v) for v in (box or (0, 0, *base.size)))
     if not (0 <= left < right <= base.width and 0 <= top < bottom <= base.height):
         raise ValueError(f"box {box} does not lie inside the {base.width}×{base.height} picture")
@@ -398,7 +362,7 @@ def _model_view(image: Image.Image, preprocess: Preprocess) -> Image.Image:
         return image
     scale = side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    source = image if image.mode in ("RGB", "L") else image.convert("RGB")
+    source = image if image.mode in ("RGB", "L") else to_rgb(image)
     return source.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 

@@ -4,7 +4,8 @@
 test set and a ``data_config`` dict — ``{"name", "img_size": [H, W], "in_chans", "mean", "std",
 "num_classes", "class_names"}`` — that is stored in checkpoints so that inference rebuilds the
 same preprocessing (resize to ``img_size``, grayscale when ``in_chans == 1``, normalize).
-Every dataset yields ``(image (C, H, W) float tensor, label int)``.
+Every dataset yields ``(image (C, H, W) float tensor, label int)``. Image folders are indexed,
+checked and read in :mod:`visattn.train.imagefolder`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import functools
 import importlib.util
 import math
 import pickle
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torch import Tensor
@@ -32,8 +31,8 @@ from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 
-from .._utils import eight_bit
 from .augment import BatchAugment
+from .imagefolder import build_image_folders
 
 __all__ = [
     "DigitsCanvas",
@@ -364,7 +363,7 @@ def _add_clutter(
         np.maximum(region, piece, out=region)
 
 
-# --- CIFAR, image folders, fake -------------------------------------------------------------
+# --- CIFAR, fake ---------------------------------------------------------------------------
 
 
 #: the only globals a CIFAR batch may name: numpy arrays and dtypes (both numpy module layouts)
@@ -451,127 +450,6 @@ def _cifar(name: str, root: str, train: bool, download: bool) -> tuple[Tensor, T
     return torch.from_numpy(np.ascontiguousarray(data)), torch.tensor(labels, dtype=torch.long), classes
 
 
-class CheckedImageFolder(tv_datasets.ImageFolder):
-    """``torchvision.datasets.ImageFolder`` that checks every file once when built.
-
-    Unreadable files are dropped with one warning that counts and names them, or raise a
-    ``ValueError`` when ``strict``. A file that still fails to decode later (e.g. a truncated
-    JPEG whose header is intact) is replaced by the next sample, with a warning naming it.
-    ``samples`` (a subset of an already checked folder's ``samples``) skips the check.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        transform: Callable | None = None,
-        strict: bool = False,
-        samples: list[tuple[str, int]] | None = None,
-    ) -> None:
-        super().__init__(str(root), transform=transform, loader=load_rgb)
-        if samples is not None:  # a split of an already checked folder
-            self.samples = samples
-        bad = [] if samples is not None else [path for path, _ in self.samples if not _readable(path)]
-        if bad and strict:
-            raise ValueError(f"{len(bad)} unreadable image file(s) under {root}: {', '.join(bad[:20])}")
-        if bad:
-            warnings.warn(
-                f"skipping {len(bad)} unreadable image file(s) under {root}: {', '.join(bad[:20])}"
-                + (" ..." if len(bad) > 20 else ""),
-                stacklevel=2,
-            )
-            self.samples = [s for s in self.samples if s[0] not in set(bad)]
-        if not self.samples:
-            raise ValueError(f"no readable images under {root}")
-        self.imgs = self.samples
-        self.targets = [label for _, label in self.samples]
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        for offset in range(len(self.samples)):
-            try:
-                return super().__getitem__((index + offset) % len(self.samples))
-            except OSError as err:
-                warnings.warn(
-                    f"could not decode {self.samples[(index + offset) % len(self.samples)][0]} "
-                    f"({err}); using the next image instead",
-                    stacklevel=2,
-                )
-        raise ValueError("no image in the folder could be decoded")
-
-
-def load_rgb(path: str) -> Image.Image:
-    """An image file as RGB, 16-bit gray pictures scaled (not clipped) to 8 bits."""
-    with open(path, "rb") as handle:
-        image = Image.open(handle)
-        image.load()
-        return eight_bit(image).convert("RGB")
-
-
-def _readable(path: str) -> bool:
-    try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except Exception:  # PIL raises many types for bad files
-        return False
-
-
-def _imagefolder(cfg: Any, size: tuple[int, int]) -> tuple[Dataset, Dataset, list[str]]:
-    root = Path(cfg.root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist; set data.root to a folder of class sub-folders")
-    aug = cfg.augment
-
-    def transform(train: bool) -> Callable:
-        return create_transform(
-            size,
-            is_training=train,
-            hflip=aug.hflip,
-            auto_augment=aug.auto_augment,
-            re_prob=aug.re_prob,
-            mean=IMAGENET_STATS[0],
-            std=IMAGENET_STATS[1],
-        )
-
-    val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    if (root / "train").is_dir() and val_dir is not None:
-        train = CheckedImageFolder(root / "train", transform(True), cfg.strict)
-        test = CheckedImageFolder(val_dir, transform(False), cfg.strict)
-        if train.classes != test.classes:
-            raise ValueError(f"class folders differ between {root / 'train'} and {val_dir}")
-        return train, test, train.classes
-    from sklearn.model_selection import train_test_split
-
-    full = CheckedImageFolder(root, None, cfg.strict)
-    _check_split(full, root, cfg.val_fraction)
-    train_idx, test_idx = train_test_split(
-        np.arange(len(full)), test_size=cfg.val_fraction, stratify=full.targets, random_state=cfg.split_seed
-    )
-    train = CheckedImageFolder(root, transform(True), samples=[full.samples[i] for i in sorted(train_idx)])
-    test = CheckedImageFolder(root, transform(False), samples=[full.samples[i] for i in sorted(test_idx)])
-    return train, test, full.classes
-
-
-def _check_split(folder: CheckedImageFolder, root: Path, val_fraction: float) -> None:
-    """Refuse a folder that a stratified ``val_fraction`` split cannot divide, naming the class."""
-    if len(folder.classes) < 2:
-        raise ValueError(
-            f"image folder {root} has {len(folder.classes)} class folder(s); a classifier needs at least 2"
-        )
-    counts = np.bincount(folder.targets, minlength=len(folder.classes))
-    for name, count in zip(folder.classes, counts, strict=True):
-        if count < 2:
-            raise ValueError(
-                f"class {name!r} in {root} has {count} image(s): a held-out split (data.val_fraction) needs at least "
-                f"2 per class; add images or give {root}/train and {root}/val folders"
-            )
-    test_size = int(np.ceil(val_fraction * len(folder.targets)))
-    if test_size < len(folder.classes) or len(folder.targets) - test_size < len(folder.classes):
-        raise ValueError(
-            f"data.val_fraction={val_fraction} of the {len(folder.targets)} images in {root} holds {test_size}, but "
-            f"both splits need one image of each of the {len(folder.classes)} classes; change data.val_fraction"
-        )
-
-
 @dataclass
 class DataSplits:
     """What a dataset builder returns: the two splits and what inference needs to know."""
@@ -624,7 +502,7 @@ def _cifar_splits(cfg: Any) -> DataSplits:
 
 def _imagefolder_splits(cfg: Any) -> DataSplits:
     size = cfg.img_size or DATASET_DEFAULTS["imagefolder"][2]
-    train, test, classes = _imagefolder(cfg, (size, size))
+    train, test, classes = build_image_folders(cfg, (size, size))
     return DataSplits(train, test, (size, size), 3, *IMAGENET_STATS, classes)
 
 

@@ -46,6 +46,7 @@ from ..models.registry import create_model
 from ..weights.checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, config_to_dict, load_config
 from .data import TensorImageDataset, build_datasets
+from .imagefolder import UnreadableImages, collate_readable
 
 __all__ = [
     "RESUME_OVERRIDES",
@@ -403,9 +404,13 @@ def train_one_epoch(
     cfg: DictConfig | None = None,
     checkpoint: Path | None = None,
 ) -> tuple[dict[str, float], int]:
-    """One pass over ``loader``; returns ``({"train_loss", "lr", "images_per_s", "epoch_s", "data_s"}, step)``.
+    """One pass over ``loader``; returns ``({"train_loss", "lr", "images_per_s", "epoch_s", "data_s",
+    "train_unreadable"}, step)``.
 
     ``data_s`` is the part of ``epoch_s`` spent waiting for the loader (batches and augmentation).
+    ``train_unreadable`` counts the pictures dropped from their batches because they could not be
+    read (named in a line printed after the epoch); more than allowed stops the run
+    (:class:`~visattn.train.imagefolder.UnreadableImages`).
 
     The scheduler is stepped per update. The loss is averaged over processes every step, and a
     NaN/inf loss raises :class:`NonFiniteLossError` naming the step (in every process at once).
@@ -413,8 +418,10 @@ def train_one_epoch(
     model.train()
     total_loss, images, data_seconds, started = 0.0, 0, 0.0, time.perf_counter()
     progress = _progress(loader, epoch, cfg, procs)
+    skips = UnreadableImages.training(epoch + 1, len(loader.dataset) // procs.world_size)
     waited = time.perf_counter()
-    for batch, (x, y) in enumerate(progress):
+    batch = -1
+    for batch, (x, y) in enumerate(skips.batches(progress, procs.distributed)):
         data_seconds += time.perf_counter() - waited
         x, y = x.to(procs.device, non_blocking=True), y.to(procs.device, non_blocking=True)
         if recipe.mixup is not None:
@@ -441,12 +448,15 @@ def train_one_epoch(
             print(f"  epoch {epoch + 1} step {batch + 1}/{len(loader)} loss {reduced.item():.4f}", flush=True)
         waited = time.perf_counter()
     seconds = time.perf_counter() - started
+    if skips.unreadable:
+        print(f"  {skips.summary()}", flush=True)
     return {
-        "train_loss": total_loss / max(1, len(loader)),
+        "train_loss": total_loss / max(1, batch + 1),
         "lr": recipe.optimizer.param_groups[0]["lr"],
         "images_per_s": images / seconds,
         "epoch_s": seconds,
         "data_s": data_seconds,
+        "train_unreadable": len(skips.unreadable),
     }, step
 
 
@@ -478,7 +488,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Loss, top-1 and top-5 accuracy (fractions), and per-class ``correct``/``count`` tensors.
 
-    In a multi-process run each process evaluates its shard and the sums are reduced.
+    In a multi-process run each process evaluates its shard and the sums are reduced. A picture
+    that cannot be read stops the evaluation (:meth:`UnreadableImages.held_out`): an accuracy
+    over part of the held-out set is not reported as if it were over all of it.
     """
     procs = procs or Processes()
     model.eval()
@@ -487,7 +499,7 @@ def evaluate(
     top5 = torch.zeros((), dtype=torch.float64, device=procs.device)
     per_class_correct = torch.zeros(num_classes or 0, dtype=torch.float64, device=procs.device)
     per_class_count = torch.zeros_like(per_class_correct)
-    for x, y in loader:
+    for x, y in UnreadableImages.held_out().batches(loader):
         x, y = x.to(procs.device), y.to(procs.device)
         with _autocast(procs.device, amp_dtype):
             logits = model(x)
@@ -707,14 +719,17 @@ def _loader(
     dataset: Dataset, sampler: Sampler, batch_size: int, drop_last: bool, cfg: DictConfig, procs: Processes
 ) -> DataLoader:
     """A ``DataLoader``; an in-memory :class:`TensorImageDataset` gets whole index batches (its
-    ``dataset[indices]`` builds the batch at once, with nothing to collate)."""
+    ``dataset[indices]`` builds the batch at once, with nothing to collate); other datasets are
+    collated by :func:`collate_readable`, which keeps the names of pictures that could not be read."""
     common = dict(
         num_workers=cfg.data.workers, pin_memory=procs.device.type == "cuda", persistent_workers=cfg.data.workers > 0
     )
     shard_of = dataset.dataset if isinstance(dataset, Subset) else dataset
     if isinstance(shard_of, TensorImageDataset):
         return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last), batch_size=None, **common)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **common)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate_readable, **common
+    )
 
 
 def _seed_everything(seed: int, epoch: int, rank: int) -> None:
@@ -842,7 +857,8 @@ def _epoch_line(m: dict[str, Any], epochs: int, has_ema: bool) -> str:
     )
     if has_ema:
         line += f" ema_acc1 {m['ema_test_acc1']:.2%}"
-    return line + f" lr {m['lr']:.2e} {m['images_per_s']:.0f} img/s {m['time']:.1f}s"
+    line += f" lr {m['lr']:.2e} {m['images_per_s']:.0f} img/s {m['time']:.1f}s"
+    return line + (f" unreadable {m['train_unreadable']} skipped" if m.get("train_unreadable") else "")
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
