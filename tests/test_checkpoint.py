@@ -87,6 +87,7 @@ HOSTILE_CONFIGS = [
     ({**SMALL, "name": "elsewhere:vit"}, "elsewhere:vit"),
     ({**SMALL, "name": 7}, "model_config['name']"),
     ({**SMALL, "cache_dir": "{tmp}"}, "'cache_dir'"),
+    ({"name": "timm:test_resnet", "device": "cpu"}, "'device'"),  # would allocate for real during the size check
     ({**SMALL, "open_file": "{tmp}/x"}, "['open_file'] is not an argument"),
     ({**SMALL, "act_layer": "{tmp}/gelu.py"}, "'act_layer'"),
     ({**SMALL, "act_layer": "https://example.com/gelu"}, "'act_layer'"),
@@ -144,6 +145,27 @@ def test_a_model_larger_than_its_weights_is_refused_before_it_is_built(tmp_path,
     with pytest.raises(CheckpointError, match="edited.pt") as refused:
         model_from_checkpoint(tmp_path / "edited.pt")
     assert "model_config" in str(refused.value) and not built
+
+
+@pytest.mark.parametrize(
+    ("name", "stored"),
+    [
+        ("resnet18_small", {"attention": {"at": ["layer3"], "num_heads": 4, "input_size": [3, 40_000, 40_000]}}),
+        ("hybrid_resnet18_small_vit", {"depth": 1, "pos_embed": "sincos", "img_size": 20_000}),
+    ],
+    ids=["attention input_size", "hybrid img_size"],
+)
+def test_a_dry_run_at_a_huge_stored_input_size_is_refused_before_it_is_built(tmp_path, monkeypatch, name, stored):
+    """Weights that fit, but a build that would run the CNN once on a 40,000² (20,000²) picture."""
+    fitting = {key: value for key, value in stored.items() if key not in ("img_size",)}
+    if "attention" in fitting:
+        fitting["attention"] = {k: v for k, v in fitting["attention"].items() if k != "input_size"}
+    save_checkpoint(tmp_path / "dry.pt", create_model(name, **fitting), {"name": name, **stored})
+    built = []
+    monkeypatch.setattr(checkpoint_module, "create_model", lambda *a, **k: built.append(a))
+    with pytest.raises(CheckpointError, match=r"dry.pt: building the model of its model_config computes a tensor"):
+        model_from_checkpoint(tmp_path / "dry.pt")
+    assert not built
 
 
 def test_the_size_check_compares_every_tensor_with_the_file(tmp_path):

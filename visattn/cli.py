@@ -219,9 +219,9 @@ def _one_line(err: BaseException) -> str:
 
 
 def _printable(text: str) -> str:
-    """``text`` with every character a terminal would act on written as its backslash escape:
-    control characters and line breaks (``\\x1b``, ``\\n``), format characters such as
-    bidirectional overrides (``\\u202e``). Names read from checkpoints and folders are printed
+    """`text` with every character a terminal would act on written as its backslash escape:
+    control characters and line breaks (`\\x1b`, `\\n`), format characters such as
+    bidirectional overrides (`\\u202e`). Names read from checkpoints and folders are printed
     through it, so that they cannot forge log lines or send escape sequences."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
@@ -282,9 +282,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _held_out(args: argparse.Namespace) -> tuple[Path, dict, torch.nn.Module, Any, Any, dict]:
-    """``--checkpoint`` (``--data``, ``--data-root``, ``--set``) → the checkpoint file, its state, its
+    """`--checkpoint` (`--data`, `--data-root`, `--set`) → the checkpoint file, its state, its
     model (eval mode), its resolved config, the held-out split of its data set and that set's data
-    config (see :func:`_held_out_config` for what of the stored config is used)."""
+    config (see `_held_out_config` for what of the stored config is used)."""
     from .train.data import build_datasets
     from .weights.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -304,16 +304,16 @@ def _held_out(args: argparse.Namespace) -> tuple[Path, dict, torch.nn.Module, An
     return path, state, model, cfg, test_set, data_config
 
 
-#: data sets read from a folder: ``eval`` and ``evaluate-maps`` read only a folder their command line names
+#: data sets read from a folder: `eval` and `evaluate-maps` read only a folder their command line names
 FOLDER_DATASETS = ("imagefolder", "cifar10", "cifar100")
 
 
 def _held_out_config(args: argparse.Namespace, saved: dict, path: Path) -> Any:
-    """A checkpoint's training config with the command line's data choices (``--data``,
-    ``--data-root``, ``--set``). The checkpoint is data, so nothing stored in it makes ``eval``
-    reach the network or read a folder: ``data.download`` is off (the command line cannot turn it
+    """A checkpoint's training config with the command line's data choices (`--data`,
+    `--data-root`, `--set`). The checkpoint is data, so nothing stored in it makes `eval`
+    reach the network or read a folder: `data.download` is off (the command line cannot turn it
     on), and an image folder or CIFAR is read from the folder the command line gives
-    (``--data-root DIR`` or ``--set data.root=DIR``), never from the checkpoint's ``data.root``."""
+    (`--data-root DIR` or `--set data.root=DIR`), never from the checkpoint's `data.root`."""
     from .train.config import load_config
 
     overrides = ["data.download=false", *([f"data.name={args.data}"] if args.data else []), *args.set]

@@ -104,9 +104,9 @@ def create_model(
 
 
 def model_builder(name: str) -> Callable[..., nn.Module]:
-    """The function ``create_model(name, **kwargs)`` hands ``kwargs`` to when no pretrained weights
-    are asked for: visattn's own factory, the source's factory for ``"prefix:NAME"`` (with
-    ``NAME`` bound) or the peer loader's ``load`` (with ``name`` bound). Its signature says which
+    """The function `create_model(name, **kwargs)` hands `kwargs` to when no pretrained weights
+    are asked for: visattn's own factory, the source's factory for `"prefix:NAME"` (with
+    `NAME` bound) or the peer loader's `load` (with `name` bound). Its signature says which
     keyword arguments it takes itself.
     """
     if ":" in name:

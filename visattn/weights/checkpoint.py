@@ -20,11 +20,11 @@ training state: ``optimizer``, ``scheduler``, ``ema`` (or ``None``), ``scaler`` 
 state is stored because none is needed: training re-seeds every generator at the start of each
 epoch from ``(seed, epoch, rank)``, so ``epoch`` fixes it.
 
-A checkpoint is untrusted data. :func:`load_checkpoint` checks the type of every field visattn
-reads (``model``, ``model_config``, ``config``, ``data_config`` and its class names), and
-:func:`model_from_checkpoint` rebuilds the model only from a ``model_config`` that passes
-:mod:`visattn.weights.stored_config`: no key that reads files or the network, and no model larger
-than the tensors stored with it. Each refusal is one :class:`CheckpointError` naming the file and
+A checkpoint is untrusted data. `load_checkpoint` checks the type of every field visattn
+reads (`model`, `model_config`, `config`, `data_config` and its class names), and
+`model_from_checkpoint` rebuilds the model only from a `model_config` that passes
+`visattn.weights.stored_config`: no key that reads files or the network, and no model larger
+than the tensors stored with it. Each refusal is one `CheckpointError` naming the file and
 the field.
 """
 
@@ -75,8 +75,8 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a visattn checkpoint with ``weights_only=True``; clear errors for anything else,
-    including fields of the wrong type (see :func:`check_fields`)."""
+    """Read a visattn checkpoint with `weights_only=True`; clear errors for anything else,
+    including fields of the wrong type (see `check_fields`)."""
     state = read_torch_file(path, map_location, what="visattn checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
@@ -93,8 +93,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def check_fields(state: dict[str, Any], source: str | os.PathLike) -> None:
-    """Refuse a checkpoint whose fields visattn reads have the wrong type: ``model`` (names →
-    tensors), ``model_config`` and ``config`` (dicts) and ``data_config`` (:func:`_check_data_config`).
+    """Refuse a checkpoint whose fields visattn reads have the wrong type: `model` (names →
+    tensors), `model_config` and `config` (dicts) and `data_config` (`_check_data_config`).
     Absent fields are left to the code that needs them."""
     weights = state.get("model")
     if weights is not None and not (
@@ -109,8 +109,8 @@ def check_fields(state: dict[str, Any], source: str | os.PathLike) -> None:
 
 
 def _check_data_config(config: dict[str, Any], head: Any, source: str | os.PathLike) -> None:
-    """The types of a stored ``data_config``, and its class names: one string per class of the
-    model's head (``head``: ``model_config['num_classes']``, when it is a number)."""
+    """The types of a stored `data_config`, and its class names: one string per class of the
+    model's head (`head`: `model_config['num_classes']`, when it is a number)."""
     rules = {
         "name": (lambda v: isinstance(v, str), "a string"),
         "img_size": (lambda v: _whole(v) or (isinstance(v, list | tuple) and len(v) == 2 and all(map(_whole, v))),
@@ -158,12 +158,12 @@ def model_from_checkpoint(
 ) -> nn.Module:
     """Rebuild the model a checkpoint describes and load its weights (in eval mode).
 
-    The stored ``model_config`` is data: it is checked by :mod:`visattn.weights.stored_config`
-    (no key that reads files or the network; ``pretrained`` and ``pretrained_file``, where training
-    started, are ignored) and its model built on the ``meta`` device and compared with the stored
-    tensors before it is built for real. A checkpoint without ``model_config``, with a refused key
-    or value, or whose weights do not fit the model it describes, raises :class:`CheckpointError`
-    naming the file (``source``: the file a given state came from).
+    The stored `model_config` is data: it is checked by `visattn.weights.stored_config`
+    (no key that reads files or the network; `pretrained` and `pretrained_file`, where training
+    started, are ignored) and its model built on the `meta` device and compared with the stored
+    tensors before it is built for real. A checkpoint without `model_config`, with a refused key
+    or value, or whose weights do not fit the model it describes, raises `CheckpointError`
+    naming the file (`source`: the file a given state came from).
     """
     state = path_or_state if isinstance(path_or_state, dict) else load_checkpoint(path_or_state, map_location)
     if source is None:

@@ -1,26 +1,28 @@
 """A model config read from a checkpoint is data: checked before anything is built.
 
-A visattn checkpoint names the model its weights belong to: ``model_config`` = ``{"name": ...,
-**create_model keyword arguments}``. Building a model runs code that those values steer (timm's
-``checkpoint_path`` reads a file, ``pretrained=True`` reaches the network, an edited ``embed_dim``
+A visattn checkpoint names the model its weights belong to: `model_config` = `{"name": ...,
+**create_model keyword arguments}`. Building a model runs code that those values steer (timm's
+`checkpoint_path` reads a file, `pretrained=True` reaches the network, an edited `embed_dim`
 allocates gigabytes), so a stored config is checked first, in three steps:
 
-1. **The name** must build without files or the network: visattn's own names, ``timm:NAME`` and
-   ``torchvision:NAME``, and the timm and torchvision ViT names visattn converts. ``hf:`` names
-   read a folder or the Hugging Face hub and are refused.
+1. **The name** must build without files or the network: visattn's own names, `timm:NAME` and
+   `torchvision:NAME`, and the timm and torchvision ViT names visattn converts. `hf:` names read
+   a folder or the Hugging Face hub and are refused.
 2. **Every key** must be a keyword argument the model takes: one its builder names
-   (:func:`visattn.models.registry.model_builder`) or, when the builder passes ``**kwargs`` on, one
-   of the constructor of the class it builds (found by building the model with its defaults on the
-   ``meta`` device), and none of :data:`WEIGHT_LOADING_KEYS`. **Every value** must be plain data:
-   ``None``, booleans, numbers, text that is not a path or an address, and lists and dicts of them.
-   The keys training writes for its starting weights (:data:`STARTING_WEIGHTS`) are dropped
-   unread: the checkpoint's own tensors replace those weights.
-3. **The size** (:func:`check_against_weights`): the model is built on the ``meta`` device, which
+   (`visattn.models.registry.model_builder`) or, when the builder passes `**kwargs` on, one of
+   the constructor of the class it builds (found by building the model with its defaults on the
+   `meta` device); never one of `WEIGHT_LOADING_KEYS` or `PLACEMENT_KEYS`. **Every value** must be
+   plain data: `None`, booleans, numbers, text that is not a path or an address, and lists and
+   dicts of them. The keys training writes for its starting weights (`STARTING_WEIGHTS`) are
+   dropped unread: the checkpoint's own tensors replace those weights.
+3. **The size** (`check_against_weights`): the model is built on the `meta` device, which
    allocates nothing, and stopped as soon as it registers many more tensors than the file holds;
-   its state dict must then match the stored tensors name by name and shape by shape, with at most
-   as many numbers again in buffers that are not saved. Only then may it be built for real.
+   its state dict must then match the stored tensors name by name and shape by shape, with at
+   most as many numbers again in buffers that are not saved, and no tensor computed while it is
+   built (a dry forward pass at a stored input size) may be larger than `MAX_BUILD_TENSOR`. Only
+   then may it be built for real.
 
-Every refusal is one :class:`~visattn.weights.checkpoint.CheckpointError` naming the file and the key.
+Every refusal is one `CheckpointError` naming the file and the key.
 """
 
 from __future__ import annotations
@@ -35,12 +37,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
+from torch.overrides import TorchFunctionMode
 
 from .._io import CheckpointError
 from ..models.registry import create_model, list_models, model_builder
 from .convert import TORCHVISION_VITS
 
 __all__ = [
+    "MAX_BUILD_TENSOR",
+    "PLACEMENT_KEYS",
     "STARTING_WEIGHTS",
     "WEIGHT_LOADING_KEYS",
     "check_against_weights",
@@ -61,21 +66,26 @@ WEIGHT_LOADING_KEYS = (
     "weights",
     "weights_backbone",
 )
-#: keys whose value names another model, and the key holding that model's arguments (``HybridViT``)
+#: keyword arguments (timm's) that choose where a model is allocated: the size check builds it on the meta device
+PLACEMENT_KEYS = ("device", "dtype")
+#: keys whose value names another model, and the key holding that model's arguments (`HybridViT`)
 NESTED_MODELS = {"backbone": "backbone_kwargs"}
-#: the model sources whose names build from code alone (``hf:`` reads a folder or the hub)
+#: the model sources whose names build from code alone (`hf:` reads a folder or the hub)
 OFFLINE_SOURCES = ("timm", "torchvision")
 #: limits of a plain value: characters of a text, items of a list or dict, levels of nesting
 MAX_TEXT, MAX_ITEMS, MAX_DEPTH = 200, 256, 4
+#: the most numbers one tensor computed while a model is built may hold (256 MB in float32) unless a
+#: stored tensor is larger: a dry forward pass at a stored `input_size` or `img_size` is bounded too
+MAX_BUILD_TENSOR = 2**26
 
 
 def config_for_weights(config: Any, weights: Any, source: str | os.PathLike) -> dict[str, Any]:
-    """All three steps: the ``create_model`` arguments (``{"name": ..., **kwargs}``) of a stored
-    ``config`` whose model matches the stored ``weights``, starting-weight keys dropped.
+    """All three steps: the `create_model` arguments (`{"name": ..., **kwargs}`) of a stored
+    `config` whose model matches the stored `weights`, starting-weight keys dropped.
 
     Raises:
-        CheckpointError: no weights, or a refusal of :func:`checked_model_config` or
-            :func:`check_against_weights`, naming ``source``.
+        CheckpointError: no weights, or a refusal of `checked_model_config` or
+            `check_against_weights`, naming `source`.
     """
     if not isinstance(weights, Mapping):
         raise CheckpointError(f"{source} holds no model weights ('model' entry)")
@@ -85,11 +95,11 @@ def config_for_weights(config: Any, weights: Any, source: str | os.PathLike) -> 
 
 
 def checked_model_config(config: Any, source: str | os.PathLike) -> dict[str, Any]:
-    """A stored ``model_config`` checked by steps 1 and 2 of the module's rules: the arguments
-    ``create_model`` may be called with (``{"name": ..., **kwargs}``), starting-weight keys dropped.
+    """A stored `model_config` checked by steps 1 and 2 of the module's rules: the arguments
+    `create_model` may be called with (`{"name": ..., **kwargs}`), starting-weight keys dropped.
 
     Raises:
-        CheckpointError: a name, key or value that is refused, naming ``source`` and the key.
+        CheckpointError: a name, key or value that is refused, naming `source` and the key.
     """
     if not isinstance(config, dict):
         raise CheckpointError(
@@ -101,11 +111,13 @@ def checked_model_config(config: Any, source: str | os.PathLike) -> dict[str, An
 
 
 def check_against_weights(config: dict[str, Any], weights: Mapping[str, Tensor], source: str | os.PathLike) -> None:
-    """Step 3: build the model of a checked ``config`` on the ``meta`` device and compare it with
-    the stored ``weights``, before a single number of it is allocated.
+    """Step 3: build the model of a checked `config` on the `meta` device and compare it with
+    the stored `weights`, before a single number of it is allocated.
 
-    The build stops once it registers more than ``16 × len(weights) + 1024`` tensors and modules
-    (a legitimate build registers a few per stored tensor: a converted peer builds two models).
+    The build stops once it registers more than `16 × len(weights) + 1024` tensors and modules
+    (a legitimate build registers a few per stored tensor: a converted peer builds two models), and
+    no tensor it computes (dry forward passes included) may hold more than `MAX_BUILD_TENSOR`
+    numbers or the largest stored tensor's.
 
     Raises:
         CheckpointError: the config does not build, builds more than the file can hold, or builds
@@ -122,15 +134,21 @@ def check_against_weights(config: dict[str, Any], weights: Mapping[str, Tensor],
             "tensors); refused before building it"
         )
 
-    with _registration_limit(limit, too_large):
+    with _registration_limit(limit, too_large), _LargestTensor() as largest:
         skeleton = _build_on_meta(lambda: create_model(name, **arguments), name, source)
     _compare(skeleton, weights, source)
+    bound = max([MAX_BUILD_TENSOR, *(t.numel() for t in weights.values())])
+    if largest.numel > bound:
+        raise CheckpointError(
+            f"{source}: building the model of its model_config computes a tensor of {largest.numel:,} numbers "
+            f"(a dry forward pass at a stored input size?), over the {bound:,} allowed; refused before building it"
+        )
 
 
 def keyword_arguments(name: str, source: str | os.PathLike) -> frozenset[str]:
-    """The keyword arguments ``create_model(name, ...)`` takes: those its builder names and, when the
-    builder passes ``**kwargs`` on, those of the constructors of the class it builds (up the class
-    hierarchy while each constructor passes ``**kwargs`` on to its parent)."""
+    """The keyword arguments `create_model(name, ...)` takes: those its builder names and, when the
+    builder passes `**kwargs` on, those of the constructors of the class it builds (up the class
+    hierarchy while each constructor passes `**kwargs` on to its parent)."""
     names, passes_on = _named_parameters(model_builder(name))
     if passes_on:
         for cls in _built_class(name, source).__mro__:
@@ -141,14 +159,14 @@ def keyword_arguments(name: str, source: str | os.PathLike) -> frozenset[str]:
                 names |= more - {"self"}
                 if not passes_on:
                     break
-    return frozenset(names - set(WEIGHT_LOADING_KEYS))
+    return frozenset(names - set(WEIGHT_LOADING_KEYS) - set(PLACEMENT_KEYS))
 
 
 # --- steps 1 and 2: names, keys, values -----------------------------------------------------
 
 
 def _checked_name(value: Any, key: str, source: str | os.PathLike) -> str:
-    """A model name that builds from code alone (see the module's rules), or a refusal naming ``key``."""
+    """A model name that builds from code alone (see the module's rules), or a refusal naming `key`."""
     if not (isinstance(value, str) and value and len(value) <= MAX_TEXT and value.isprintable()):
         raise CheckpointError(f"{source}: {key} must be a model name, got {_shown(value)}")
     prefix = value.split(":", 1)[0] if ":" in value else None
@@ -173,7 +191,7 @@ def _checked_name(value: Any, key: str, source: str | os.PathLike) -> str:
 
 
 def _checked_arguments(arguments: dict[Any, Any], name: str, where: str, source: str | os.PathLike) -> dict[str, Any]:
-    """The keyword ``arguments`` of model ``name`` (stored under ``where``) that may be passed to it."""
+    """The keyword `arguments` of model `name` (stored under `where`) that may be passed to it."""
     allowed = keyword_arguments(name, source)
     checked: dict[str, Any] = {}
     for key, value in arguments.items():
@@ -190,6 +208,11 @@ def _checked_arguments(arguments: dict[Any, Any], name: str, where: str, source:
             raise CheckpointError(
                 f"{source}: {label} is refused: it loads weights from a file or the network, and a checkpoint "
                 "rebuilds its model from its own tensors"
+            )
+        if key in PLACEMENT_KEYS:
+            raise CheckpointError(
+                f"{source}: {label} is refused: it chooses where the model is allocated, and a checkpoint's model is "
+                "first built on the meta device to check its size"
             )
         if key not in allowed:
             raise CheckpointError(
@@ -209,7 +232,7 @@ def _checked_arguments(arguments: dict[Any, Any], name: str, where: str, source:
 
 
 def _default(name: str, key: str, source: str | os.PathLike) -> str:
-    """The model name the constructor of ``name``'s class takes for ``key`` when none is given."""
+    """The model name the constructor of `name`'s class takes for `key` when none is given."""
     parameter = inspect.signature(_built_class(name, source)).parameters.get(key)
     if parameter is None or not isinstance(parameter.default, str):
         raise CheckpointError(f"{source}: model {name!r} takes no model name {key!r}")
@@ -217,9 +240,9 @@ def _default(name: str, key: str, source: str | os.PathLike) -> str:
 
 
 def _check_plain(value: Any, key: str, source: str | os.PathLike, depth: int = 0) -> None:
-    """Refuse anything but plain data: ``None``, booleans, numbers, text that is not a path or an
-    address, and lists, tuples and string-keyed dicts of them (at most ``MAX_ITEMS`` items and
-    ``MAX_DEPTH`` levels)."""
+    """Refuse anything but plain data: `None`, booleans, numbers, text that is not a path or an
+    address, and lists, tuples and string-keyed dicts of them (at most `MAX_ITEMS` items and
+    `MAX_DEPTH` levels)."""
     if value is None or isinstance(value, bool | int | float):
         return
     if isinstance(value, str):
@@ -242,7 +265,7 @@ def _check_plain(value: Any, key: str, source: str | os.PathLike, depth: int = 0
 
 
 def _looks_like_a_path(text: str) -> bool:
-    """Whether ``text`` could name a file or an address: a separator, a colon, or a leading ``.`` or ``~``."""
+    """Whether `text` could name a file or an address: a separator, a colon, or a leading `.` or `~`."""
     return any(mark in text for mark in "/\\:") or text.startswith((".", "~"))
 
 
@@ -256,14 +279,14 @@ def _type_names(types: tuple[type, ...]) -> str:
 
 
 def _named_parameters(function: Callable[..., Any]) -> tuple[set[str], bool]:
-    """``(names of the parameters function takes by keyword, whether it takes **kwargs)``."""
+    """`(names of the parameters function takes by keyword, whether it takes **kwargs)`."""
     parameters = inspect.signature(function).parameters.values()
     named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return named, any(p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _built_class(name: str, source: str | os.PathLike) -> type:
-    """The class ``create_model(name)`` builds, or for a converted timm or torchvision ViT the peer's
+    """The class `create_model(name)` builds, or for a converted timm or torchvision ViT the peer's
     own class (its keyword arguments are the peer's): built with its defaults on the meta device."""
     if ":" not in name and name not in list_models():
         name = f"torchvision:{name}" if name in TORCHVISION_VITS else f"timm:{name}"
@@ -274,8 +297,8 @@ def _built_class(name: str, source: str | os.PathLike) -> type:
 
 
 def _build_on_meta(build: Callable[[], nn.Module], name: str, source: str | os.PathLike) -> nn.Module:
-    """``build()`` on the ``meta`` device (no memory, no values), its warnings silenced (the real
-    build shows them); any failure is the config's fault: one :class:`CheckpointError`."""
+    """`build()` on the `meta` device (no memory, no values), its warnings silenced (the real
+    build shows them); any failure is the config's fault: one `CheckpointError`."""
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
@@ -289,10 +312,25 @@ def _build_on_meta(build: Callable[[], nn.Module], name: str, source: str | os.P
         ) from err
 
 
+class _LargestTensor(TorchFunctionMode):
+    """While active, `numel` is the most numbers any tensor a torch function returned holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(tensor, Tensor):
+                self.numel = max(self.numel, tensor.numel())
+        return out
+
+
 @contextmanager
 def _registration_limit(limit: int, stop: Callable[[], Exception]) -> Iterator[None]:
     """While open, count the parameters, buffers and submodules any module registers, and raise
-    ``stop()`` from the constructor that registers one more than ``limit``."""
+    `stop()` from the constructor that registers one more than `limit`."""
     count = 0
 
     def counted(*_: Any) -> None:
@@ -314,7 +352,7 @@ def _registration_limit(limit: int, stop: Callable[[], Exception]) -> Iterator[N
 
 
 def _compare(skeleton: nn.Module, weights: Mapping[str, Tensor], source: str | os.PathLike) -> None:
-    """Refuse a model whose state dict differs from the stored ``weights`` in a name or a shape, or
+    """Refuse a model whose state dict differs from the stored `weights` in a name or a shape, or
     whose parameters and buffers hold more than twice the stored numbers (plus 2**20)."""
     expected = {key: tuple(tensor.shape) for key, tensor in skeleton.state_dict().items()}
     stored = {key: tuple(tensor.shape) for key, tensor in weights.items()}
