@@ -194,6 +194,27 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("picture in two classes", folder_run("two_classes"), "dog/stolen.png"),
     ("strict folder with a fifo", folder_run("fifo_folder", "data.strict=true"), "cat/pipe.png"),
     ("held-out pictures gone", folder_run("dogs_gone", "train.batch_size=4"), "val/dog/0.jpg"),
+    # a checkpoint's stored config is data, not instructions (files made by make_hostile_checkpoints)
+    ("ckpt eval loads a file", ["eval", "--checkpoint", "{tmp}/loads_file.pt"], "'checkpoint_path'"),
+    ("ckpt overlay pretrained_cfg_overlay", drawn("{tmp}/overlay_file.pt"), "'pretrained_cfg_overlay'"),
+    ("ckpt explore hf name", ["explore", "--checkpoint", "{tmp}/hf_name.pt", *PAGE], "hf:facebook/dinov2-small"),
+    ("ckpt maps unknown key", ["evaluate-maps", "--checkpoint", "{tmp}/unknown_key.pt"], "'open_file'"),
+    ("ckpt eval far larger model", ["eval", "--checkpoint", "{tmp}/huge.pt"], "huge.pt"),
+    ("ckpt overlay far larger model", drawn("{tmp}/huge.pt"), "huge.pt"),
+    ("ckpt eval no heads", ["eval", "--checkpoint", "{tmp}/no_heads.pt"], "no_heads.pt"),
+    ("ckpt eval class_names an int", ["eval", "--checkpoint", "{tmp}/names_int.pt"], "class_names"),
+    ("ckpt overlay class_names numbers", drawn("{tmp}/names_numbers.pt"), "class_names"),
+    ("ckpt explore class_names too few", ["explore", "--checkpoint", "{tmp}/names_short.pt", *PAGE], "class_names"),
+    ("ckpt resume far larger model", ["train", "--resume", "{tmp}/huge_run"], "last.pt"),
+    ("ckpt eval stored download", ["eval", "--checkpoint", "{tmp}/downloads.pt"], "--data-root"),
+    ("ckpt eval stored download, root given",
+     ["eval", "--checkpoint", "{tmp}/downloads.pt", "--data-root", "{tmp}/empty"], "cifar10 not found"),
+    ("ckpt eval asks to download",
+     ["eval", "--checkpoint", "{tmp}/downloads.pt", "--data-root", "{tmp}/empty", "--set", "data.download=true"],
+     "data.download"),
+    ("ckpt eval stored image folder", ["eval", "--checkpoint", "{tmp}/folder.pt"], "--data-root"),
+    ("ckpt maps stored image folder", ["evaluate-maps", "--checkpoint", "{tmp}/folder.pt"], "--data-root"),
+    ("ckpt error escapes a name", ["eval", "--checkpoint", "{tmp}/esc\x1b[2J\u202e.pt"], "esc\\x1b[2J\\u202e.pt"),
 ]  # fmt: skip
 
 DRIVER = r"""
@@ -275,6 +296,51 @@ def make_checkpoints(tmp: Path) -> None:
     (tmp / "pwned").unlink(missing_ok=True)  # torch.save pickles without unpickling: nothing ran yet
 
 
+def make_hostile_checkpoints(tmp: Path) -> None:
+    """Checkpoints whose stored fields would read files, reach the network, exhaust memory or
+    crash the CLI if they were obeyed (the rows under "a checkpoint's stored config is data")."""
+    model = create_model("vit_digits_patch4_16", embed_dim=32, depth=1, num_heads=2)
+    small = {"name": "vit_digits_patch4_16", "embed_dim": 32, "depth": 1, "num_heads": 2, "num_classes": 10}
+    training = config_to_dict(load_config(overrides=MODEL))
+    data = {"name": "digits", "img_size": [16, 16], "in_chans": 1, "mean": [0.3], "std": [0.4], "num_classes": 10}
+    names = [str(d) for d in range(10)]
+    stored_configs = {
+        "loads_file": {**small, "name": "test_vit", "checkpoint_path": str(tmp / "good.pt")},
+        "overlay_file": {**small, "name": "test_vit", "pretrained_cfg_overlay": {"file": str(tmp / "good.pt")}},
+        "hf_name": {**small, "name": "hf:facebook/dinov2-small"},
+        "unknown_key": {**small, "open_file": "passwd"},
+        "huge": {**small, "embed_dim": 8192, "depth": 64, "num_heads": 8},
+        "no_heads": {**small, "num_heads": 0},
+    }
+    for name, stored in stored_configs.items():
+        save_checkpoint(tmp / f"{name}.pt", model, stored, config=training, data_config={**data, "class_names": names})
+    for name, class_names in (("names_int", 10), ("names_numbers", list(range(10))), ("names_short", names[:9])):
+        save_checkpoint(
+            tmp / f"{name}.pt", model, small, config=training, data_config={**data, "class_names": class_names}
+        )
+    for name, overrides in (
+        ("downloads", ["data.name=cifar10", "data.download=true", f"data.root={tmp / 'empty'}"]),
+        ("folder", ["data.name=imagefolder", f"data.root={tmp / 'lonely'}"]),
+    ):
+        save_checkpoint(
+            tmp / f"{name}.pt", model, small, config=config_to_dict(load_config(overrides=[*MODEL, *overrides]))
+        )
+    huge_training = config_to_dict(
+        load_config(overrides=["model.embed_dim=8192", "model.depth=64", "model.num_heads=8"])
+    )
+    (tmp / "huge_run").mkdir()
+    torch.save(
+        {
+            "format": "visattn-checkpoint",
+            "version": 1,
+            "epoch": 1,
+            "config": huge_training,
+            "model": model.state_dict(),
+        },
+        tmp / "huge_run" / "last.pt",
+    )
+
+
 def make_inputs(tmp: Path) -> None:
     (tmp / "syntax.yaml").write_text("train: {epochs: 3\n")
     (tmp / "list.yaml").write_text("- train\n- data\n")
@@ -296,6 +362,7 @@ def make_inputs(tmp: Path) -> None:
                 Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp / name / label / f"{i}.png")
     make_checkpoints(tmp)
     make_picture_inputs(tmp)
+    make_hostile_checkpoints(tmp)
 
 
 def make_picture_inputs(tmp: Path) -> None:
@@ -405,3 +472,61 @@ def test_the_entry_point_exits_with_mains_code_after_freezing_the_collector(monk
     with pytest.raises(SystemExit) as stopped:
         cli.run(["models"])
     assert stopped.value.code == 3 and calls == [["models"], "freeze"]
+
+
+def test_error_lines_escape_what_a_terminal_would_act_on(results):
+    """Names from checkpoints, folders and the command line cannot send escape sequences or
+    bidirectional overrides through an error line: every line of the table is printable text."""
+    table, _ = results
+    for name, (_, err, _) in table.items():
+        assert err.endswith("\n") and err[:-1].isprintable(), (name, err)
+
+
+def imagefolder_checkpoint(tmp: Path, class_names: list[str]) -> Path:
+    """An image folder with ``class_names`` as class folders (10 pictures each) and a checkpoint of
+    a model trained on it somewhere else (its stored ``data.root`` names no folder here)."""
+    for label, name in enumerate(class_names):
+        (tmp / "pictures" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (16, 16), (25 * i, 100 * label, 0)).save(tmp / "pictures" / name / f"{i}.png")
+    overrides = [*MODEL, "data.name=imagefolder", "data.img_size=16", "data.root=/elsewhere/pictures"]
+    model = create_model("vit_digits_patch4_16", embed_dim=32, depth=1, num_heads=2, in_chans=3, num_classes=2)
+    stored = {"name": "vit_digits_patch4_16", "embed_dim": 32, "depth": 1, "num_heads": 2, "in_chans": 3}
+    save_checkpoint(
+        tmp / "run.pt", model, {**stored, "num_classes": 2}, config=config_to_dict(load_config(overrides=overrides))
+    )
+    return tmp / "run.pt"
+
+
+def test_python_m_visattn_is_the_visattn_command_and_eval_prints_folder_names_escaped(tmp_path):
+    """``python -m visattn`` runs the console script's entry point: its help, an error row (exit 2,
+    one line) and ``eval`` of a checkpoint on the folder given with ``--data-root``, whose class
+    folder names (a terminal escape, a forged line) are printed escaped, one table row each."""
+    hostile = "red\x1b[31m\nforged: top-1 100.00%"
+    checkpoint = imagefolder_checkpoint(tmp_path, ["plain", hostile])
+    make_hostile_checkpoints(tmp_path)
+    runs = [
+        ["--help"],
+        ["eval", "--checkpoint", str(tmp_path / "loads_file.pt")],
+        ["eval", "--checkpoint", str(checkpoint), "--data-root", str(tmp_path / "pictures"), "--batch", "4"],
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "visattn", *args],
+            env=env(),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in runs
+    ]
+    (help_code, (usage, _)), (code, (_, err)), (eval_code, (table, eval_err)) = [
+        (p.wait(timeout=300), p.communicate()) for p in procs
+    ]
+    assert help_code == 0 and usage.startswith("usage: visattn ") and "evaluate-maps" in usage
+    assert code == 2 and err.startswith("visattn eval: error: ") and err.count("\n") == 1 and "'checkpoint_path'" in err
+    assert eval_code == 0, eval_err
+    lines = table.splitlines()
+    assert len(lines) == 3 + 2 and "\x1b" not in table, table  # header, totals, column titles, one row per class
+    assert lines[-2].startswith("plain ") and lines[-1].startswith("red\\x1b[31m\\nforged: top-1 100.00%"), lines

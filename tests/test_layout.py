@@ -21,6 +21,7 @@ ALLOWED = {
     "explain": {"weights", "models", "layers"},
     "train": {"weights", "models", "layers"},
     "cli": {"train", "explain", "weights", "models", "layers"},
+    "__main__": {"cli"},  # python -m visattn: the console script's entry point
 }
 MAX_FUNCTION_LINES = 60
 

@@ -215,7 +215,15 @@ def _show_traceback(args: argparse.Namespace) -> bool:
 def _one_line(err: BaseException) -> str:
     message = err.args[0] if isinstance(err, KeyError) and err.args else err
     text = " ".join(str(message).split())
-    return text or type(err).__name__
+    return _printable(text) or type(err).__name__
+
+
+def _printable(text: str) -> str:
+    """`text` with every character a terminal would act on written as its backslash escape:
+    control characters and line breaks (`\\x1b`, `\\n`), format characters such as
+    bidirectional overrides (`\\u202e`). Names read from checkpoints and folders are printed
+    through it, so that they cannot forge log lines or send escape sequences."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _interrupted(command: str, err: KeyboardInterrupt) -> str:
@@ -274,9 +282,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _held_out(args: argparse.Namespace) -> tuple[Path, dict, torch.nn.Module, Any, Any, dict]:
-    """``--checkpoint`` (``--data``, ``--set``) → the checkpoint file, its state, its model (eval
-    mode), its resolved config, the held-out split of its data set and that set's data config."""
-    from .train.config import load_config
+    """`--checkpoint` (`--data`, `--data-root`, `--set`) → the checkpoint file, its state, its
+    model (eval mode), its resolved config, the held-out split of its data set and that set's data
+    config (see `_held_out_config` for what of the stored config is used)."""
     from .train.data import build_datasets
     from .weights.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -288,13 +296,43 @@ def _held_out(args: argparse.Namespace) -> tuple[Path, dict, torch.nn.Module, An
             f"evaluate it from Python (visattn.engine.evaluate, visattn.metrics)"
         )
     model = model_from_checkpoint(state, source=path)
-    overrides = ([f"data.name={args.data}"] if args.data else []) + args.set
-    cfg = load_config(base=state["config"], overrides=overrides)
+    cfg = _held_out_config(args, state["config"], path)
     _, test_set, data_config = build_datasets(cfg.data)
     classes = state["model_config"].get("num_classes")
     if classes is not None and data_config["num_classes"] != classes:
         raise ValueError(f"the model has {classes} classes but {cfg.data.name} has {data_config['num_classes']}")
     return path, state, model, cfg, test_set, data_config
+
+
+#: data sets read from a folder: `eval` and `evaluate-maps` read only a folder their command line names
+FOLDER_DATASETS = ("imagefolder", "cifar10", "cifar100")
+
+
+def _held_out_config(args: argparse.Namespace, saved: dict, path: Path) -> Any:
+    """A checkpoint's training config with the command line's data choices (`--data`,
+    `--data-root`, `--set`). The checkpoint is data, so nothing stored in it makes `eval`
+    reach the network or read a folder: `data.download` is off (the command line cannot turn it
+    on), and an image folder or CIFAR is read from the folder the command line gives
+    (`--data-root DIR` or `--set data.root=DIR`), never from the checkpoint's `data.root`."""
+    from .train.config import load_config
+
+    overrides = ["data.download=false", *([f"data.name={args.data}"] if args.data else []), *args.set]
+    cfg = load_config(base=saved, overrides=overrides)
+    if cfg.data.download:
+        raise ValueError(
+            "this command never downloads data: drop data.download=true and put the files in the folder given with "
+            "--data-root DIR (`visattn train ... data.download=true` fetches them)"
+        )
+    given = args.data_root is not None or any(item.split("=", 1)[0].strip() == "data.root" for item in args.set)
+    if args.data_root is not None:
+        cfg.data.root = args.data_root
+    if cfg.data.name in FOLDER_DATASETS and not given:
+        stored = saved.get("data", {}).get("root") if isinstance(saved.get("data"), dict) else None
+        raise ValueError(
+            f"{path} was trained on {cfg.data.name} data from the folder {stored!r}; a folder a checkpoint names is "
+            f"not read: give the folder of the {cfg.data.name} data to evaluate on with --data-root DIR"
+        )
+    return cfg
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -314,7 +352,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         data_config["class_names"], stats["per_class_correct"], stats["per_class_count"], strict=True
     ):
         acc = f"{correct / count:.2%}" if count else "-"
-        print(f"{name:<16}{int(count):>8}{acc:>9}")
+        print(f"{_printable(name):<16}{int(count):>8}{acc:>9}")
     return 0
 
 
@@ -471,9 +509,19 @@ def _add_explore_arguments(explore: argparse.ArgumentParser) -> None:
     explore.add_argument("--alpha", type=float, default=0.6, help="opacity the page opens with")
 
 
+def _add_data_root_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-root",
+        metavar="DIR",
+        help="the folder of an imagefolder or CIFAR data set to evaluate on (needed for them: "
+        "the data.root a checkpoint stores is never read)",
+    )
+
+
 def _add_evaluate_maps_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a run folder (its best.pt) or a checkpoint")
     parser.add_argument("--data", help="the data set to use instead of the checkpoint's (same classes)")
+    _add_data_root_argument(parser)
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a data key, e.g. data.root=/data"
     )
@@ -542,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="a run folder (its best.pt) or a checkpoint, e.g. runs/default/best.pt"
     )
     evaluate.add_argument("--data", help="evaluate on another dataset name (same classes), e.g. digits")
+    _add_data_root_argument(evaluate)
     evaluate.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a data key, e.g. data.root=/data"
     )

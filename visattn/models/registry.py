@@ -8,13 +8,22 @@ prefix with :func:`register_source`.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["PeerLoader", "create_model", "list_models", "register_model", "register_peer_loader", "register_source"]
+__all__ = [
+    "PeerLoader",
+    "create_model",
+    "list_models",
+    "model_builder",
+    "register_model",
+    "register_peer_loader",
+    "register_source",
+]
 
 ModelFactory = Callable[..., nn.Module]
 SourceFactory = Callable[..., nn.Module]  # (name without prefix, **kwargs) -> model
@@ -77,17 +86,13 @@ def create_model(
     ``num_classes`` other than the weights' gets a fresh head).
     """
     if ":" in name:
-        prefix, rest = name.split(":", 1)
-        if prefix not in _SOURCES:
-            known = ", ".join(f"{p}:" for p in sorted(_SOURCES)) or "none"
-            raise ValueError(f"unknown model source {prefix!r} in {name!r}; known sources: {known}")
         if pretrained:
             kwargs["pretrained"] = True
         if pretrained_file is not None:
             kwargs["pretrained_file"] = pretrained_file
-        return _SOURCES[prefix](rest, **kwargs)
-    if pretrained or pretrained_file is not None or name not in _MODELS:
-        peer = next((loader for loader in _PEERS if loader.knows(name)), None)
+        return model_builder(name)(**kwargs)
+    if pretrained or pretrained_file is not None:
+        peer = _peer(name)
         if peer is not None:
             return peer.load(name, pretrained=pretrained, pretrained_file=pretrained_file, **kwargs)
         if name in _MODELS:
@@ -95,7 +100,30 @@ def create_model(
                 f"{name!r} is visattn's own model with no published weights (not a timm or "
                 "torchvision name); load a visattn checkpoint with visattn.weights.model_from_checkpoint"
             )
-        close = difflib.get_close_matches(name, _MODELS, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(list_models())}")
-    return _MODELS[name](**kwargs)
+    return model_builder(name)(**kwargs)
+
+
+def model_builder(name: str) -> Callable[..., nn.Module]:
+    """The function `create_model(name, **kwargs)` hands `kwargs` to when no pretrained weights
+    are asked for: visattn's own factory, the source's factory for `"prefix:NAME"` (with
+    `NAME` bound) or the peer loader's `load` (with `name` bound). Its signature says which
+    keyword arguments it takes itself.
+    """
+    if ":" in name:
+        prefix, rest = name.split(":", 1)
+        if prefix not in _SOURCES:
+            known = ", ".join(f"{p}:" for p in sorted(_SOURCES)) or "none"
+            raise ValueError(f"unknown model source {prefix!r} in {name!r}; known sources: {known}")
+        return functools.partial(_SOURCES[prefix], rest)
+    if name in _MODELS:
+        return _MODELS[name]
+    peer = _peer(name)
+    if peer is not None:
+        return functools.partial(peer.load, name)
+    close = difflib.get_close_matches(name, _MODELS, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(list_models())}")
+
+
+def _peer(name: str) -> PeerLoader | None:
+    return next((loader for loader in _PEERS if loader.knows(name)), None)

@@ -44,6 +44,7 @@ from .._io import CheckpointError, atomic_write_json, atomic_write_text, save_sa
 from .._utils import cpu_has_native_bf16
 from ..models.registry import create_model
 from ..weights.checkpoint import load_checkpoint, save_checkpoint
+from ..weights.stored_config import config_for_weights
 from .config import ConfigError, config_to_dict, load_config
 from .data import TensorImageDataset, build_datasets
 from .imagefolder import UnreadableImages, collate_readable
@@ -173,7 +174,9 @@ def _prepare(
         "num_classes": data_config["num_classes"],
         "in_chans": data_config["in_chans"],
     }
-    model = build_model(model_config).to(procs.device)
+    # resumed: the stored config is data, checked against last.pt's weights, which replace the starting ones
+    built = model_config if state is None else config_for_weights(model_config, state.get("model"), run_dir / "last.pt")
+    model = build_model(built).to(procs.device)
     if cfg.train.grad_checkpointing:
         enable_grad_checkpointing(model, model_config["name"])
     amp_dtype, reason = _agreed_precision(cfg.train.amp, model, train_loader, procs, state)

@@ -19,22 +19,32 @@ training state: ``optimizer``, ``scheduler``, ``ema`` (or ``None``), ``scaler`` 
 ``epoch`` (epochs completed), ``step`` (updates done) and ``best_acc1``. No random-generator
 state is stored because none is needed: training re-seeds every generator at the start of each
 epoch from ``(seed, epoch, rank)``, so ``epoch`` fixes it.
+
+A checkpoint is untrusted data. `load_checkpoint` checks the type of every field visattn
+reads (`model`, `model_config`, `config`, `data_config` and its class names), and
+`model_from_checkpoint` rebuilds the model only from a `model_config` that passes
+`visattn.weights.stored_config`: no key that reads files or the network, and no model larger
+than the tensors stored with it. Each refusal is one `CheckpointError` naming the file and
+the field.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .._io import CheckpointError, atomic_torch_save, read_torch_file
 from ..models.registry import create_model
+from .stored_config import config_for_weights
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "check_fields",
     "load_checkpoint",
     "model_from_checkpoint",
     "save_checkpoint",
@@ -65,16 +75,80 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a visattn checkpoint with ``weights_only=True``; clear errors for anything else."""
+    """Read a visattn checkpoint with `weights_only=True`; clear errors for anything else,
+    including fields of the wrong type (see `check_fields`)."""
     state = read_torch_file(path, map_location, what="visattn checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not a visattn checkpoint (no 'format': '{CHECKPOINT_FORMAT}' entry); "
             "pretrained timm/torchvision weights load with visattn.from_timm / from_torchvision"
         )
-    if state.get("version", 0) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} was written by a newer visattn (version {state['version']})")
+    version = state.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: field 'version' must be a whole number, got {type(version).__name__}")
+    if version > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer visattn (version {version})")
+    check_fields(state, path)
     return state
+
+
+def check_fields(state: dict[str, Any], source: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose fields visattn reads have the wrong type: `model` (names →
+    tensors), `model_config` and `config` (dicts) and `data_config` (`_check_data_config`).
+    Absent fields are left to the code that needs them."""
+    weights = state.get("model")
+    if weights is not None and not (
+        isinstance(weights, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in weights.items())
+    ):
+        raise CheckpointError(f"{source}: field 'model' must map parameter names to tensors")
+    for field in ("model_config", "config", "data_config"):
+        if state.get(field) is not None and not isinstance(state[field], dict):
+            raise CheckpointError(f"{source}: field {field!r} must be a dict, got {type(state[field]).__name__}")
+    if state.get("data_config") is not None:
+        _check_data_config(state["data_config"], (state.get("model_config") or {}).get("num_classes"), source)
+
+
+def _check_data_config(config: dict[str, Any], head: Any, source: str | os.PathLike) -> None:
+    """The types of a stored `data_config`, and its class names: one string per class of the
+    model's head (`head`: `model_config['num_classes']`, when it is a number)."""
+    rules = {
+        "name": (lambda v: isinstance(v, str), "a string"),
+        "img_size": (lambda v: _whole(v) or (isinstance(v, list | tuple) and len(v) == 2 and all(map(_whole, v))),
+                     "a positive whole number or a pair [height, width] of them"),
+        "in_chans": (_whole, "a positive whole number"),
+        "mean": (lambda v: isinstance(v, list | tuple) and all(map(_finite, v)), "a list of numbers"),
+        "std": (lambda v: isinstance(v, list | tuple) and all(_finite(s) and s > 0 for s in v),
+                "a list of positive numbers"),
+        "num_classes": (_whole, "a positive whole number"),
+        "class_names": (lambda v: isinstance(v, list | tuple) and all(isinstance(n, str) for n in v),
+                        "a list of strings"),
+    }  # fmt: skip
+    for key, (valid, wanted) in rules.items():
+        if key in config and not valid(config[key]):
+            raise CheckpointError(
+                f"{source}: field data_config[{key!r}] must be {wanted}, got {_described(config[key])}"
+            )
+    names = config.get("class_names")
+    for what, count in (("data_config['num_classes']", config.get("num_classes")), ("the model's head", head)):
+        if names is not None and _whole(count) and len(names) != count:
+            raise CheckpointError(
+                f"{source}: field data_config['class_names'] holds {len(names)} names but {what} has {count} classes"
+            )
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        kinds = sorted({type(item).__name__ for item in value})
+        return f"a {type(value).__name__} of {len(value)} ({', '.join(kinds) or 'empty'})"
+    return type(value).__name__
 
 
 def model_from_checkpoint(
@@ -84,23 +158,23 @@ def model_from_checkpoint(
 ) -> nn.Module:
     """Rebuild the model a checkpoint describes and load its weights (in eval mode).
 
-    A checkpoint without ``model_config``, or whose weights do not fit the model it describes,
-    raises :class:`CheckpointError` naming the file (``source``: the file a given state came from).
+    The stored `model_config` is data: it is checked by `visattn.weights.stored_config`
+    (no key that reads files or the network; `pretrained` and `pretrained_file`, where training
+    started, are ignored) and its model built on the `meta` device and compared with the stored
+    tensors before it is built for real. A checkpoint without `model_config`, with a refused key
+    or value, or whose weights do not fit the model it describes, raises `CheckpointError`
+    naming the file (`source`: the file a given state came from).
     """
     state = path_or_state if isinstance(path_or_state, dict) else load_checkpoint(path_or_state, map_location)
     if source is None:
         source = "the checkpoint" if isinstance(path_or_state, dict) else path_or_state
+    check_fields(state, source)
     if not isinstance(state.get("model_config"), dict) or "name" not in state["model_config"]:
         raise CheckpointError(
             f"{source} has no model_config (the create_model arguments that rebuild its model); "
             "add one with visattn.save_checkpoint, or build the model yourself and load state['model']"
         )
-    if not isinstance(state.get("model"), dict):
-        raise CheckpointError(f"{source} holds no model weights ('model' entry)")
-    config = dict(state["model_config"])
-    # the weights come from the checkpoint: do not fetch or read the run's starting weights again
-    for key in ("pretrained", "pretrained_file"):
-        config.pop(key, None)
+    config = config_for_weights(state["model_config"], state.get("model"), source)
     model = create_model(config.pop("name"), **config)
     try:
         model.load_state_dict(state["model"])
