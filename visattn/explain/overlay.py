@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
+from .._io import atomic_save_image
 from .._utils import eight_bit
 from ..layers.attention import SelfAttention2d
 from . import maps
@@ -366,7 +367,7 @@ def overlay_grid(
     buffer.seek(0)
     grid = Image.open(buffer).convert("RGB")
     if out is not None:
-        grid.save(out)
+        atomic_save_image(grid, out)
     return grid
 
 
@@ -539,7 +540,7 @@ def attention_overlay(
             image, _chosen_panel(p, head), cmap=cmap, alpha=alpha, box=p.box, extent=p.extent, marker=p.marker
         )
         if out is not None:
-            drawn.save(out)
+            atomic_save_image(drawn, out)
         return drawn
     dpi = max(100.0, min(image.width, PANEL_MAX_PX) / 2.4)  # 2.4-inch panels, as wide as the picture
     return overlay_grid(

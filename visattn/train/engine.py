@@ -40,7 +40,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, Subset
 
-from .._io import CheckpointError, atomic_write_json, atomic_write_text, save_safetensors
+from .._io import (
+    CheckpointError,
+    atomic_append_text,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    save_safetensors,
+)
 from .._utils import cpu_has_native_bf16
 from ..models.registry import create_model
 from ..weights.checkpoint import load_checkpoint, save_checkpoint
@@ -315,8 +322,8 @@ class _Run:
     def _save_epoch(self, metrics: dict[str, Any], best: float) -> float:
         """Append to ``metrics.jsonl``, update ``best.pt`` if the score improved, write ``last.pt``; the best score."""
         run_dir, ema, recipe = self.run_dir, self.recipe.ema, self.recipe
-        with open(run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps({k: v for k, v in metrics.items() if "per_class" not in k}) + "\n")
+        row = {k: v for k, v in metrics.items() if "per_class" not in k}
+        atomic_append_text(run_dir / "metrics.jsonl", json.dumps(row) + "\n")
         extra = dict(data_config=self.data_config, config=config_to_dict(self.cfg))
         score = metrics["ema_test_acc1" if ema is not None else "test_acc1"]
         if score > best:
@@ -543,7 +550,7 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def _preload_plotting() -> None:
