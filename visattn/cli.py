@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from ._utils import sigterm_raises
 from .models.registry import create_model, list_models
 
 
@@ -242,27 +244,33 @@ def _one_line(err: BaseException) -> str:
 
 
 def _interrupted(command: str, err: KeyboardInterrupt) -> str:
+    signum = getattr(err, "signum", signal.SIGINT)
+    stopped = f"visattn {command}: " + (
+        "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    )
     run_dir = getattr(err, "run_dir", None)
     if run_dir is None:
-        return f"visattn {command}: interrupted"
+        return stopped
     if getattr(err, "resumable", False):
-        return f"visattn {command}: interrupted; continue the run with --resume {run_dir}"
-    return f"visattn {command}: interrupted before the first checkpoint; nothing to resume ({run_dir} was not kept)"
+        return f"{stopped}; continue the run with --resume {run_dir}"
+    return f"{stopped} before the first checkpoint; nothing to resume ({run_dir} was not kept)"
 
 
 def _user_errors(command):
     """Run a sub-command so that every mistake ends in one line on stderr: ``visattn CMD: error:
-    ...`` with exit status 2 (1 for an unexpected internal error); Ctrl-C exits with 130.
+    ...`` with exit status 2 (1 for an unexpected internal error); Ctrl-C exits with 130, and
+    SIGTERM, handled the same way (`sigterm_raises`), with 143.
     ``--traceback`` or ``VISATTN_TRACEBACK=1`` lets the exception through instead."""
 
     def run(args: argparse.Namespace) -> int:
         try:
-            return command(args)
+            with sigterm_raises():
+                return command(args)
         except KeyboardInterrupt as err:
             if _show_traceback(args):
                 raise
             print(_interrupted(args.command, err), file=sys.stderr)
-            return 130
+            return 128 + getattr(err, "signum", signal.SIGINT)
         except Exception as err:
             if _show_traceback(args):
                 raise
