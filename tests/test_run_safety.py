@@ -159,13 +159,17 @@ def test_an_unreadable_metrics_line_before_the_last_names_the_file(run):
         fit(cfg, resume=run_dir)
 
 
-def test_a_run_without_last_pt_says_it_holds_no_state(run):
+def test_a_run_without_last_pt_says_it_holds_no_state(run, capsys):
     (run / "last.pt").unlink()
     with pytest.raises(CheckpointError) as caught:
         load_run_config(run)
     message = str(caught.value)
     assert "holds no training state" in message and "best.pt can be evaluated" in message
-    assert "first epoch" not in message
+    assert "first epoch" not in message and "has a best.pt but no last.pt" in message
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(["train", "--resume", str(run)]) == 2
+    assert capsys.readouterr().err == f"visattn train: error: {message}\n"
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # best.pt kept, nothing written
     (run / "best.pt").unlink()
     with pytest.raises(CheckpointError, match="holds no training state.*delete the folder"):
         load_run_config(run)

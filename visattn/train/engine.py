@@ -631,10 +631,15 @@ def load_run_config(run: str | os.PathLike, overrides: list[str] | tuple[str, ..
     if not last.is_file():
         if not any((run_dir / name).is_file() for name in ("config.yaml", "best.pt", "metrics.jsonl")):
             raise CheckpointError(f"{run_dir} is not a run folder (no last.pt); pass the folder train.py wrote")
-        best = " (its best.pt can be evaluated, not resumed)" if (run_dir / "best.pt").is_file() else ""
+        if (run_dir / "best.pt").is_file():  # last.pt is written first: deleted, or from an older visattn
+            raise CheckpointError(
+                f"{run_dir} holds no training state to resume: it has a best.pt but no last.pt (the checkpoint "
+                f"with the optimizer, schedule and epoch); its best.pt can be evaluated (visattn eval --checkpoint "
+                f"{run_dir}) or fine-tuned, not resumed; start a new run to train further"
+            )
         raise CheckpointError(
             f"{run_dir} holds no training state to resume: no last.pt, the run stopped before its first "
-            f"checkpoint was written{best}; delete the folder and start a new run"
+            "checkpoint was written; delete the folder and start a new run"
         )
     state = load_checkpoint(last)
     cfg = load_config(base=_saved_config(state, last), overrides=overrides)
