@@ -16,8 +16,10 @@ from PIL import Image
 from visattn import create_model
 from visattn._io import UnsafeOutputError, file_kind
 from visattn.cli import main
+from visattn.explain import evaluate
 from visattn.explain.explore import explore
 from visattn.explain.overlay import Preprocess, attention_overlay, default_data_config
+from visattn.train import engine
 
 MODEL = ["--model", "vit_digits_patch4_16"]
 
@@ -105,7 +107,15 @@ def test_the_library_functions_refuse_their_inputs_too(files):
         preprocess = Preprocess.from_data_config(default_data_config(model))
         with pytest.raises(UnsafeOutputError, match="link.png is the input"):
             attention_overlay(model, picture, "rollout", preprocess=preprocess, out=files / "link.png", force=True)
+    metrics = files / "metrics.jsonl"
+    metrics.write_text('{"epoch": 1, "train_loss": 2.0, "test_loss": 2.1, "test_acc1": 0.3}\n')
+    with pytest.raises(UnsafeOutputError, match="metrics.jsonl is the input"):
+        engine.plot_curves(metrics, metrics, force=True)
+    with pytest.raises(UnsafeOutputError, match="important.txt exists and holds text, not a PNG picture"):
+        evaluate.plot_curves({"curves": {}}, files / "important.txt")
     assert (files / "important.txt").read_text() == "do not lose this"
+    engine.plot_curves(metrics, files / "old.png")  # a PNG over a PNG
+    assert file_kind(files / "old.png") == "PNG" and Image.open(files / "old.png").size != (5, 5)
 
 
 def full_disk_after(count: int):

@@ -48,6 +48,7 @@ from .._io import (
     atomic_write,
     atomic_write_json,
     atomic_write_text,
+    check_output,
     save_safetensors,
 )
 from .._utils import cpu_has_native_bf16
@@ -586,10 +587,13 @@ def write_safetensors(run_dir: Path, model: nn.Module, model_config: dict, data_
     atomic_write_json(run_dir / "model.json", {"model_config": model_config, "data_config": data_config})
 
 
-def plot_curves(metrics_path: Path, out_path: Path) -> None:
+def plot_curves(metrics_path: Path, out_path: Path, force: bool = False) -> None:
     """Loss and accuracy per epoch from ``metrics.jsonl`` into a PNG (matplotlib's ``Figure``:
-    no pyplot, no display, no global state)."""
+    no pyplot, no display, no global state). ``out_path`` is never ``metrics_path``, and replaces
+    an existing file only if it is a PNG or empty, or with ``force`` (`visattn._io.check_output`)."""
     from matplotlib.figure import Figure
+
+    check_output(out_path, "PNG", [metrics_path], force=force)
 
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     if not rows:
