@@ -454,7 +454,7 @@ def _add_force_argument(parser: argparse.ArgumentParser, what: str = "an existin
     parser.add_argument(
         "--force",
         action="store_true",
-        help=f"replace {what} (a PNG replaces a PNG, a page a page without it; an input is never replaced)",
+        help=f"replace {what} (without it only a file of the same kind is replaced; an input never is)",
     )
 
 

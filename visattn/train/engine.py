@@ -165,7 +165,9 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, A
     return {k: v for k, v in metrics.items() if "per_class" not in k} | {"run_dir": str(run_dir)}
 
 
-def _stopped(err: BaseException, run_dir: Path, procs: Processes, new_run: bool, new_folders: list[Path]):
+def _stopped(
+    err: BaseException, run_dir: Path, procs: Processes, new_run: bool, new_folders: list[Path]
+) -> BaseException:
     """After ``err`` stopped a run: remove a new run's folder if it holds no checkpoint, draw the
     curves of a run whose loss diverged, and return the exception to raise: ``err`` itself, or
     one that says what was kept (`TrainingInterrupted` for Ctrl-C and SIGTERM, `DiskFullError`)."""
