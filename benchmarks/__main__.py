@@ -19,6 +19,8 @@ from types import ModuleType
 
 import torch
 
+from visattn._io import atomic_write_text
+
 from . import bf16, grad_checkpointing, peak, precision, record, selfattention2d, training, vit
 from .common import DEFAULT_OUT, Config, machine_info, results_path
 
@@ -179,7 +181,7 @@ def run_suite(config: Config, only: Sequence[str] | None = None, command: str = 
     doc["machine"]["loadavg_end"] = list(os.getloadavg())
     config.out.mkdir(parents=True, exist_ok=True)
     path = results_path(config)
-    path.write_text(json.dumps(doc, indent=1))
+    atomic_write_text(path, json.dumps(doc, indent=1))
     print(f"\nresults: {path}")
     return doc
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from visattn._io import atomic_write
 from visattn._utils import cpu_has_native_bf16
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -338,6 +339,6 @@ def save_figure(fig, config: Config, stem: str) -> str:
 
     config.out.mkdir(parents=True, exist_ok=True)
     path = config.out / f"{stem}-{config.device.split(':')[0]}{'-quick' if config.quick else ''}.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
     return str(path)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from visattn._io import atomic_save_image, check_output, image_format
 from visattn.cli import main as visattn_main
 from visattn.explain.evaluate import ink_map
 from visattn.explain.metrics import attention_map
@@ -62,7 +63,7 @@ def figure(runs: list[tuple[str, str]], out: str, count: int = 4) -> None:
     sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
     for i, row in enumerate(rows):
         sheet.paste(row, (0, sum(r.height for r in rows[:i])))
-    sheet.save(out)
+    atomic_save_image(sheet, out)
 
 
 def main() -> None:
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/evaluate-maps", help="folder of the JSON and PNG files")
     parser.add_argument("--figure", help="PNG grid of a few canvases and their maps")
     args = parser.parse_args()
+    if args.figure:  # before the runs are evaluated: never over a checkpoint or a file of another kind
+        check_output(args.figure, image_format(args.figure), [checkpoint for checkpoint, _ in args.run])
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for checkpoint, methods in args.run:
         argv = ["evaluate-maps", "--checkpoint", checkpoint, "--methods", methods, "--metrics", args.metrics]

@@ -215,6 +215,31 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("ckpt eval stored image folder", ["eval", "--checkpoint", "{tmp}/folder.pt"], "--data-root"),
     ("ckpt maps stored image folder", ["evaluate-maps", "--checkpoint", "{tmp}/folder.pt"], "--data-root"),
     ("ckpt error escapes a name", ["eval", "--checkpoint", "{tmp}/esc\x1b[2J\u202e.pt"], "esc\\x1b[2J\\u202e.pt"),
+    # outputs never destroy inputs (--force never makes them), other kinds need --force; run names are one folder
+    ("explore out is the image", [*EXPLORE, "--image", "{tmp}/ok.png", "--out", "{tmp}/ok.png"], "is the input"),
+    ("explore out links to the image", [*EXPLORE, *PAGE[:2], "--out", "{tmp}/ok_link.html"], "ok_link.html is the"),
+    ("explore out is a hard link", [*EXPLORE, *PAGE[:2], "--out", "{tmp}/ok_hard.html", "--force"], "is the input"),
+    ("explore out is the weights file",
+     ["explore", "--model", "test_vit", *TIMM_FILE, *PAGE[:2], "--out", "{tmp}/test_vit2.safetensors", "--force"],
+     "test_vit2.safetensors is the input"),
+    ("explore out over a text file", [*EXPLORE, *PAGE[:2], "--out", "{tmp}/important.txt"], "holds text"),
+    ("explore out over a picture", [*EXPLORE, *PAGE[:2], "--out", "{tmp}/picture.html"], "--force"),
+    ("explore out is a folder", [*EXPLORE, *PAGE[:2], "--out", "{tmp}/empty"], "is a folder"),
+    ("overlay out is the image", [*OVERLAY, "--image", "{tmp}/ok.png", "--out", "{tmp}/ok.png"], "is the input"),
+    ("overlay out links to the checkpoint", drawn("{tmp}/good.pt")[:-1] + ["{tmp}/good_link.png"], "is the input"),
+    ("overlay out over a page", drawn("model:vit_digits_patch4_16")[:-1] + ["{tmp}/page.png"], "holds an HTML page"),
+    ("overlay out not a picture name", drawn("model:vit_digits_patch4_16")[:-1] + ["{tmp}/important.txt"], "'.txt'"),
+    ("maps out links to the checkpoint", [*MAPS, "--metrics", "deletion", "--out", "{tmp}/good_link"], "is the input"),
+    ("run name with a parent", ["train", "run.name=../x"], "run.name='../x'"),
+    ("run name absolute", ["train", "run.name=/tmp/x"], "run.name='/tmp/x'"),
+    ("run name dot", ["train", "run.name=."], "run.name='.'"),
+    ("run name dot dot", ["train", "run.name=.."], "run.name='..'"),
+    ("run name with a slash", ["train", "run.name=a/b"], "run.name='a/b'"),
+    ("run name with a backslash", ["train", "run.name=a\\b"], "run.name='a\\\\b'"),
+    ("run name with a NUL", ["train", "run.name=a\x00b"], "run.name='a\\x00b'"),
+    ("run name with a line break", ["train", "run.name=a\nb"], "run.name='a\\nb'"),
+    ("run name empty", ["train", "run.name="], "run.name=''"),
+    ("run name empty in a file", ["train", "--config", "{tmp}/empty_name.yaml"], "run.name=''"),
 ]  # fmt: skip
 
 DRIVER = r"""
@@ -363,6 +388,7 @@ def make_inputs(tmp: Path) -> None:
     make_checkpoints(tmp)
     make_picture_inputs(tmp)
     make_hostile_checkpoints(tmp)
+    make_outputs(tmp)
 
 
 def make_picture_inputs(tmp: Path) -> None:
@@ -378,6 +404,18 @@ def make_picture_inputs(tmp: Path) -> None:
     for path in (tmp / "dogs_gone" / "val" / "dog").iterdir():
         path.unlink()
         cut_jpeg(path.with_suffix(".jpg"))
+
+
+def make_outputs(tmp: Path) -> None:
+    """Files in the way of an output: links to inputs, a text file, a page named .png, a PNG named .html."""
+    (tmp / "ok_link.html").symlink_to(tmp / "ok.png")
+    os.link(tmp / "ok.png", tmp / "ok_hard.html")
+    for link in ("good_link.png", "good_link.json"):
+        (tmp / link).symlink_to(tmp / "good.pt")
+    (tmp / "important.txt").write_text("do not lose this")
+    (tmp / "page.png").write_text("<!DOCTYPE html><title>a page</title>")
+    Image.new("RGB", (4, 4)).save(tmp / "picture.html", format="PNG")
+    (tmp / "empty_name.yaml").write_text('run:\n  name: ""\n')
 
 
 def env() -> dict[str, str]:

@@ -1,19 +1,32 @@
-"""Small helpers shared across layers: pairs, a dry forward pass in eval mode, input checks, native bf16.
+"""Small helpers shared across layers: pairs, a dry forward pass in eval mode, input checks, native bf16,
+SIGTERM handled like Ctrl-C.
 
 A leaf: imports nothing of visattn.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_images", "cpu_has_native_bf16", "dry_forward", "eval_mode", "require_finite", "to_pair"]
+__all__ = [
+    "Terminated",
+    "check_images",
+    "cpu_has_native_bf16",
+    "dry_forward",
+    "eval_mode",
+    "require_finite",
+    "sigterm_raises",
+    "to_pair",
+]
 
 
 def to_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -40,6 +53,34 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, flag in flags.items():
             module.training = flag
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception (see `sigterm_raises`): a `KeyboardInterrupt`, so that it is handled
+    as Ctrl-C is; ``signum`` tells the two apart (a plain `KeyboardInterrupt` has none: SIGINT)."""
+
+    signum = signal.SIGTERM
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While open, SIGTERM raises `Terminated` in the main thread instead of ending the process at
+    once, so that what Ctrl-C runs runs too: ``finally`` blocks, temporary files removed, a run's
+    folder kept with its checkpoint or released. Further SIGTERMs are ignored while the first is
+    handled; the previous handler is restored on exit. Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def dry_forward(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from ._utils import sigterm_raises
 from .models.registry import create_model, list_models
 
 
@@ -85,13 +87,34 @@ def _model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, str]
     return model, default_data_config(model, args.img_size), f"{args.model} (untrained, seed {args.seed})"
 
 
-def _check_out_folder(out: str) -> None:
+def _input_files(args: argparse.Namespace) -> list[str | Path | None]:
+    """Every file a command reads: its pictures, checkpoint, weights file and config."""
+    images = getattr(args, "image", None) or []
+    checkpoint = getattr(args, "checkpoint", None)
+    return [
+        *([images] if isinstance(images, str) else images),
+        _checkpoint_file(checkpoint) if checkpoint else None,
+        getattr(args, "pretrained_file", None),
+        getattr(args, "config", None),
+    ]
+
+
+def _check_output(args: argparse.Namespace, out: str | Path, kind: str) -> None:
+    """``--out`` before anything is loaded: its folder exists, it is none of the inputs, and it
+    replaces only a file of the same ``kind`` unless ``--force`` (`visattn._io.check_output`)."""
+    from ._io import UnsafeOutputError, check_output
+
     if not Path(out).resolve().parent.is_dir():
         raise FileNotFoundError(f"--out {out}: the folder {Path(out).parent} does not exist; create it first")
+    try:
+        check_output(out, kind, _input_files(args), force=args.force, force_hint="--force")
+    except UnsafeOutputError as err:
+        raise UnsafeOutputError(f"--out {err}") from None
 
 
 def _cmd_overlay(args: argparse.Namespace) -> int:
     """Draw an attention map of one picture (see visattn.explain.overlay.attention_overlay)."""
+    from ._io import image_format
     from .explain.overlay import OVERLAY_MAX_SIDE, Preprocess, attention_overlay, load_image
 
     if (args.method == "query") != (args.query is not None):
@@ -105,7 +128,7 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
         )
     if args.head != "mean" and (args.panels or args.method not in LAYER_METHODS):
         raise ValueError(f"--head picks one head's map of --method {', '.join(LAYER_METHODS)} without --panels")
-    _check_out_folder(args.out)
+    _check_output(args, args.out, image_format(args.out))
     model, data_config, _ = _model_source(args)
     preprocess = Preprocess.from_data_config(data_config)
     # one overlay: the whole picture, at its own resolution; panels: a copy of at most 2048 pixels
@@ -128,6 +151,7 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
         panels=args.panels,
         head=args.head,
         out=args.out,
+        force=args.force,
     )
     print(f"wrote {args.out} ({drawn.width}×{drawn.height})")
     return 0
@@ -137,7 +161,7 @@ def _cmd_explore(args: argparse.Namespace) -> int:
     """Write the attention explorer: one self-contained HTML page (see visattn.explain.explore)."""
     from .explain.explore import explore
 
-    _check_out_folder(args.out)
+    _check_output(args, args.out, "HTML")
     model, data_config, name = _model_source(args)
     page = explore(
         model,
@@ -148,6 +172,7 @@ def _cmd_explore(args: argparse.Namespace) -> int:
         title=args.title or name,
         cmap=args.cmap,
         alpha=args.alpha,
+        force=args.force,
     )
     print(f"wrote {page.summary()}")
     return 0
@@ -227,27 +252,33 @@ def _printable(text: str) -> str:
 
 
 def _interrupted(command: str, err: KeyboardInterrupt) -> str:
+    signum = getattr(err, "signum", signal.SIGINT)
+    stopped = f"visattn {command}: " + (
+        "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    )
     run_dir = getattr(err, "run_dir", None)
     if run_dir is None:
-        return f"visattn {command}: interrupted"
+        return stopped
     if getattr(err, "resumable", False):
-        return f"visattn {command}: interrupted; continue the run with --resume {run_dir}"
-    return f"visattn {command}: interrupted before the first checkpoint; nothing to resume ({run_dir} was not kept)"
+        return f"{stopped}; continue the run with --resume {run_dir}"
+    return f"{stopped} before the first checkpoint; nothing to resume ({run_dir} was not kept)"
 
 
 def _user_errors(command):
     """Run a sub-command so that every mistake ends in one line on stderr: ``visattn CMD: error:
-    ...`` with exit status 2 (1 for an unexpected internal error); Ctrl-C exits with 130.
+    ...`` with exit status 2 (1 for an unexpected internal error); Ctrl-C exits with 130, and
+    SIGTERM, handled the same way (`sigterm_raises`), with 143.
     ``--traceback`` or ``VISATTN_TRACEBACK=1`` lets the exception through instead."""
 
     def run(args: argparse.Namespace) -> int:
         try:
-            return command(args)
+            with sigterm_raises():
+                return command(args)
         except KeyboardInterrupt as err:
             if _show_traceback(args):
                 raise
             print(_interrupted(args.command, err), file=sys.stderr)
-            return 130
+            return 128 + getattr(err, "signum", signal.SIGINT)
         except Exception as err:
             if _show_traceback(args):
                 raise
@@ -367,14 +398,16 @@ def _cmd_evaluate_maps(args: argparse.Namespace) -> int:
     from ._io import atomic_write_json
     from .explain.evaluate import evaluate_maps, format_randomization, format_table, plot_curves, summarize
 
+    methods, metrics = _names(args.methods), _names(args.metrics)
+    plotted = bool({"deletion", "insertion"} & set(metrics))
+    out = Path(args.out) if args.out else _checkpoint_file(args.checkpoint).parent / "evaluate-maps"
+    written = [Path(f"{out}.json")] + ([Path(f"{out}.png")] if plotted else [])
+    for file, kind in zip(written, ("JSON", "PNG"), strict=False):
+        _check_output(args, file, kind)
     path, _, model, cfg, test_set, _ = _held_out(args)
-    out = Path(args.out) if args.out else path.parent / "evaluate-maps"
-    if not out.resolve().parent.is_dir():
-        raise FileNotFoundError(f"--out {args.out}: the folder {out.parent} does not exist; create it first")
     count = min(args.limit or len(test_set), len(test_set))
     images, labels = next(iter(DataLoader(Subset(test_set, range(count)), batch_size=count)))
     boxes = getattr(test_set, "boxes", None)
-    methods, metrics = _names(args.methods), _names(args.metrics)
     result = evaluate_maps(
         model,
         images,
@@ -393,11 +426,9 @@ def _cmd_evaluate_maps(args: argparse.Namespace) -> int:
     print(format_table(summary))
     if "randomization" in metrics:
         print(format_randomization(summary))
-    written = [Path(f"{out}.json")]
     atomic_write_json(written[0], summary)
-    if {"deletion", "insertion"} & set(metrics):
-        written.append(Path(f"{out}.png"))
-        plot_curves(summary, written[1], title=f"{path} on {cfg.data.name} ({count} images)")
+    if plotted:
+        plot_curves(summary, written[1], title=f"{path} on {cfg.data.name} ({count} images)", force=args.force)
     print("wrote " + ", ".join(map(str, written)))
     return 0
 
@@ -458,6 +489,14 @@ def _head(text: str) -> int | str:
     return int(text)
 
 
+def _add_force_argument(parser: argparse.ArgumentParser, what: str = "an existing --out file of another kind") -> None:
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help=f"replace {what} (without it only a file of the same kind is replaced; an input never is)",
+    )
+
+
 def _add_overlay_arguments(overlay: argparse.ArgumentParser) -> None:
     _add_model_arguments(overlay)
     overlay.add_argument(
@@ -491,13 +530,15 @@ def _add_overlay_arguments(overlay: argparse.ArgumentParser) -> None:
     )
     overlay.add_argument("--cmap", default="inferno", help="matplotlib colormap")
     overlay.add_argument("--alpha", type=float, default=0.5, help="opacity of the map")
-    overlay.add_argument("--out", required=True, help="PNG to write")
+    overlay.add_argument("--out", required=True, help="the picture to write (PNG, or the format of its extension)")
+    _add_force_argument(overlay)
 
 
 def _add_explore_arguments(explore: argparse.ArgumentParser) -> None:
     _add_model_arguments(explore)
     explore.add_argument("--image", action="append", required=True, help="a picture (any size); repeat for several")
     explore.add_argument("--out", required=True, help="the HTML file to write (e.g. explorer.html)")
+    _add_force_argument(explore)
     explore.add_argument(
         "--max-mb",
         type=_positive_float,
@@ -541,6 +582,7 @@ def _add_evaluate_maps_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", help="PREFIX of PREFIX.json and PREFIX.png (default: evaluate-maps next to the checkpoint)"
     )
+    _add_force_argument(parser, "existing files of another kind at PREFIX.json and PREFIX.png")
 
 
 class _Parser(argparse.ArgumentParser):

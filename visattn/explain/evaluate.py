@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from .._io import atomic_write
+from .._io import atomic_write, check_output
 from .metrics import (
     METHODS,
     MapMethod,
@@ -272,8 +272,10 @@ def format_randomization(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(summary: dict, path: str | Path, title: str = "") -> None:
-    """The mean deletion and insertion curves of every row, side by side, as a PNG."""
+def plot_curves(summary: dict, path: str | Path, title: str = "", force: bool = False) -> None:
+    """The mean deletion and insertion curves of every row, side by side, as a PNG; an existing
+    file at ``path`` is replaced only if it is a PNG or empty, or with ``force``."""
+    check_output(path, "PNG", force=force)
     import matplotlib
 
     matplotlib.use("Agg")

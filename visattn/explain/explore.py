@@ -40,11 +40,11 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, check_output
 from .._utils import require_finite
 from ..layers.attention import SelfAttention2d
 from . import maps
-from .overlay import Preprocess, default_data_config, load_image
+from .overlay import Preprocess, default_data_config, load_image, picture_file
 from .recording import AttentionRecording, record_attention
 
 __all__ = [
@@ -495,6 +495,7 @@ def explore(
     title: str | None = None,
     cmap: str = "inferno",
     alpha: float = 0.6,
+    force: bool = False,
 ) -> ExplorerPage:
     """Write one self-contained HTML page to explore where ``model`` looks in ``images``.
 
@@ -504,13 +505,16 @@ def explore(
             put in eval mode here.
         images: pictures (PIL images or files), any size and aspect ratio; each is shown at its
             own aspect ratio and fed to the model as ``data_config`` says.
-        out_path: the HTML file to write (atomically).
+        out_path: the HTML file to write (atomically). Never one of the picture files (nor a
+            link to one); an existing file there is replaced only if it is an HTML page or empty
+            (`visattn._io.check_output`).
         data_config: ``{"img_size", "in_chans", "mean", "std", "class_names"?}`` as a visattn
             checkpoint stores it; default from the model (:func:`default_data_config`).
         class_names: names of the classes (default ``data_config["class_names"]`` if any).
         max_mb: size budget of the page in megabytes; query rows beyond it are subsampled.
         title: the page's title (default the model's class name).
         cmap, alpha: the colormap (one of :data:`COLORMAPS`) and opacity the page opens with.
+        force: let ``out_path`` replace an existing file of another kind than an HTML page.
 
     Returns:
         an :class:`ExplorerPage` with the file's size and the notes the page shows.
@@ -528,6 +532,7 @@ def explore(
     images = [images] if isinstance(images, Image.Image | str | os.PathLike) else list(images)
     if not images:
         raise ValueError("give at least one picture")
+    check_output(out_path, "HTML", [picture_file(image) for image in images], force=force)
     model.eval()
     data_config = dict(data_config or default_data_config(model))
     class_names = class_names or data_config.get("class_names")

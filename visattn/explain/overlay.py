@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
-from .._io import load_image, to_rgb
+from .._io import atomic_save_image, check_output, image_format, load_image, to_rgb
 from .._utils import require_finite
 from ..layers.attention import SelfAttention2d
 from . import maps
@@ -286,6 +286,7 @@ def overlay_grid(
     panel_size: float = 2.4,
     dpi: float = 100.0,
     out: str | os.PathLike | None = None,
+    force: bool = False,
     **overlay_kwargs: Any,
 ) -> Image.Image:
     """Panels of overlays with titles, the original picture on the left of each row, as one image.
@@ -299,7 +300,9 @@ def overlay_grid(
         suptitle: a title over the whole grid.
         panel_size: inches per panel.
         dpi: pixels per inch of the PNG (text scales with it).
-        out: also save the grid there as a PNG.
+        out: also save the grid there, in the format of its extension (``.png``), as
+            `visattn._io.check_output` allows.
+        force: let ``out`` replace an existing file of another kind.
         overlay_kwargs: ``cmap``, ``alpha``, ``resample``, ``normalize``, ``box``, ``extent``,
             ``marker`` as in :func:`overlay` (the marker is drawn on every panel).
 
@@ -308,6 +311,7 @@ def overlay_grid(
     """
     from matplotlib.figure import Figure
 
+    _check_picture_output(out, image, force)
     rows = _rows(heatmaps, titles)
     if row_labels is not None and len(row_labels) != len(rows):
         raise ValueError(f"{len(row_labels)} row_labels for {len(rows)} rows")
@@ -336,8 +340,20 @@ def overlay_grid(
     buffer.seek(0)
     grid = Image.open(buffer).convert("RGB")
     if out is not None:
-        grid.save(out)
+        atomic_save_image(grid, out)
     return grid
+
+
+def picture_file(image: Image.Image | str | os.PathLike) -> str | os.PathLike | None:
+    """The file a picture comes from: the path itself, or the file a PIL image was opened from."""
+    return getattr(image, "filename", None) or None if isinstance(image, Image.Image) else image
+
+
+def _check_picture_output(out: str | os.PathLike | None, image: Image.Image, force: bool) -> None:
+    """Refuse ``out`` before anything is drawn when `visattn._io.check_output` would: the picture
+    file ``image`` was opened from, a folder, or (unless ``force``) a file of another kind."""
+    if out is not None:
+        check_output(out, image_format(out), [picture_file(image)], force=force)
 
 
 #: the maps :func:`attention_overlay` draws
@@ -486,6 +502,7 @@ def attention_overlay(
     alpha: float = 0.5,
     panels: bool = False,
     head: int | Literal["mean"] = "mean",
+    force: bool = False,
     **panel_kwargs: Any,
 ) -> Image.Image:
     """One attention map drawn on ``image`` at the picture's own resolution, or (``panels=True``)
@@ -493,23 +510,26 @@ def attention_overlay(
 
     Args:
         model, image, method, preprocess, panel_kwargs: as :func:`attention_panels`.
-        out: also save the PNG here.
+        out: also save the picture here, in the format of its extension (``.png``), as
+            `visattn._io.check_output` allows.
         cmap, alpha: as :func:`overlay`.
         panels: the side-by-side figure instead of one overlay; each panel shows the picture at
             its own width up to :data:`PANEL_MAX_PX` pixels (the figure's resolution follows).
         head: for a one-overlay output of a per-head method (``cls``, ``query``, ``received``):
             ``"mean"`` (the mean of the heads) or a head number.
+        force: let ``out`` replace an existing file of another kind.
 
     Returns:
         an RGB image of ``image.size`` (or the figure).
     """
+    _check_picture_output(out, image, force)
     p = attention_panels(model, image, method, preprocess=preprocess, **panel_kwargs)
     if not panels:
         drawn = overlay(
             image, _chosen_panel(p, head), cmap=cmap, alpha=alpha, box=p.box, extent=p.extent, marker=p.marker
         )
         if out is not None:
-            drawn.save(out)
+            atomic_save_image(drawn, out)
         return drawn
     dpi = max(100.0, min(image.width, PANEL_MAX_PX) / 2.4)  # 2.4-inch panels, as wide as the picture
     return overlay_grid(
@@ -521,6 +541,7 @@ def attention_overlay(
         extent=p.extent,
         marker=p.marker,
         out=out,
+        force=force,
         cmap=cmap,
         alpha=alpha,
         dpi=dpi,

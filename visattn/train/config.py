@@ -116,7 +116,7 @@ class TrainConfig:
 class RunConfig:
     """Where the run folder goes and how progress is shown."""
 
-    name: str | None = None  # default: the config file's stem, or "default"
+    name: str | None = None  # default: the config file's stem, or "default"; one plain folder name
     out_dir: str = "runs"
     progress: str = "auto"  # auto (a tqdm bar on a terminal, else lines), bar, lines
     log_every: int = 100  # steps between log lines when not showing a bar
@@ -237,6 +237,36 @@ def _check_ranges(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be {valid}, got {value}")
 
 
+def _check_run_name(name: str) -> None:
+    """Raise :class:`ConfigError` unless ``name`` is one plain folder name, so that the run folder
+    is ``run.out_dir/name`` itself: not empty, not ``.`` or ``..``, no ``/`` or ``\\`` (so no
+    absolute path either), no NUL, line break or other control character, at most 255 bytes."""
+    problem = ""
+    if name == "":
+        problem = "it is empty"
+    elif name in (".", ".."):
+        problem = f"{name!r} is not a folder of its own"
+    elif "/" in name or "\\" in name:
+        problem = "it holds a path separator"
+    elif any(ord(char) < 32 or char == "\x7f" for char in name):
+        problem = "it holds a control character such as NUL, a line break or a tab"
+    elif len(name.encode("utf-8", "surrogateescape")) > 255:
+        problem = "it is longer than 255 bytes"
+    if problem:
+        raise ConfigError(
+            f"run.name={name!r} is not a plain folder name ({problem}); it names one folder inside run.out_dir, "
+            "e.g. run.name=my_run"
+        )
+
+
+def _check_typed_run_name(override: str) -> None:
+    """``run.name=...`` as typed, before YAML reads it: an empty value would become null (the
+    default name) and a line break a space, so both are refused here."""
+    key, _, value = override.partition("=")
+    if key.strip() == "run.name" and (not value.strip() or any(ord(char) < 32 for char in value.strip())):
+        _check_run_name(value.strip())
+
+
 def _read_yaml(path: Path) -> DictConfig:
     """A config file as a ``DictConfig``; syntax errors and a top level other than a mapping raise
     :class:`ConfigError` naming the file (and the line)."""
@@ -284,6 +314,7 @@ def load_config(
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=20)")
+        _check_typed_run_name(item)
         try:
             layer = OmegaConf.from_dotlist([item])
         except (yaml.YAMLError, OmegaConfBaseException) as err:
@@ -291,6 +322,7 @@ def load_config(
         cfg = _merge(cfg, layer, f"override {item!r}")
     if cfg.run.name is None:
         cfg.run.name = "default"
+    _check_run_name(cfg.run.name)
     _check_choices(cfg)
     _check_ranges(cfg)
     return cfg

@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -40,7 +41,16 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, Subset
 
-from .._io import CheckpointError, atomic_write_json, atomic_write_text, save_safetensors
+from .._io import (
+    CheckpointError,
+    DiskFullError,
+    atomic_append_text,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    check_output,
+    save_safetensors,
+)
 from .._utils import cpu_has_native_bf16
 from ..models.registry import create_model
 from ..weights.checkpoint import load_checkpoint, save_checkpoint
@@ -48,6 +58,7 @@ from ..weights.stored_config import config_for_weights
 from .config import ConfigError, config_to_dict, load_config
 from .data import TensorImageDataset, build_datasets
 from .imagefolder import UnreadableImages, collate_readable
+from .lock import lock_run_folder
 
 __all__ = [
     "RESUME_OVERRIDES",
@@ -71,11 +82,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during :func:`fit`: ``run_dir`` is the run's folder, ``resumable`` whether it holds a ``last.pt``."""
+    """Ctrl-C or SIGTERM during `fit`: ``run_dir`` is the run's folder, ``resumable`` whether it
+    holds a ``last.pt``, ``signum`` the signal (`signal.SIGINT` or `signal.SIGTERM`)."""
 
-    def __init__(self, run_dir: Path, resumable: bool) -> None:
+    def __init__(self, run_dir: Path, resumable: bool, signum: int = signal.SIGINT) -> None:
         super().__init__(str(run_dir))
-        self.run_dir, self.resumable = run_dir, resumable
+        self.run_dir, self.resumable, self.signum = run_dir, resumable, signum
 
 
 #: the config keys an override may change when a run is resumed (the others shaped the saved
@@ -127,29 +139,56 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, A
     (see :func:`load_run_config`). A new run claims its folder (``runs/NAME``, ``NAME-2`` ...)
     with an exclusive ``mkdir`` before anything is built, so two runs never share one; if it
     fails or is interrupted before its first checkpoint, the folder is removed again.
-    Ctrl-C raises :class:`TrainingInterrupted` naming the folder.
-    Under ``torchrun`` every process calls this; only rank 0 writes.
+    While it trains, the folder is locked (`visattn.train.lock`): another process that asks for
+    it fails with `RunFolderBusy` naming this one's PID. Every epoch writes ``last.pt`` before
+    ``best.pt``, so a run stopped between any two writes resumes.
+    Ctrl-C (and SIGTERM, where it raises `visattn._utils.Terminated`, as in the ``visattn``
+    command) raises `TrainingInterrupted` naming the folder; a full disk raises `DiskFullError`
+    saying whether the last checkpoint was kept.
+    Under ``torchrun`` every process calls this; only rank 0 locks the folder and writes.
     """
     procs = init_processes(cfg.train.device)
     out_dir = Path(cfg.run.out_dir).absolute()
     new_folders = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # deepest first
-    run_dir = _agreed_run_dir(cfg, resume, procs)
+    run_dir, lock = _agreed_run_dir(cfg, resume, procs)
     log = print if procs.is_main else _silent
     try:
-        run, loaders, start = _prepare(cfg, resume, procs, run_dir, log)
-        if procs.is_main:  # after the precision timing, which it would disturb
-            _preload_plotting()
-        metrics = run.epochs(*loaders, *start)
+        with lock:
+            run, loaders, start = _prepare(cfg, resume, procs, run_dir, log)
+            if procs.is_main:  # after the precision timing, which it would disturb
+                _preload_plotting()
+            metrics = run.epochs(*loaders, *start)
+            run.finish(metrics)
     except BaseException as err:
-        if procs.is_main and resume is None:
-            _release(run_dir, new_folders)
-        if procs.is_main and isinstance(err, NonFiniteLossError) and (run_dir / "metrics.jsonl").is_file():
-            plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
-        if isinstance(err, KeyboardInterrupt) and not isinstance(err, TrainingInterrupted):
-            raise TrainingInterrupted(run_dir, (run_dir / "last.pt").is_file()) from err
-        raise
-    run.finish(metrics)
+        stopped = _stopped(err, run_dir, procs, resume is None, new_folders)
+        if stopped is err:
+            raise
+        raise stopped from err
     return {k: v for k, v in metrics.items() if "per_class" not in k} | {"run_dir": str(run_dir)}
+
+
+def _stopped(
+    err: BaseException, run_dir: Path, procs: Processes, new_run: bool, new_folders: list[Path]
+) -> BaseException:
+    """After ``err`` stopped a run: remove a new run's folder if it holds no checkpoint, draw the
+    curves of a run whose loss diverged, and return the exception to raise: ``err`` itself, or
+    one that says what was kept (`TrainingInterrupted` for Ctrl-C and SIGTERM, `DiskFullError`)."""
+    if procs.is_main and new_run:
+        _release(run_dir, new_folders)
+    if procs.is_main and isinstance(err, NonFiniteLossError) and (run_dir / "metrics.jsonl").is_file():
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    resumable = (run_dir / "last.pt").is_file()
+    if isinstance(err, KeyboardInterrupt) and not isinstance(err, TrainingInterrupted):
+        return TrainingInterrupted(run_dir, resumable, getattr(err, "signum", signal.SIGINT))
+    if isinstance(err, DiskFullError):
+        if resumable:
+            last = run_dir / "last.pt"
+            kept = f"the last complete checkpoint {last} is kept: free space, then continue with --resume {run_dir}"
+        else:
+            gone = "" if run_dir.exists() else f" ({run_dir} was removed)"
+            kept = f"the run stopped before its first checkpoint, so there is nothing to resume{gone}"
+        return DiskFullError(err.path, kept)
+    return err
 
 
 def _prepare(
@@ -197,6 +236,8 @@ def _prepare(
     if procs.is_main:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     run = _Run(cfg, procs, run_dir, model, recipe, model_config, data_config, log)
+    if state is not None:
+        run.resume_best(state)
     return run, (train_loader, train_sampler, test_loader), start
 
 
@@ -274,6 +315,7 @@ class _Run:
     model_config: dict[str, Any]
     data_config: dict[str, Any]
     log: Callable[..., None]
+    best_epoch: int = 0  # the epoch whose weights best.pt holds (0: none yet)
 
     def epochs(
         self,
@@ -317,37 +359,64 @@ class _Run:
         return metrics
 
     def _save_epoch(self, metrics: dict[str, Any], best: float) -> float:
-        """Append to ``metrics.jsonl``, update ``best.pt`` if the score improved, write ``last.pt``; the best score."""
-        run_dir, ema, recipe = self.run_dir, self.recipe.ema, self.recipe
-        with open(run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps({k: v for k, v in metrics.items() if "per_class" not in k}) + "\n")
-        extra = dict(data_config=self.data_config, config=config_to_dict(self.cfg))
-        score = metrics["ema_test_acc1" if ema is not None else "test_acc1"]
+        """Append to ``metrics.jsonl``, write ``last.pt``, then ``best.pt`` if the score improved;
+        the best score. In this order a run stopped after any of the writes resumes from its
+        ``last.pt`` (and a ``best.pt`` it did not write is written on resume: `resume_best`)."""
+        row = {k: v for k, v in metrics.items() if "per_class" not in k}
+        atomic_append_text(self.run_dir / "metrics.jsonl", json.dumps(row) + "\n")
+        score = metrics["ema_test_acc1" if self.recipe.ema is not None else "test_acc1"]
         if score > best:
-            best = score
-            save_checkpoint(
-                run_dir / "best.pt",
-                ema.module if ema is not None else self.model,
-                self.model_config,
-                epoch=metrics["epoch"],
-                acc1=score,
-                **extra,
-            )
+            best, self.best_epoch = score, metrics["epoch"]
+        self._save_last(metrics["epoch"], metrics["step"], best)
+        if self.best_epoch == metrics["epoch"]:
+            self._save_best(best)
+        return best
+
+    def _extra(self) -> dict[str, Any]:
+        return dict(data_config=self.data_config, config=config_to_dict(self.cfg))
+
+    def _save_last(self, epoch: int, step: int, best: float) -> None:
+        """``last.pt``: the model and the whole training state after ``epoch``."""
+        recipe, ema = self.recipe, self.recipe.ema
         save_checkpoint(
-            run_dir / "last.pt",
+            self.run_dir / "last.pt",
             self.model,
             self.model_config,
-            epoch=metrics["epoch"],
-            step=metrics["step"],
+            epoch=epoch,
+            step=step,
             best_acc1=best,
+            best_epoch=self.best_epoch,
             ema=ema.state_dict() if ema is not None else None,
             optimizer=recipe.optimizer.state_dict(),
             scheduler=recipe.scheduler.state_dict(),
             scaler=recipe.scaler.state_dict() if recipe.scaler is not None else None,
             precision=DTYPE_NAMES[recipe.amp_dtype],
-            **extra,
+            **self._extra(),
         )
-        return best
+
+    def _save_best(self, score: float) -> None:
+        """``best.pt``: the weights of epoch `best_epoch` (the EMA weights when EMA is on), now in the model."""
+        ema = self.recipe.ema
+        weights = ema.module if ema is not None else self.model
+        save_checkpoint(
+            self.run_dir / "best.pt", weights, self.model_config, epoch=self.best_epoch, acc1=score, **self._extra()
+        )
+
+    def resume_best(self, state: dict[str, Any]) -> None:
+        """Continue the record of the best epoch from ``state`` (a ``last.pt``, loaded into the
+        model). A run stopped between that ``last.pt`` and the ``best.pt`` of the same (best)
+        epoch holds a ``best.pt`` of an earlier epoch, or none: it is written again here."""
+        self.best_epoch = state.get("best_epoch", 0)  # 0 in checkpoints that predate the field
+        if not (self.procs.is_main and self.best_epoch and self.best_epoch == state["epoch"]):
+            return
+        best = self.run_dir / "best.pt"
+        try:
+            written = load_checkpoint(best).get("epoch") if best.is_file() else None
+        except CheckpointError:  # unreadable: written again
+            written = None
+        if written != self.best_epoch:
+            self._save_best(state["best_acc1"])
+            self.log(f"wrote {best} (epoch {self.best_epoch}) from last.pt: the run had stopped before writing it")
 
     def finish(self, metrics: dict[str, Any]) -> None:
         """Final weights as safetensors + JSON (the EMA weights when EMA is on), the curves, the last line."""
@@ -535,10 +604,13 @@ def write_safetensors(run_dir: Path, model: nn.Module, model_config: dict, data_
     atomic_write_json(run_dir / "model.json", {"model_config": model_config, "data_config": data_config})
 
 
-def plot_curves(metrics_path: Path, out_path: Path) -> None:
+def plot_curves(metrics_path: Path, out_path: Path, force: bool = False) -> None:
     """Loss and accuracy per epoch from ``metrics.jsonl`` into a PNG (matplotlib's ``Figure``:
-    no pyplot, no display, no global state)."""
+    no pyplot, no display, no global state). ``out_path`` is never ``metrics_path``, and replaces
+    an existing file only if it is a PNG or empty, or with ``force`` (`visattn._io.check_output`)."""
     from matplotlib.figure import Figure
+
+    check_output(out_path, "PNG", [metrics_path], force=force)
 
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     if not rows:
@@ -558,7 +630,7 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def _preload_plotting() -> None:
@@ -580,10 +652,15 @@ def load_run_config(run: str | os.PathLike, overrides: list[str] | tuple[str, ..
     if not last.is_file():
         if not any((run_dir / name).is_file() for name in ("config.yaml", "best.pt", "metrics.jsonl")):
             raise CheckpointError(f"{run_dir} is not a run folder (no last.pt); pass the folder train.py wrote")
-        best = " (its best.pt can be evaluated, not resumed)" if (run_dir / "best.pt").is_file() else ""
+        if (run_dir / "best.pt").is_file():  # last.pt is written first: deleted, or from an older visattn
+            raise CheckpointError(
+                f"{run_dir} holds no training state to resume: it has a best.pt but no last.pt (the checkpoint "
+                f"with the optimizer, schedule and epoch); its best.pt can be evaluated (visattn eval --checkpoint "
+                f"{run_dir}) or fine-tuned, not resumed; start a new run to train further"
+            )
         raise CheckpointError(
             f"{run_dir} holds no training state to resume: no last.pt, the run stopped before its first "
-            f"checkpoint was written{best}; delete the folder and start a new run"
+            "checkpoint was written; delete the folder and start a new run"
         )
     state = load_checkpoint(last)
     cfg = load_config(base=_saved_config(state, last), overrides=overrides)
@@ -647,16 +724,28 @@ def init_processes(device: str = "auto") -> Processes:
     return Processes(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
 
 
-def _agreed_run_dir(cfg: DictConfig, resume: str | os.PathLike | None, procs: Processes) -> Path:
-    """Rank 0 claims the folder (runs/NAME or runs/NAME-2 ...); the other processes agree."""
-    run_dir = Path()
+def _agreed_run_dir(
+    cfg: DictConfig, resume: str | os.PathLike | None, procs: Processes
+) -> tuple[Path, contextlib.AbstractContextManager]:
+    """Rank 0 claims the folder (runs/NAME or runs/NAME-2 ...) and locks it; the other processes
+    agree on it, and fail with rank 0 when it cannot have it. Returns the folder and its lock (a
+    do-nothing context on the other ranks)."""
+    run_dir, lock, failure = Path(), contextlib.nullcontext(), None
     if procs.is_main:
-        run_dir = _run_dir(cfg, resume)
+        try:
+            run_dir = _run_dir(cfg, resume)
+            lock = lock_run_folder(run_dir)
+        except Exception as err:  # raised below, once the other processes know
+            failure = err
     if procs.distributed:
-        shared = [str(run_dir)]
+        shared = [str(run_dir), None if failure is None else str(failure)]
         dist.broadcast_object_list(shared, src=0)
         run_dir = Path(shared[0])
-    return run_dir
+        if shared[1] is not None and failure is None:
+            raise RuntimeError(f"rank 0 could not claim the run folder: {shared[1]}")
+    if failure is not None:
+        raise failure
+    return run_dir, lock
 
 
 def _run_dir(cfg: DictConfig, resume: str | os.PathLike | None) -> Path:
@@ -664,7 +753,10 @@ def _run_dir(cfg: DictConfig, resume: str | os.PathLike | None) -> Path:
     shares a folder, even with a run of the same name started at the same moment."""
     if resume is not None:
         path = Path(resume)
-        return path.parent if path.is_file() else path
+        run_dir = path.parent if path.is_file() else path
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run folder {run_dir} does not exist; --resume takes the folder train.py wrote")
+        return run_dir
     base = Path(cfg.run.out_dir) / cfg.run.name
     base.parent.mkdir(parents=True, exist_ok=True)
     number = 1

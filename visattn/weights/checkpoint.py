@@ -16,7 +16,8 @@ Training (:mod:`visattn.engine`) writes ``data_config`` = ``{"name", "img_size":
 "in_chans", "mean", "std", "num_classes", "class_names"}`` and ``config`` (the resolved training
 config) into ``best.pt`` (plus ``epoch``, ``acc1``) and ``last.pt``; ``last.pt`` also holds the
 training state: ``optimizer``, ``scheduler``, ``ema`` (or ``None``), ``scaler`` (or ``None``),
-``epoch`` (epochs completed), ``step`` (updates done) and ``best_acc1``. No random-generator
+``epoch`` (epochs completed), ``step`` (updates done), ``best_acc1`` and ``best_epoch`` (the
+epoch whose weights ``best.pt`` holds; each epoch writes ``last.pt`` first). No random-generator
 state is stored because none is needed: training re-seeds every generator at the start of each
 epoch from ``(seed, epoch, rank)``, so ``epoch`` fixes it.
 
