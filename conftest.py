@@ -7,7 +7,6 @@ would, and whatever they write (run folders, PNGs, HTML pages) is left in the te
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

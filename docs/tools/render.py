@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -227,6 +228,8 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, tuple[str, argpars
 def cli(arg: str | None = None) -> str:
     """``visattn --help`` and each sub-command's ``--help``, from the parsers themselves."""
     os.environ["COLUMNS"] = "100"
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     from benchmarks.__main__ import build_parser as bench_parser
     from visattn.cli import build_parser
 
