@@ -208,6 +208,8 @@ def evaluate_maps(arg: str) -> str:
             "",
             "Mean ρ after each step of the randomization test (`+ X` adds X to what is re-initialized):",
             "",
+            machine_line(meta),
+            "",
             table(steps_columns, cascade),
             "",
             *[f"- {note}" for note in meta.get("notes", [])],
