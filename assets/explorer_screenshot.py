@@ -1,6 +1,6 @@
-"""Screenshots of the attention explorer, taken by headless Chromium (the README's pictures).
+"""Screenshots of the attention explorer, taken by headless Chromium (the pictures of README.md and docs/).
 
-Without ``--page`` it writes the README's explorer page for ``assets/chelsea.png`` and the
+Without ``--page`` it writes the explorer page for ``assets/chelsea.png`` and the
 hand-set (untrained) ``SelfAttention2d`` of ``assets/similarity_attention.py``, pins the query on
 the cat's left eye and saves the screenshot::
 
@@ -74,7 +74,7 @@ def screenshot(page: Path, out: Path, point: tuple[float, float] | None, changes
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--page", type=Path, help="an explorer page (default: the README's cat page, written here)")
+    parser.add_argument("--page", type=Path, help="an explorer page (default: the cat page, written here)")
     parser.add_argument("--point", help="FX,FY: pin the query at these fractions of the picture")
     parser.add_argument("--set", default="{}", help="JSON for window.visattnExplorer.set, e.g. '{\"head\": 0}'")
     parser.add_argument("--size", default="1240,700", help="browser window W,H in pixels")
@@ -87,7 +87,7 @@ def main() -> None:
         if page is None:
             page = Path(folder) / "chelsea.html"
             print(chelsea_page(page))
-            point = point or (150 / 451, 120 / 300)  # the left eye, as in the README's figures
+            point = point or (150 / 451, 120 / 300)  # the left eye, as in the cat figures
             changes = changes or {"head": 0}
         width, height = (int(v) for v in args.size.split(","))
         screenshot(page, args.out, point, changes, (width, height))

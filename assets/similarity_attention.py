@@ -1,6 +1,6 @@
 """A SelfAttention2d with hand-set weights (no training) that compares pixels, and its query map.
 
-The README's cat figures come from here. A fixed stem turns the picture into a coarse grid of
+The cat figures of docs/maps.md come from here. A fixed stem turns the picture into a coarse grid of
 features ``[colour c (3), |c|², position p (2), |p|²]``; the block's 1×1 query/key convolutions
 are set so that each head's score is a Gaussian similarity kernel,
 ``q·k = -s/2 · |f_query - f_key|²`` plus a term that is the same for every key:

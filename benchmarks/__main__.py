@@ -2,7 +2,7 @@
 
 Prints one table per part and writes ``<out>/bench-<device>[-quick].json`` (machine, settings,
 every sample) and PNG plots next to it. ``--suite gpu`` is the GPU preset (``benchmarks/gpu.sh``
-runs it and puts its tables into the README); ``--dry-run`` prints what a run would do and stops.
+runs it; the docs' performance page renders its JSON); ``--dry-run`` prints what a run would do and stops.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The cost of the ``digits_canvas`` ViT variants of the README's tuning table, per training step.
+"""The cost of the ``digits_canvas`` ViT variants of the tuning that chose its recipe, per training step.
 
 Each variant is ``configs/digits_canvas_vit.yaml``'s model with some keywords changed; one
 training step (forward, loss, backward, AdamW) on a random batch of 64 canvases (1 × 64 × 64) is
@@ -22,7 +22,7 @@ from visattn.train.config import load_config
 
 from .common import measure
 
-#: variant → model keywords over the shipped config's (the rows of the README's tuning table)
+#: variant → model keywords over the shipped config's (the tuning that chose the recipe)
 VARIANTS = {
     "old recipe: linear 8×8 patch stem": {"stem": "patch"},
     "linear stem, width 128": {"stem": "patch", "embed_dim": 128},

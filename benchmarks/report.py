@@ -1,7 +1,8 @@
 """Print a results JSON of the suite as Markdown tables: ``python -m benchmarks.report FILE.json``.
 
-``--readme README.md --section gpu`` writes them into the README instead, between the lines
-``<!-- bench:gpu:start -->`` and ``<!-- bench:gpu:end -->`` (what ``benchmarks/gpu.sh`` does).
+``--readme FILE.md --section gpu`` writes them into a Markdown file instead, between the lines
+``<!-- bench:gpu:start -->`` and ``<!-- bench:gpu:end -->``. The docs site renders the JSON files
+of ``assets/bench/`` itself (``docs/performance.md``).
 """
 
 from __future__ import annotations

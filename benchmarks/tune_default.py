@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 #: name → overrides on the default config (``default`` is the shipped recipe as it is); a few
-#: rows of the README's tuning table, to re-measure them in fresh processes
+#: recipes of the tuning that chose the default, to re-measure them in fresh processes
 CANDIDATES: dict[str, list[str]] = {
     "default": [],
     "the previous default (linear patches, 2 blocks, 60 epochs, lr 3e-3)": [

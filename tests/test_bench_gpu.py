@@ -1,8 +1,10 @@
-"""The GPU suite's CPU-side logic: the preset, the dry run, the clear error without CUDA, and the
-report step that writes the tables into the README. Nothing here needs (or uses) a GPU."""
+"""The GPU suite's CPU-side logic: the preset, the dry run, the clear error without CUDA, the
+report step, and the docs' performance page that renders the suite's JSON. Nothing here needs (or
+uses) a GPU."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -50,7 +52,7 @@ def test_gpu_script_dry_run() -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert "--suite gpu --device cuda" in done.stdout and "README.md (section gpu)" in done.stdout
+    assert "--suite gpu --device cuda" in done.stdout and "renders on docs/performance.md" in done.stdout
 
 
 def _results() -> dict:
@@ -78,6 +80,20 @@ def test_report_refuses_a_readme_without_its_markers(tmp_path: Path) -> None:
         report.replace_section("no markers here", "gpu", "tables")
 
 
-def test_the_readme_has_the_gpu_section() -> None:
-    text = (REPO / "README.md").read_text()
-    assert text.count("<!-- bench:gpu:start -->") == text.count("<!-- bench:gpu:end -->") == 1
+def test_the_performance_page_renders_the_gpu_results(tmp_path: Path) -> None:
+    """docs/performance.md renders assets/bench/bench-cuda.json when it exists, and says how to make it."""
+    page = (REPO / "docs" / "performance.md").read_text()
+    assert "<!-- render: bench-or-missing assets/bench/bench-cuda.json -->" in page
+    render = _docs_render()
+    results = tmp_path / "bench-cuda.json"
+    results.write_text(json.dumps(_results()))
+    text = render.bench_or_missing(str(results))
+    assert "| vit_b | 1.02 |" in text and "NVIDIA H100" in text and "python -m benchmarks --suite gpu" in text
+    assert "bash benchmarks/gpu.sh" in render.bench_or_missing(str(tmp_path / "missing.json"))
+
+
+def _docs_render():
+    spec = importlib.util.spec_from_file_location("docs_render", REPO / "docs" / "tools" / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -182,7 +182,7 @@ def test_attention_panels_land_on_the_bright_square(method):
 
 
 def test_readme_similarity_example_heads_are_gaussian_kernels():
-    """The hand-set block of assets/similarity_attention.py does what the README says."""
+    """The hand-set block of assets/similarity_attention.py does what docs/maps.md says."""
     import importlib.util
     from pathlib import Path
 

@@ -661,7 +661,7 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
 
     The garbage collector is frozen before the exit: interpreter teardown otherwise collects
     every object that torch, torchvision and timm created (1.3-1.5 s on the AMD EPYC, against
-    0.25-0.3 s frozen; README › Results). In-process callers use :func:`main`, which leaves it alone.
+    0.25-0.3 s frozen; docs/results.md). In-process callers use :func:`main`, which leaves it alone.
     """
     code = main(argv)
     gc.freeze()

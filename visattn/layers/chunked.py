@@ -34,7 +34,7 @@ from torch import Tensor
 
 __all__ = ["CHUNK_BYTES", "chunk_size", "chunked_attention"]
 
-#: bytes of one block of scores. Measured on the 2-core Zen 4 of the README (bf16, forward+backward):
+#: bytes of one block of scores. Measured on the 2-core Zen 4 of docs/performance.md (bf16, forward+backward):
 #: at (BH, N, d) = (4, 4096, 32) blocks of 2–8 MiB are equally fast, 1 MiB is 10 % slower; at a
 #: ViT-S/16 layer (48, 197, 64) one block of all queries (3.7 MiB) is 30 % faster than three.
 CHUNK_BYTES = 4 * 2**20

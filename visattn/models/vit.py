@@ -75,9 +75,9 @@ class VisionTransformer(nn.Module):
         norm_layer: normalization layer; ``None`` is ``LayerNorm(eps=norm_eps)``. A custom one
             works but cannot be written by :meth:`save_pretrained`.
         stem: ``"patch"`` (:class:`PatchEmbed`, one linear projection per patch, as timm) or
-            ``"conv"`` (:class:`~visattn.layers.patch_embed.ConvStem`: strided 3×3 convolutions
+            ``"conv"`` (:class:`~visattn.layers.patch_embed.ConvStem`: strided 4×4 convolutions
             with the same token grid; ``patch_size`` a power of two). On ``digits_canvas`` the
-            convolutional stem learns several times faster (README, Training > Results).
+            convolutional stem learns several times faster (docs/results.md).
         embed_layer: a token stem to use instead of ``stem`` (then ``patch_size`` and
             ``in_chans`` are unused). It must have
             ``tokenize(x) -> (tokens (B, gh·gw, D), (gh, gw))``, ``grid_size(H, W) -> (gh, gw)``

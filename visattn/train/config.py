@@ -124,7 +124,7 @@ class RunConfig:
 
 def _default_model() -> dict[str, Any]:
     # a convolutional stem and one of the model's four blocks: within the default job's 30 s on
-    # 2 CPU cores it ends more accurate than 2 or 4 blocks on linear patches (README › Results)
+    # 2 CPU cores it ends more accurate than 2 or 4 blocks on linear patches (docs/results.md)
     return {"name": "vit_digits_patch4_16", "stem": "conv", "depth": 1}
 
 
