@@ -156,6 +156,8 @@ def test_token_records_get_the_grid_and_prefix_of_the_model_that_owns_them():
         assert (pooled.query_grid, pooled.key_grid, pooled.num_prefix_tokens) == (None, None, 0)
         model(torch.randn(1, 3, 4, 12))  # another input size: another grid
         assert rec["self_attn"].query_grid == (2, 4)
+        model.self_attn(torch.randn(1, 2 + 8, 16))  # run outside a call of its model: no grid, not the last one
+        assert rec["self_attn"].query_grid is None and rec["self_attn"].num_prefix_tokens == 0
 
 
 def test_a_token_module_on_its_own_records_no_grid():

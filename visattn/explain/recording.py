@@ -302,7 +302,8 @@ def record_attention(
     ViT) is called on images `(B, C, H, W)`, a forward pre-hook asks it for its grid and prefix
     count (with recording paused, so a stem that runs attention blocks records nothing then).
     Call that model itself (`model(x)`): its other entry points (`forward_intermediates`,
-    `forward_features`) run no hooks, and their token records stay without grids.
+    `forward_features`) run no hooks, and their token records stay without grids (never with
+    another call's).
 
     Under ``torch.compile``: recording works on a compiled model, ``fullgraph=True`` included
     (tested): it switches an attribute of each attention module, which the compiled graph's
@@ -330,8 +331,9 @@ def record_attention(
     handles = [model.register_forward_pre_hook(session.start_forward, with_kwargs=True)]
     try:
         for owner in dict.fromkeys(o for o in session.owners.values() if o is not None):
-            reader = session.layout_reader(owner)
-            handles.append(model.get_submodule(owner).register_forward_pre_hook(reader, with_kwargs=True))
+            module = model.get_submodule(owner)
+            handles.append(module.register_forward_pre_hook(session.layout_reader(owner), with_kwargs=True))
+            handles.append(module.register_forward_hook(session.layout_closer(owner)))
         for path, module in modules.items():
             module.recording = RecordingRequest(session.sink(path), max_bytes=max_bytes)
             if queries is not None and path in grid_modules:
@@ -403,6 +405,16 @@ class _Session:
                 self.layouts[owner] = TokenLayout.of(model, int(image.shape[-2]), int(image.shape[-1]))
 
         return read
+
+    def layout_closer(self, owner: str) -> Callable[[nn.Module, tuple, Any], None]:
+        """Forward hook of the model at ``owner``: its layout held for this call only (a token
+        module run outside a call of its model, by hand or through another entry point, gets no
+        grid rather than the last call's)."""
+
+        def close(_model: nn.Module, _args: tuple, _output: Any) -> None:
+            self.layouts.pop(owner, None)
+
+        return close
 
     @contextlib.contextmanager
     def _paused(self) -> Iterator[None]:
