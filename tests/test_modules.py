@@ -49,7 +49,7 @@ def test_mha_mask_blocks_tokens():
     keep = torch.tensor([True, True, True, False, False, False])
     changed = x.clone()
     changed[:, 3:] = torch.randn(1, 3, 16)  # masked-out keys may change freely
-    out_a, out_b = mha(x, mask=keep), mha(changed, mask=keep)
+    out_a, out_b = mha(x, attn_mask=keep), mha(changed, attn_mask=keep)
     torch.testing.assert_close(out_a[:, :3], out_b[:, :3])
 
 

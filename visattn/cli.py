@@ -55,10 +55,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-#: the overlay methods that read one attention module (``--layer``); rollouts combine all of them
-LAYER_METHODS = ("cls", "query", "received")
-
-
 def _model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, str]:
     """``--checkpoint`` or ``--model [--pretrained | --pretrained-file]``: (model in eval mode, its
     data_config, a name for it)."""
@@ -115,19 +111,21 @@ def _check_output(args: argparse.Namespace, out: str | Path, kind: str) -> None:
 def _cmd_overlay(args: argparse.Namespace) -> int:
     """Draw an attention map of one picture (see visattn.explain.overlay.attention_overlay)."""
     from ._io import image_format
+    from .explain.maps import METHODS
     from .explain.overlay import OVERLAY_MAX_SIDE, Preprocess, attention_overlay, load_image
 
-    if (args.method == "query") != (args.query is not None):
+    spec = METHODS[args.method]
+    if spec.needs_query != (args.query is not None):
         raise ValueError(
             "--method query needs a query point, --query X,Y (a pixel of the picture); the other methods take none"
         )
-    if args.layer is not None and args.method not in LAYER_METHODS:
+    if args.layer is not None and not spec.reads_layer:
         raise ValueError(
-            f"--layer picks the attention module of --method {', '.join(LAYER_METHODS)}; --method {args.method} "
+            f"--layer picks the attention module of --method {_methods_that('reads_layer')}; --method {args.method} "
             "combines every layer, so leave --layer out"
         )
-    if args.head != "mean" and (args.panels or args.method not in LAYER_METHODS):
-        raise ValueError(f"--head picks one head's map of --method {', '.join(LAYER_METHODS)} without --panels")
+    if args.head != "mean" and (args.panels or not spec.per_head):
+        raise ValueError(f"--head picks one head's map of --method {_methods_that('per_head')} without --panels")
     _check_output(args, args.out, image_format(args.out))
     model, data_config, _ = _model_source(args)
     preprocess = Preprocess.from_data_config(data_config)
@@ -497,33 +495,51 @@ def _add_force_argument(parser: argparse.ArgumentParser, what: str = "an existin
     )
 
 
+def _methods_that(flag: str, among: Sequence[str] | None = None) -> str:
+    """The map methods (of ``among``, default all) whose :class:`~visattn.maps.MethodSpec` has
+    ``flag`` set, as text: ``"cls, query, received"``."""
+    from .explain.maps import METHODS
+
+    return ", ".join(name for name, spec in METHODS.items() if getattr(spec, flag) and name in (among or METHODS))
+
+
 def _add_overlay_arguments(overlay: argparse.ArgumentParser) -> None:
+    from .explain.maps import METHODS
+
     _add_model_arguments(overlay)
     overlay.add_argument(
         "--image", required=True, help="the picture (any size, RGB or gray); the overlay has its width and height"
     )
-    overlay.add_argument("--method", required=True, choices=["cls", "rollout", "grad_rollout", "query", "received"])
+    overlay.add_argument(
+        "--method",
+        required=True,
+        choices=list(METHODS),
+        help=f"the map; {_methods_that('needs_class_token')} needs a class token, "
+        f"{_methods_that('needs_query')} a --query point",
+    )
     overlay.add_argument(
         "--query",
         type=_pair,
         metavar="X,Y",
-        help="pixel (column,row) of the original picture, at its full size, for --method query",
+        help=f"pixel (column,row) of the original picture, at full size, for --method {_methods_that('needs_query')}",
     )
     overlay.add_argument(
-        "--layer", help="attention module path or position for cls, query, received (default -1: the last)"
+        "--layer", help=f"attention module path or position for {_methods_that('reads_layer')} (default -1: the last)"
     )
     overlay.add_argument(
         "--head",
         type=_head,
         default="mean",
-        help="cls, query, received: 'mean' of the heads (default) or a head number",
+        help=f"{_methods_that('per_head')}: 'mean' of the heads (default) or a head number",
     )
     overlay.add_argument(
         "--panels",
         action="store_true",
         help="the picture and every head's map side by side with a title (a picture over 2048 px is reduced)",
     )
-    overlay.add_argument("--target", type=int, help="class for grad_rollout (default: the predicted one)")
+    overlay.add_argument(
+        "--target", type=int, help=f"class for {_methods_that('needs_gradients')} (default: the predicted one)"
+    )
     overlay.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout head fusion")
     overlay.add_argument(
         "--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weakest links"
@@ -560,21 +576,22 @@ def _add_data_root_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_evaluate_maps_arguments(parser: argparse.ArgumentParser) -> None:
+    from .explain.metrics import METHODS
+
     parser.add_argument("--checkpoint", required=True, help="a run folder (its best.pt) or a checkpoint")
     parser.add_argument("--data", help="the data set to use instead of the checkpoint's (same classes)")
     _add_data_root_argument(parser)
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a data key, e.g. data.root=/data"
     )
-    parser.add_argument(
-        "--methods", default="rollout,grad_rollout", help="comma-separated: cls, rollout, grad_rollout, received"
-    )
+    parser.add_argument("--methods", default="rollout,grad_rollout", help=f"comma-separated: {', '.join(METHODS)}")
     parser.add_argument(
         "--metrics",
         default="pointing,deletion,insertion,randomization",
         help="comma-separated: pointing (needs boxes, e.g. digits_canvas), deletion, insertion, randomization",
     )
-    parser.add_argument("--layer", help="attention module path or position for cls and received (default -1)")
+    one_layer = _methods_that("reads_layer", among=METHODS)
+    parser.add_argument("--layer", help=f"attention module path or position for {one_layer} (default -1)")
     parser.add_argument("--limit", type=_positive_int, help="only the first N held-out images (default all)")
     parser.add_argument("--steps", type=_positive_int, default=32, help="points of the deletion/insertion curves - 1")
     parser.add_argument("--batch", type=_positive_int, default=256, help="pictures per forward pass")

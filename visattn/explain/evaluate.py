@@ -23,8 +23,7 @@ from .metrics import (
     METHODS,
     MapMethod,
     attention_map,
-    deletion,
-    insertion,
+    causal_metric,
     pointing_game,
     randomization_test,
 )
@@ -174,7 +173,7 @@ def evaluate_maps(
         metrics: names from :data:`METRICS`.
         boxes: ``(N, 4)`` object boxes (pixels, ``x1``/``y1`` exclusive), for ``"pointing"``.
         layer: the layer of ``"cls"`` and ``"received"``.
-        steps, baseline, batch_size: of :func:`~visattn.metrics.deletion` / ``insertion``
+        steps, baseline, batch_size: of :func:`~visattn.metrics.causal_metric` (deletion, insertion)
             (targets: the predicted classes).
         seed: of the random map and of the randomization test.
 
@@ -191,10 +190,10 @@ def evaluate_maps(
         scores = result.scores.setdefault(name, {})
         if "pointing" in metrics:
             scores["pointing"] = pointing_game(heatmap, boxes, tuple(images.shape[-2:])).double()
-        for metric, fn in (("deletion", deletion), ("insertion", insertion)):
+        for metric in ("deletion", "insertion"):
             if metric in metrics:
                 kwargs = dict(target=target, steps=steps, baseline=baseline, batch_size=batch_size, return_curves=True)
-                scores[metric], curves = fn(model, images, heatmap, **kwargs)
+                scores[metric], curves = causal_metric(model, images, heatmap, mode=metric, **kwargs)
                 result.curves.setdefault(name, {})[metric] = curves
         if "randomization" in metrics:
             test = randomization_test(model, images, runners[name], target=target, seed=seed)

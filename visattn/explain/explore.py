@@ -286,7 +286,8 @@ def _grid_received(model: nn.Module, x: Tensor, layer: LayerShape) -> Tensor:
     total = None
     for start in range(0, len(cells), chunk):
         part = cells[start : start + chunk]
-        mean = maps.received(_record_cells(model, x, layer, part), layer.path)[0].to(torch.float64) * len(part)
+        recording = _record_cells(model, x, layer, part)
+        mean = maps.compute(recording, "received", layer=layer.path, per_head=True)[0].to(torch.float64) * len(part)
         total = mean if total is None else total + mean
     return total / len(cells)
 
@@ -318,10 +319,10 @@ def _token_maps(recording: AttentionRecording, layer: LayerShape, token_paths: l
     """Class-token attention and rollout (through this layer: mean and max fusion) of a token layer."""
     out: dict[str, Any] = {}
     if layer.class_token:
-        cls = _with_fused(maps.cls_attention(recording, layer.path)[0])
+        cls = _with_fused(maps.compute(recording, "cls", layer=layer.path, per_head=True)[0])
         out["cls"] = quantize(cls, what=f"the class-token attention of {layer.path}")
     upto = recording.select(token_paths[: token_paths.index(layer.path) + 1])
-    rollouts = torch.stack([maps.rollout(upto, fusion)[0] for fusion in ("mean", "max")])
+    rollouts = torch.stack([maps.compute(upto, "rollout", head_fusion=fusion)[0] for fusion in ("mean", "max")])
     out["rollout"] = quantize(rollouts, what=f"the rollout through {layer.path}")
     return out
 
@@ -342,7 +343,10 @@ def _layer_entry(
         "offset_x": min((layer.stride - 1) // 2, layer.query_grid[1] - 1),
         "rows": _query_rows(model, x, recording, layer),
     }
-    received = _grid_received(model, x, layer) if layer.kind == "grid" else maps.received(recording, layer.path)[0]
+    if layer.kind == "grid":
+        received = _grid_received(model, x, layer)
+    else:
+        received = maps.compute(recording, "received", layer=layer.path, per_head=True)[0]
     entry["received"] = quantize(_with_fused(received), what=f"the attention received in {layer.path}")
     if layer.kind == "token":
         entry.update(_token_maps(recording, layer, token_paths))
@@ -398,7 +402,8 @@ def _grad_rollouts(model: nn.Module, view: _View, predictions: list[dict[str, An
         return None
     targets = [p["index"] for p in predictions]
     copies = view.x.expand(len(targets), *view.x.shape[1:])  # one batch: a copy of the picture per class
-    return quantize(maps.grad_rollout(model, copies, targets, layers=token_paths), what="the gradient rollouts")
+    heat = maps.compute(model, "grad_rollout", copies, target=targets, layers=token_paths)
+    return quantize(heat, what="the gradient rollouts")
 
 
 def _image_entry(model: nn.Module, view: _View, class_names: Sequence[str] | None) -> dict[str, Any]:

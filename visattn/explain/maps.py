@@ -14,6 +14,9 @@ query_map          where the query at an image point looks    ``(B, heads, kh, k
 received           how much attention each key receives       ``(B, heads, kh, kw)``
 =================  =========================================  ==============================
 
+:func:`compute` runs any of them by name (:data:`METHODS`, the one table of map methods that
+the overlay, the metrics, the explorer and the command line read).
+
 :func:`to_image` resamples any of them onto the input image's pixels. Points are ``(x, y)``:
 ``x`` is the column, ``y`` the row, in pixels of the model input (or fractions of its width and
 height with ``relative=True``), as PIL and matplotlib count them.
@@ -21,22 +24,31 @@ height with ``relative=True``), as PIL and matplotlib count them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..layers.attention import AttentionRecord, MultiHeadAttention
+from ..layers.attention import AttentionRecord, MultiHeadAttention, SelfAttention2d
 from .recording import AttentionRecording, Point, point_to_cell, record_attention
 
 __all__ = [
+    "METHODS",
+    "AttentionMap",
     "AttentionRecording",
+    "MapRequest",
+    "MethodSpec",
     "cls_attention",
+    "compute",
+    "compute_map",
+    "grid_queries",
     "grad_rollout",
     "key_extent",
+    "method_spec",
     "point_to_cell",
     "query_map",
     "received",
@@ -45,13 +57,19 @@ __all__ = [
     "to_image",
 ]
 
+#: the classes to explain: one for all images, one per image, or ``None`` (the predicted ones)
+Target = int | Sequence[int] | Tensor | None
+
 
 # --- maps -----------------------------------------------------------------------------------
 
 
 def _grid_tokens(rec: AttentionRecord, path: str) -> tuple[int, tuple[int, int]]:
     if rec.key_grid is None:
-        raise ValueError(f"{path} recorded cross-attention or tokens without a grid; its keys have no image positions")
+        raise ValueError(
+            f"{path} recorded cross-attention or tokens without a grid; its keys have no image positions "
+            "(token modules get their grid from the model that owns them when that model is called: model(x))"
+        )
     return rec.num_prefix_tokens, rec.key_grid
 
 
@@ -197,7 +215,7 @@ def rollout(
 def grad_rollout(
     model: nn.Module,
     x: Tensor,
-    target: int | Sequence[int] | Tensor | None = None,
+    target: Target = None,
     *,
     readout: Literal["cls", "mean", "cls_mean"] | None = None,
     layers: str | Sequence[str] | None = None,
@@ -312,6 +330,228 @@ def received(recording: AttentionRecording, module: str | int | nn.Module) -> Te
     if rec.query_index is None:
         weights = weights[:, :, rec.num_prefix_tokens :]
     return _to_key_grid(weights.mean(dim=2), rec)
+
+
+# --- one dispatcher over the named methods ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MapRequest:
+    """What a map method of :data:`METHODS` reads: the recording, or (gradient methods) the model
+    and its input, and the options of :func:`compute_map`."""
+
+    recording: AttentionRecording | None
+    model: nn.Module | None
+    x: Tensor | None
+    layer: int | str = -1
+    query: Point | None = None
+    relative: bool = False
+    target: Target = None
+    head_fusion: Literal["mean", "max", "min"] = "mean"
+    discard_ratio: float = 0.0
+    layers: str | Sequence[str] | None = None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One named map method: how to run it and what it needs.
+
+    Attributes:
+        name: the name :func:`compute` and the command line take.
+        run: the map from a :class:`MapRequest`: `(B, heads, h, w)` for a per-head method,
+            `(B, h, w)` otherwise.
+        title: what the map shows, a format string over `x`, `y` (the query point as shown),
+            `discard_ratio`, `head_fusion` and `target`.
+        label: the title of a one-map method's panel (same fields); per-head methods have a
+            panel per head.
+        per_head: gives one map per head.
+        reads_layer: reads one recorded module, chosen by `layer`; otherwise combines all of them.
+        needs_class_token: reads the class token (a mean-pooled model has none).
+        needs_gradients: takes gradients through the model, so it needs the model and `x`, not a recording.
+        needs_query: needs a query point.
+        on_key_grid: the map lies on the module's key grid (which a pooled grid lets reach past
+            the image: see :func:`key_extent`); otherwise on the token grid.
+    """
+
+    name: str
+    run: Callable[[MapRequest], Tensor]
+    title: str
+    label: str = ""
+    per_head: bool = False
+    reads_layer: bool = False
+    needs_class_token: bool = False
+    needs_gradients: bool = False
+    needs_query: bool = False
+    on_key_grid: bool = False
+
+    def check(self, query: Point | None = None, per_head: bool = False) -> None:
+        """Raise a `ValueError` unless a query point is given exactly when the method needs one,
+        and `per_head` only for a per-head method."""
+        if self.needs_query and query is None:
+            raise ValueError(f"method {self.name!r} needs a query point (x, y)")
+        if query is not None and not self.needs_query:
+            raise ValueError(f"method {self.name!r} takes no query point; 'query' maps where one attends")
+        if per_head and not self.per_head:
+            raise ValueError(f"{self.name} gives one map (head_fusion fuses its heads); per_head is for the others")
+
+
+#: the map methods by name, in the order menus list them
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            "cls",
+            lambda r: cls_attention(r.recording, r.layer),
+            "class-token attention",
+            per_head=True,
+            reads_layer=True,
+            needs_class_token=True,
+        ),
+        MethodSpec(
+            "rollout",
+            lambda r: rollout(r.recording, r.head_fusion, r.discard_ratio),
+            "attention rollout, discard {discard_ratio:g}",
+            label="rollout ({head_fusion})",
+        ),
+        MethodSpec(
+            "grad_rollout",
+            lambda r: grad_rollout(r.model, r.x, r.target, layers=r.layers),
+            "gradient-weighted rollout",
+            label="class {target}",
+            needs_gradients=True,
+        ),
+        MethodSpec(
+            "query",
+            lambda r: query_map(r.recording, r.layer, r.query, relative=r.relative),
+            "where ({x:g}, {y:g}) attends",
+            per_head=True,
+            reads_layer=True,
+            needs_query=True,
+            on_key_grid=True,
+        ),
+        MethodSpec(
+            "received",
+            lambda r: received(r.recording, r.layer),
+            "attention received",
+            per_head=True,
+            reads_layer=True,
+            on_key_grid=True,
+        ),
+    )
+}
+
+
+def method_spec(method: str) -> MethodSpec:
+    """The :class:`MethodSpec` named ``method``; an unknown name is an error listing the names."""
+    if method not in METHODS:
+        raise ValueError(f"unknown map method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+@dataclass(frozen=True)
+class AttentionMap:
+    """A map from :func:`compute_map` and where it lies.
+
+    Attributes:
+        values: `(B, h, w)`, or `(B, heads, h, w)` with `per_head=True`.
+        extent: cells of the map's grid that the input image spans (`to_image`'s `extent`), or
+            `None` for the whole grid.
+        path: the recorded module the map reads (methods that read one layer), or `None`.
+    """
+
+    values: Tensor
+    extent: tuple[float, float] | None
+    path: str | None
+
+
+def grid_queries(model: nn.Module, query: Point | None) -> list[Point] | None:
+    """What `record_attention(model, queries=...)` needs to serve a query map at `query`: the point,
+    where `model` has `SelfAttention2d` blocks (so only its query cells are recorded), else `None`."""
+    if query is None or not any(isinstance(m, SelfAttention2d) for m in model.modules()):
+        return None
+    return [query]
+
+
+def _recorded(model: nn.Module, x: Tensor, request: MapRequest) -> AttentionRecording:
+    queries = grid_queries(model, request.query)
+    with (
+        torch.no_grad(),
+        record_attention(model, layers=request.layers, queries=queries, relative=request.relative) as recording,
+    ):
+        model(x)
+    return recording
+
+
+def compute_map(
+    source: nn.Module | AttentionRecording,
+    method: str,
+    x: Tensor | None = None,
+    *,
+    layer: int | str = -1,
+    query: Point | None = None,
+    relative: bool = False,
+    target: Target = None,
+    head_fusion: Literal["mean", "max", "min"] = "mean",
+    discard_ratio: float = 0.0,
+    layers: str | Sequence[str] | None = None,
+    per_head: bool = False,
+) -> AttentionMap:
+    """One named map (:data:`METHODS`) from a model and its input, or from a recording, with
+    where it lies.
+
+    Args:
+        source: the model (then `x` is required: it is run once inside :func:`record_attention`),
+            or an :class:`AttentionRecording` already made (not for gradient methods).
+        method: a name of :data:`METHODS`: `"cls"`, `"rollout"`, `"grad_rollout"`, `"query"`,
+            `"received"`.
+        x: images `(B, C, H, W)` as the model takes them.
+        layer: the module a one-layer method reads (path or position; `-1` the last).
+        query: `(x, y)` point of the input for `"query"` (pixels, or fractions with `relative`).
+        target: the class of `"grad_rollout"` (default the predicted one).
+        head_fusion, discard_ratio: of `"rollout"` (:func:`rollout`).
+        layers: the modules to record (:func:`record_attention`'s filter), e.g. only the token
+            layers of a hybrid model.
+        per_head: per-head methods: each head's map instead of their mean.
+
+    Returns:
+        an :class:`AttentionMap`: `(B, h, w)` values (or `(B, heads, h, w)` with `per_head`) on
+        the method's grid (the token grid, or the key grid of `layer` for `"query"` and
+        `"received"`), its `extent` and the module path it reads.
+    """
+    spec = method_spec(method)
+    spec.check(query, per_head)
+    options = dict(layer=layer, query=query, relative=relative, target=target)
+    options.update(head_fusion=head_fusion, discard_ratio=discard_ratio, layers=layers)
+    if isinstance(source, AttentionRecording):
+        if spec.needs_gradients:
+            raise ValueError(f"{method} takes gradients through the model: pass the model and x, not a recording")
+        request = MapRequest(source, None, x, **options)
+    elif x is None:
+        raise ValueError(f"computing {method!r} from a model needs its input images x (B, C, H, W)")
+    else:
+        request = MapRequest(None, source, x, **options)
+        if not spec.needs_gradients:
+            request = replace(request, recording=_recorded(source, x, request))
+    values = spec.run(request)
+    if spec.per_head and not per_head:
+        values = values.mean(dim=1)
+    recording = request.recording
+    path = recording.path_of(layer) if spec.reads_layer else None
+    return AttentionMap(values, recording.extent(layer) if spec.on_key_grid else None, path)
+
+
+def compute(source: nn.Module | AttentionRecording, method: str, x: Tensor | None = None, **options: Any) -> Tensor:
+    """One named map (:data:`METHODS`): the values of :func:`compute_map`, with its arguments.
+
+    Returns:
+        `(B, h, w)`, or `(B, heads, h, w)` with `per_head=True`.
+
+    Example::
+
+        heat = maps.compute(vit, "rollout", images)                      # (B, gh, gw)
+        heads = maps.compute(rec, "received", layer="layer3.1", per_head=True)
+    """
+    return compute_map(source, method, x, **options).values
 
 
 # --- geometry -------------------------------------------------------------------------------

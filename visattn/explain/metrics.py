@@ -19,13 +19,15 @@ Maps are ``(B, h, w)`` on a grid that covers the image (a patch grid, a feature-
 pixels themselves); they are put on the pixels as :func:`visattn.maps.to_image` puts them.
 :func:`attention_map` makes such maps from a model with one of :data:`METHODS`; any other
 ``(B, h, w)`` map works the same (``visattn.maps.query_map(...).mean(1)``, a CAM, a baseline).
+Deletion and insertion are one measurement, :func:`causal_metric` (RISE's ``CausalMetric``),
+with ``mode="deletion"`` or ``"insertion"``.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +36,7 @@ from torchvision.transforms.v2.functional import gaussian_blur
 from .._utils import require_finite
 from ..layers.attention import RecordableAttention
 from . import maps
+from .maps import Target
 
 __all__ = [
     "METHODS",
@@ -41,6 +44,7 @@ __all__ = [
     "RandomizationResult",
     "attention_map",
     "cascade",
+    "causal_metric",
     "deletion",
     "insertion",
     "pointing_game",
@@ -48,12 +52,11 @@ __all__ = [
     "spearman",
 ]
 
-#: the named map methods of :func:`attention_map`
-METHODS = ("cls", "rollout", "grad_rollout", "received")
+#: the named map methods of :func:`attention_map`: those of :data:`visattn.maps.METHODS` that need no query point
+METHODS = tuple(name for name, spec in maps.METHODS.items() if not spec.needs_query)
 #: a map method: ``(model, images (B, C, H, W), target (B,)) -> (B, h, w)`` on a grid covering the image
 MapMethod = Callable[[nn.Module, Tensor, Tensor], Tensor]
 Baseline = Literal["blur", "zero", "mean"] | Tensor
-Target = int | Sequence[int] | Tensor | None
 
 
 # --- maps from a model ----------------------------------------------------------------------
@@ -79,19 +82,11 @@ def attention_map(
     """
     if method not in METHODS:
         raise ValueError(f"unknown map method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "grad_rollout":
-        return maps.grad_rollout(model, images, target).detach()
-    with torch.no_grad(), maps.record_attention(model) as rec:
-        model(images)
-    if method == "rollout":
-        return maps.rollout(rec)
-    if method == "cls":
-        return maps.cls_attention(rec, layer).mean(dim=1)
-    heads = maps.received(rec, layer).mean(dim=1)
-    extent = rec.extent(layer)
-    if tuple(extent) != tuple(heads.shape[-2:]):
-        return maps.to_image(heads, images.shape[-2:], extent=extent)
-    return heads
+    heat = maps.compute_map(model, method, images, target=target, layer=layer)
+    values = heat.values.detach()
+    if heat.extent is not None and tuple(heat.extent) != tuple(values.shape[-2:]):
+        return maps.to_image(values, images.shape[-2:], extent=heat.extent)
+    return values
 
 
 # --- checks ---------------------------------------------------------------------------------
@@ -269,11 +264,12 @@ def _area(curves: Tensor) -> Tensor:
     return (curves[:, 1:] + curves[:, :-1]).sum(dim=1) / (2 * (curves.shape[1] - 1))
 
 
-def deletion(
+def causal_metric(
     model: nn.Module,
     images: Tensor,
     heatmaps: Tensor,
     *,
+    mode: Literal["deletion", "insertion"],
     target: Target = None,
     steps: int = 32,
     baseline: Baseline = "blur",
@@ -281,17 +277,22 @@ def deletion(
     extent: tuple[float, float] | None = None,
     return_curves: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """The deletion metric of RISE (Petsiuk et al. 2018): remove pixels most-attended first and
-    follow the target's softmax probability. A map that found the evidence makes it fall fast:
-    **lower is better**.
+    """The deletion and insertion metrics of RISE (Petsiuk et al. 2018; their ``CausalMetric``).
+
+    ``"deletion"``: remove pixels most-attended first and follow the target's softmax
+    probability; a map that found the evidence makes it fall fast: **lower is better**.
+    ``"insertion"``: start from the baseline image and put the image's pixels back
+    most-attended first: **higher is better** (step 0 is the baseline image, the last step the
+    image itself).
 
     Args:
         model: the classifier (in the mode to evaluate, usually ``eval()``).
         images: ``(B, C, H, W)`` as the model takes them (normalized).
         heatmaps: ``(B, h, w)`` on a grid covering the image (``extent`` as in
             :func:`visattn.maps.to_image`); pixels are ranked by their value, ties in row-major order.
+        mode: ``"deletion"`` or ``"insertion"``.
         target: class per image (an int for all, or ``B``); default the predicted class.
-        steps: the curve has ``steps + 1`` points; step ``k`` has removed ``k·P // steps`` of the
+        steps: the curve has ``steps + 1`` points; step ``k`` has changed ``k·P // steps`` of the
             ``P`` pixels (all channels of a pixel together). ``B·(steps + 1)`` forward passes.
         baseline: what a removed pixel becomes: ``"blur"`` (the image blurred with a Gaussian,
             σ = 5 px, as RISE), ``"zero"``, ``"mean"`` (each image's per-channel mean) or a tensor
@@ -300,50 +301,26 @@ def deletion(
         return_curves: also return the curves.
 
     Returns:
-        ``(B,)`` area under the curve (trapezoid over the removed fraction ``[0, 1]``), and the
+        ``(B,)`` area under the curve (trapezoid over the changed fraction ``[0, 1]``), and the
         curves ``(B, steps + 1)`` with ``return_curves=True``.
     """
-    curves = _curves(
-        model,
-        images,
-        heatmaps,
-        insert=False,
-        target=target,
-        steps=steps,
-        baseline=baseline,
-        batch_size=batch_size,
-        extent=extent,
-    )
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+    options = dict(target=target, steps=steps, baseline=baseline, batch_size=batch_size, extent=extent)
+    curves = _curves(model, images, heatmaps, insert=mode == "insertion", **options)
     return (_area(curves), curves) if return_curves else _area(curves)
 
 
-def insertion(
-    model: nn.Module,
-    images: Tensor,
-    heatmaps: Tensor,
-    *,
-    target: Target = None,
-    steps: int = 32,
-    baseline: Baseline = "blur",
-    batch_size: int = 256,
-    extent: tuple[float, float] | None = None,
-    return_curves: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """The insertion metric of RISE: start from the baseline image and put the image's pixels
-    back most-attended first; **higher is better**. Arguments and returns as :func:`deletion`
-    (step 0 is the baseline image, the last step the image itself)."""
-    curves = _curves(
-        model,
-        images,
-        heatmaps,
-        insert=True,
-        target=target,
-        steps=steps,
-        baseline=baseline,
-        batch_size=batch_size,
-        extent=extent,
-    )
-    return (_area(curves), curves) if return_curves else _area(curves)
+def deletion(model: nn.Module, images: Tensor, heatmaps: Tensor, **options: Any) -> Tensor | tuple[Tensor, Tensor]:
+    """RISE's deletion metric, lower is better: :func:`causal_metric` with ``mode="deletion"``
+    (the same keyword arguments)."""
+    return causal_metric(model, images, heatmaps, mode="deletion", **options)
+
+
+def insertion(model: nn.Module, images: Tensor, heatmaps: Tensor, **options: Any) -> Tensor | tuple[Tensor, Tensor]:
+    """RISE's insertion metric, higher is better: :func:`causal_metric` with ``mode="insertion"``
+    (the same keyword arguments)."""
+    return causal_metric(model, images, heatmaps, mode="insertion", **options)
 
 
 # --- the model-parameter randomization test -------------------------------------------------

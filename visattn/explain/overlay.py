@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from .._io import atomic_save_image, check_output, image_format, load_image, to_rgb
 from .._utils import require_finite
-from ..layers.attention import SelfAttention2d
 from . import maps
 from .maps import Point, to_image
 
@@ -33,6 +32,7 @@ __all__ = [
     "METHODS",
     "OVERLAY_MAX_SIDE",
     "AttentionPanels",
+    "Panel",
     "Preprocess",
     "attention_overlay",
     "attention_panels",
@@ -356,8 +356,8 @@ def _check_picture_output(out: str | os.PathLike | None, image: Image.Image, for
         check_output(out, image_format(out), [picture_file(image)], force=force)
 
 
-#: the maps :func:`attention_overlay` draws
-METHODS = ("cls", "rollout", "grad_rollout", "query", "received")
+#: the maps :func:`attention_overlay` draws: every method of :data:`visattn.maps.METHODS`
+METHODS = tuple(maps.METHODS)
 
 
 def _prediction(logits: Tensor, class_names: Sequence[str] | None) -> str:
@@ -382,18 +382,71 @@ def _model_view(image: Image.Image, preprocess: Preprocess) -> Image.Image:
     return source.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
+@dataclass(frozen=True)
+class Panel:
+    """One map of a picture and what it is.
+
+    Attributes:
+        heatmap: `(h, w)` on the model input.
+        title: what the panel is titled.
+        kind: `"head"` (one head's map), `"mean"` (the mean of the heads) or `"map"` (the one map
+            of a method that fuses the heads itself).
+        head: the head's number for `kind="head"`, else `None`.
+    """
+
+    heatmap: Tensor
+    title: str
+    kind: Literal["head", "mean", "map"]
+    head: int | None = None
+
+
 @dataclass
 class AttentionPanels:
-    """Maps of one picture ready to draw: ``panels`` (``(h, w)`` maps on the model input) with
-    ``titles``, the ``box`` of the picture they cover, the grid ``extent``, and the query
-    ``marker`` (pixels of the picture)."""
+    """Maps of one picture ready to draw: the :class:`Panel` ``entries`` (maps on the model input),
+    the ``box`` of the picture they cover, the grid ``extent``, and the query ``marker`` (pixels of
+    the picture)."""
 
-    panels: list[Tensor]
-    titles: list[str]
+    entries: list[Panel]
     suptitle: str
     box: Box
     extent: tuple[float, float] | None = None
     marker: Point | None = None
+
+    @property
+    def panels(self) -> list[Tensor]:
+        """The maps ``(h, w)``, in panel order."""
+        return [entry.heatmap for entry in self.entries]
+
+    @property
+    def titles(self) -> list[str]:
+        return [entry.title for entry in self.entries]
+
+    def choose(self, head: int | Literal["mean"]) -> Tensor:
+        """The one map of :func:`attention_overlay`: head ``head``'s, or with ``"mean"`` the mean of
+        the heads (the only head's map, or the map of a method that fuses the heads)."""
+        heads = [entry for entry in self.entries if entry.kind == "head"]
+        if head == "mean":
+            fused = [entry for entry in self.entries if entry.kind != "head"]
+            return (fused or heads)[0].heatmap
+        if not heads:
+            raise ValueError(
+                f"head={head!r} picks one head's map, and this method gives one map ({self.titles[0]}); use 'mean'"
+            )
+        numbers = [entry.head for entry in heads]
+        if not (isinstance(head, int) and head in numbers):
+            raise ValueError(f"head must be 'mean' or a head number in 0..{len(heads) - 1}, got {head!r}")
+        return heads[numbers.index(head)].heatmap
+
+
+def _entries(spec: maps.MethodSpec, values: Tensor, fields: dict[str, Any]) -> list[Panel]:
+    """The panels of one picture's map ``values``: ``(heads, h, w)`` of a per-head method (each head,
+    then their mean), or ``(h, w)``."""
+    if not spec.per_head:
+        return [Panel(values, spec.label.format(**fields), "map")]
+    entries = [Panel(heatmap, f"head {h}", "head", h) for h, heatmap in enumerate(values)]
+    if len(entries) > 1:
+        entries.append(Panel(values.mean(dim=0), "mean of heads", "mean"))
+    return entries
 
 
 def attention_panels(
@@ -430,65 +483,34 @@ def attention_panels(
 
     Per-head methods give one panel per head and, with several heads, their mean.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if (method == "query") != (query is not None):
-        raise ValueError("method 'query' needs a query point (x, y) and the other methods take none")
+    spec = maps.method_spec(method)
+    spec.check(query)
     x = preprocess(_model_view(image, preprocess))[None]
     size = tuple(original_size or image.size)
     point = None if query is None else preprocess.to_input(query, size)
     marker = None if query is None else (query[0] * image.width / size[0], query[1] * image.height / size[1])
-    has_grid_blocks = any(isinstance(m, SelfAttention2d) for m in model.modules())
-    queries = [point] if point is not None and has_grid_blocks else None
-    with torch.no_grad(), maps.record_attention(model, queries=queries) as rec:
+    with torch.no_grad(), maps.record_attention(model, queries=maps.grid_queries(model, point)) as rec:
         logits = model(x)
+    if spec.needs_gradients and target is None:
+        target = int(logits.argmax(dim=-1)[0])
+    options = dict(layer=layer, query=point, target=target, head_fusion=head_fusion, discard_ratio=discard_ratio)
+    heat = maps.compute_map(model if spec.needs_gradients else rec, method, x, per_head=spec.per_head, **options)
+    label = class_names[target] if class_names and target is not None and 0 <= target < len(class_names) else target
+    fields = dict(discard_ratio=discard_ratio, head_fusion=head_fusion, target=label)
+    fields.update({} if query is None else dict(x=query[0], y=query[1]))
+    name = spec.title.format(**fields) + ("" if heat.path is None else f", {heat.path}")
     caption = _prediction(logits, class_names)
-    extent = None
-    if method == "rollout":
-        panels, titles = [maps.rollout(rec, head_fusion, discard_ratio)[0]], [f"rollout ({head_fusion})"]
-        name = f"attention rollout, discard {discard_ratio:g}"
-    elif method == "grad_rollout":
-        wanted = int(logits.argmax(dim=-1)[0]) if target is None else target
-        label = class_names[wanted] if class_names and 0 <= wanted < len(class_names) else str(wanted)
-        panels, titles = [maps.grad_rollout(model, x, wanted)[0]], [f"class {label}"]
-        name = "gradient-weighted rollout"
-    else:
-        if method == "cls":
-            heads = maps.cls_attention(rec, layer)[0]
-            name = "class-token attention"
-        elif method == "query":
-            heads = maps.query_map(rec, layer, point)[0]
-            name = f"where ({query[0]:g}, {query[1]:g}) attends"
-            extent = rec.extent(layer)
-        else:
-            heads = maps.received(rec, layer)[0]
-            name = "attention received"
-            extent = rec.extent(layer)
-        name = f"{name}, {rec.path_of(layer)}"
-        several = len(heads) > 1
-        panels = list(heads) + ([heads.mean(dim=0)] if several else [])
-        titles = [f"head {h}" for h in range(len(heads))] + (["mean of heads"] if several else [])
     return AttentionPanels(
-        panels, titles, name + (f"; {caption}" if caption else ""), preprocess.box(image.size), extent, marker
+        _entries(spec, heat.values[0], fields),
+        name + (f"; {caption}" if caption else ""),
+        preprocess.box(image.size),
+        heat.extent,
+        marker,
     )
 
 
 #: panels of ``attention_overlay(..., panels=True)`` show the picture at up to this many pixels wide
 PANEL_MAX_PX = 1024
-
-
-def _chosen_panel(p: AttentionPanels, head: int | Literal["mean"]) -> Tensor:
-    """The one map of :func:`attention_overlay`: a head's, or the mean of the heads (or the only map)."""
-    heads = [t for t in p.titles if t.startswith("head ")]
-    if head == "mean":
-        return p.panels[-1]
-    if not heads:
-        raise ValueError(
-            f"head={head!r} picks one head's map, and this method gives one map ({p.titles[0]}); use 'mean'"
-        )
-    if not (isinstance(head, int) and 0 <= head < len(heads)):
-        raise ValueError(f"head must be 'mean' or a head number in 0..{len(heads) - 1}, got {head!r}")
-    return p.panels[head]
 
 
 def attention_overlay(
@@ -525,9 +547,7 @@ def attention_overlay(
     _check_picture_output(out, image, force)
     p = attention_panels(model, image, method, preprocess=preprocess, **panel_kwargs)
     if not panels:
-        drawn = overlay(
-            image, _chosen_panel(p, head), cmap=cmap, alpha=alpha, box=p.box, extent=p.extent, marker=p.marker
-        )
+        drawn = overlay(image, p.choose(head), cmap=cmap, alpha=alpha, box=p.box, extent=p.extent, marker=p.marker)
         if out is not None:
             atomic_save_image(drawn, out)
         return drawn

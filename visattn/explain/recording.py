@@ -5,6 +5,13 @@ While the context manager is open, every visattn attention module of a model (fo
 hands an :class:`~visattn.AttentionRecord` to the open :class:`AttentionRecording`. On close
 the modules return to the fused kernel and keep nothing. Points are ``(x, y)``: ``x`` the
 column, ``y`` the row, in pixels of the model input (or fractions with ``relative=True``).
+
+Modules know nothing of images. A grid module says its own grids (its input is one); a token
+module says neither, and the recording asks the model that owns it (the nearest enclosing
+`TokenGridModel`: `grid_for(H, W)` and `num_prefix_tokens`, as a ViT has them) where its tokens
+lie, each time that model is called on images. A module with a sparse key pattern hands its
+weights with their `key_index`; the recording keeps them as full rows
+(`AttentionRecord.with_full_keys`).
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ import contextlib
 import fnmatch
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +33,15 @@ from ..layers.attention import (
     SelfAttention2d,
 )
 
-__all__ = ["DEFAULT_MAX_BYTES", "AttentionRecording", "Point", "point_to_cell", "record_attention"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "AttentionRecording",
+    "Point",
+    "TokenGridModel",
+    "TokenLayout",
+    "point_to_cell",
+    "record_attention",
+]
 
 Point = tuple[float, float]
 #: default refusal limit of :func:`record_attention`: 2 GiB of weights per module call
@@ -117,15 +133,74 @@ class AttentionRecording(Mapping[str, AttentionRecord]):
         return f"AttentionRecording(image_size={self.image_size},\n" + "\n".join(lines) + ")"
 
 
-def _readout(model: nn.Module, path: str) -> tuple[bool, str]:
-    """(has a class token, pool) of the nearest ancestor of ``path`` that says so (a ViT)."""
-    parts = path.split(".")
+@runtime_checkable
+class TokenGridModel(Protocol):
+    """What a model tells a recording about the tokens its attention modules see.
+
+    `VisionTransformer` (and so `HybridViT`) has both members, as timm's `dynamic_img_size` ViTs
+    have their equivalents. A model may also have `cls_token` (`None` when it has none) and
+    `pool` (`"cls"`, `"mean"`, `"cls_mean"`): how its output reads the tokens.
+
+    Attributes:
+        num_prefix_tokens: class, distillation and register tokens in front of the grid tokens.
+    """
+
+    num_prefix_tokens: int
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """The token grid `(gh, gw)` of an input image `height × width`."""
+        ...
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the tokens of one call of a `TokenGridModel` lie, and how it reads them out.
+
+    Attributes:
+        grid: `(gh, gw)` of the grid tokens.
+        num_prefix_tokens: tokens in front of them.
+        class_token: prefix token 0 is a class token.
+        pool: how the model's output reads its tokens (`"cls"`, `"mean"`, `"cls_mean"`).
+    """
+
+    grid: tuple[int, int]
+    num_prefix_tokens: int
+    class_token: bool
+    pool: str
+
+    @classmethod
+    def of(cls, model: TokenGridModel, height: int, width: int) -> TokenLayout:
+        """What `model` says about its tokens for an input `height × width`."""
+        class_token = getattr(model, "cls_token", None) is not None
+        pool = getattr(model, "pool", None)
+        pool = pool if isinstance(pool, str) else ("cls" if class_token else "mean")
+        grid = model.grid_for(height, width)
+        return cls((int(grid[0]), int(grid[1])), int(model.num_prefix_tokens), class_token, pool)
+
+    def describe(self, record: AttentionRecord) -> AttentionRecord:
+        """A token record (no grids of its own) with this layout: its query grid, its key grid
+        unless it is cross-attention, the prefix count and the readout. A record whose query rows
+        are not these tokens (another count) is returned as it is."""
+        if record.weights.shape[-2] != self.num_prefix_tokens + self.grid[0] * self.grid[1]:
+            return record
+        return replace(
+            record,
+            query_grid=self.grid,
+            key_grid=None if record.cross_attention else self.grid,
+            num_prefix_tokens=self.num_prefix_tokens,
+            class_token=self.class_token,
+            pool=self.pool,
+        )
+
+
+def _owner_path(model: nn.Module, path: str) -> str | None:
+    """The path of the nearest module enclosing ``path`` that is a :class:`TokenGridModel` (or ``None``)."""
+    parts = path.split(".") if path else []
     for depth in range(len(parts) - 1, -1, -1):
-        owner = model.get_submodule(".".join(parts[:depth]))
-        if hasattr(owner, "cls_token") and hasattr(owner, "pool"):
-            return owner.cls_token is not None, owner.pool
-    prefix = model.get_submodule(path).num_prefix_tokens
-    return prefix > 0, "cls" if prefix > 0 else "mean"
+        owner = ".".join(parts[:depth])
+        if isinstance(model.get_submodule(owner), TokenGridModel):
+            return owner
+    return None
 
 
 def _first_image(args: tuple, kwargs: dict) -> Tensor | None:
@@ -223,6 +298,13 @@ def record_attention(
         ``query_grid``, ``key_grid``, ``key_stride``, ``num_prefix_tokens``, ``query_index``,
         ``image_size``, ``class_token`` and ``pool``.
 
+    Grids of token modules: each time the model that owns them (a `TokenGridModel` such as a
+    ViT) is called on images `(B, C, H, W)`, a forward pre-hook asks it for its grid and prefix
+    count (with recording paused, so a stem that runs attention blocks records nothing then).
+    Call that model itself (`model(x)`): its other entry points (`forward_intermediates`,
+    `forward_features`) run no hooks, and their token records stay without grids (never with
+    another call's).
+
     Under ``torch.compile``: recording works on a compiled model, ``fullgraph=True`` included
     (tested): it switches an attribute of each attention module, which the compiled graph's
     guards check, rather than adding hooks after compilation (the case of pytorch#117758). The
@@ -248,6 +330,10 @@ def record_attention(
     session = _Session(model, recording, keep_grad, queries, relative, max_bytes)
     handles = [model.register_forward_pre_hook(session.start_forward, with_kwargs=True)]
     try:
+        for owner in dict.fromkeys(o for o in session.owners.values() if o is not None):
+            module = model.get_submodule(owner)
+            handles.append(module.register_forward_pre_hook(session.layout_reader(owner), with_kwargs=True))
+            handles.append(module.register_forward_hook(session.layout_closer(owner)))
         for path, module in modules.items():
             module.recording = RecordingRequest(session.sink(path), max_bytes=max_bytes)
             if queries is not None and path in grid_modules:
@@ -286,7 +372,10 @@ class _Session:
     ) -> None:
         self.recording, self.keep_grad, self.queries, self.relative = recording, keep_grad, queries, relative
         self.max_bytes = max_bytes
-        self.readouts = {path: _readout(model, path) for path in recording.modules}
+        #: module path → path of the model that owns its tokens (``None``: a module on its own)
+        self.owners = {path: _owner_path(model, path) for path in recording.modules}
+        #: owner path → the layout of its current call on images
+        self.layouts: dict[str, TokenLayout] = {}
 
     def _share_budget(self) -> None:
         """Lower every module's ``max_bytes`` to what the records held so far leave of the total."""
@@ -304,8 +393,45 @@ class _Session:
         image = _first_image(args, kwargs)
         self.recording.image_size = None if image is None else (int(image.shape[-2]), int(image.shape[-1]))
 
+    def layout_reader(self, owner: str) -> Callable[[nn.Module, tuple, dict], None]:
+        """Pre-hook of the model at ``owner``: ask it where the tokens of this call lie."""
+
+        def read(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            image = _first_image(args, kwargs)
+            if image is None:  # not called on images: its tokens have no grid
+                self.layouts.pop(owner, None)
+                return
+            with self._paused():  # a layout that runs the model's stem (a hybrid's CNN) records nothing
+                self.layouts[owner] = TokenLayout.of(model, int(image.shape[-2]), int(image.shape[-1]))
+
+        return read
+
+    def layout_closer(self, owner: str) -> Callable[[nn.Module, tuple, Any], None]:
+        """Forward hook of the model at ``owner``: its layout held for this call only (a token
+        module run outside a call of its model, by hand or through another entry point, gets no
+        grid rather than the last call's)."""
+
+        def close(_model: nn.Module, _args: tuple, _output: Any) -> None:
+            self.layouts.pop(owner, None)
+
+        return close
+
+    @contextlib.contextmanager
+    def _paused(self) -> Iterator[None]:
+        """Every recorded module on its fused path for a while, its request kept."""
+        requests = {path: module.recording for path, module in self.recording.modules.items()}
+        for module in self.recording.modules.values():
+            module.recording = None
+        try:
+            yield
+        finally:
+            for path, module in self.recording.modules.items():
+                module.recording = requests[path]
+
     def choose_queries(self, module: SelfAttention2d, args: tuple) -> None:
         """``SelfAttention2d`` pre-hook: the query cells under the asked points of this input."""
+        if module.recording is None:  # paused while a model finds its token grid
+            return
         image_size = self.recording.image_size
         if image_size is None:
             raise ValueError(
@@ -318,17 +444,16 @@ class _Session:
         module.recording.query_subset = torch.tensor(flat, dtype=torch.long)
 
     def sink(self, path: str) -> Callable[[nn.Module, AttentionRecord], None]:
-        """What the module at ``path`` hands its records to."""
-        class_token, pool = self.readouts[path]
+        """What the module at ``path`` hands its records to: token records get their owner's
+        layout, sparse weights become full rows."""
+        owner = self.owners[path]
 
         def receive(_module: nn.Module, record: AttentionRecord) -> None:
+            if record.query_grid is None and owner in self.layouts:
+                record = self.layouts[owner].describe(record)
+            record = record.with_full_keys()
             weights = record.weights if self.keep_grad else record.weights.detach()
-            self.recording._add(
-                path,
-                replace(
-                    record, weights=weights, image_size=self.recording.image_size, class_token=class_token, pool=pool
-                ),
-            )
+            self.recording._add(path, replace(record, weights=weights, image_size=self.recording.image_size))
             self._share_budget()
 
         return receive

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
 import torch
@@ -20,23 +20,50 @@ from torch import Tensor, nn
 from .functional import attention, attention_matrix_bytes, attention_weights
 from .pos_embed import sincos_2d
 
-__all__ = ["AttentionRecord", "MultiHeadAttention", "RecordableAttention", "RecordingRequest", "SelfAttention2d"]
+__all__ = [
+    "AttentionRecord",
+    "MultiHeadAttention",
+    "RecordableAttention",
+    "RecordingRequest",
+    "SelfAttention2d",
+    "place_keys",
+]
 
 
 @dataclass
 class AttentionRecord:
     """What one attention call produced for a recording.
 
+    A module fills in what it knows: a grid module (`(B, C, H, W)` input) its query and key
+    grids; a token module (`(B, N, D)` input) neither, and `visattn.record_attention` adds the
+    grid and prefix count of the model that owns it (the model's `grid_for(H, W)` and
+    `num_prefix_tokens`, asked when the model is called).
+
+    A module that attends each query to a subset of the keys (windows, neighbourhoods, rows and
+    columns) hands its weights over that subset, `(B, heads, Nq, K)`, with `key_index` `(Nq, K)`:
+    where each of those keys lies on the full key axis. The recording places them into full rows
+    (`with_full_keys`), so every record it keeps has `(B, heads, Nq, Nk)` weights, zero outside
+    each query's key set.
+
     Attributes:
-        weights: ``(B, heads, Nq, Nk)`` attention weights (rows sum to one).
-        query_grid: ``(gh, gw)`` of the query tokens after the prefix, or ``None``.
+        weights: ``(B, heads, Nq, Nk)`` attention weights (rows sum to one), or
+            ``(B, heads, Nq, K)`` over the keys of ``key_index``.
+        query_grid: ``(gh, gw)`` of the query tokens after the prefix, or ``None`` (not known
+            to the module).
         key_grid: ``(gh, gw)`` of the key tokens after the prefix (a pooled key grid has its
-            own size), or ``None`` (cross-attention: keys without image positions).
+            own size), or ``None`` (not known to the module, or cross-attention: keys without
+            image positions).
         key_stride: ``(sh, sw)`` query cells per key cell (``kv_pool`` of a ``SelfAttention2d``,
             ``(1, 1)`` otherwise); the key grid spans ``query_grid / key_stride`` of its cells.
         num_prefix_tokens: class/register tokens in front of the grid tokens.
         query_index: flat indices (row-major) into the query grid of the recorded query rows
             (``None`` = all of them, prefix included).
+        key_index: `None` (`weights` has every key), or `(Nq, K)` long positions on the full
+            key axis `Nk = num_prefix_tokens + kh·kw` (prefix first, then the key grid row-major)
+            of the `K` keys each query row of `weights` attends to; `-1` marks an empty slot (its
+            weight is ignored). A query's real positions are distinct.
+        cross_attention: the keys are another sequence than the queries (`context`), so the
+            owning model's grid describes the queries only.
         image_size: ``(H, W)`` of the model input, or ``None`` (set by ``record_attention``).
         class_token: whether prefix token 0 is a class token (set by ``record_attention``).
         pool: ``"cls"``, ``"mean"`` or ``"cls_mean"``, how the owning model reads its tokens out (set by
@@ -49,6 +76,8 @@ class AttentionRecord:
     key_stride: tuple[int, int] = (1, 1)
     num_prefix_tokens: int = 0
     query_index: Tensor | None = None
+    key_index: Tensor | None = None
+    cross_attention: bool = False
     image_size: tuple[int, int] | None = None
     class_token: bool = False
     pool: str = "mean"
@@ -64,6 +93,36 @@ class AttentionRecord:
             raise ValueError("this record has no query grid, so its keys have no image extent")
         (qh, qw), (sh, sw) = self.query_grid, self.key_stride
         return qh / sh, qw / sw
+
+    def with_full_keys(self) -> AttentionRecord:
+        """This record with every key: weights over `key_index` placed into full rows
+        `(B, heads, Nq, prefix + kh·kw)`, zeros elsewhere (`self` when there is no `key_index`)."""
+        if self.key_index is None:
+            return self
+        if self.key_grid is None:
+            raise ValueError("weights over a subset of keys (key_index) need the key grid they index")
+        num_keys = self.num_prefix_tokens + self.key_grid[0] * self.key_grid[1]
+        return replace(self, weights=place_keys(self.weights, self.key_index, num_keys), key_index=None)
+
+
+def place_keys(weights: Tensor, key_index: Tensor, num_keys: int) -> Tensor:
+    """Weights over a subset of keys → full rows over all ``num_keys`` keys, zero elsewhere.
+
+    Args:
+        weights: `(..., Nq, K)`: each query row's weights over its `K` keys.
+        key_index: `(Nq, K)` (or any shape that broadcasts to `weights`) positions in
+            `[0, num_keys)` of those keys, `-1` for an empty slot; distinct within a row.
+        num_keys: length of the full key axis.
+
+    Returns:
+        `(..., Nq, num_keys)` in the dtype of `weights` (differentiable in `weights`).
+    """
+    index = key_index.to(weights.device).long().expand_as(weights)
+    if not torch.compiler.is_compiling() and bool(((index < -1) | (index >= num_keys)).any()):
+        raise ValueError(f"key_index holds positions outside [-1, {num_keys}) (-1 marks an empty slot)")
+    spare = torch.where(index < 0, num_keys, index)  # empty slots go to one extra column, dropped below
+    full = weights.new_zeros(*weights.shape[:-1], num_keys + 1).scatter(-1, spare, weights)
+    return full[..., :num_keys]
 
 
 @dataclass
@@ -88,6 +147,13 @@ class RecordableAttention(nn.Module):
 
     ``recording`` is ``None`` except while a recording is open; then the module also computes
     its weights and hands an :class:`AttentionRecord` to ``recording.sink``.
+
+    This is where a new attention family plugs in: subclass it, keep the fused path when
+    `recording` is `None`, and otherwise call `recording.sink(self, AttentionRecord(...))` once
+    per forward with what the module knows: its grids if its input is a grid, and, for a sparse
+    key pattern, the weights over each query's keys with their `key_index` on the full key grid
+    (check the size of the full rows with `_check_record_size` first: the recording keeps those).
+    Nothing about images or the owning model goes into `forward`'s signature.
     """
 
     #: advice added to the too-large error (how this kind of module records less)
@@ -149,7 +215,6 @@ class MultiHeadAttention(RecordableAttention):
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.num_prefix_tokens = 0  # set by the owning model (class/register tokens)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
@@ -170,18 +235,12 @@ class MultiHeadAttention(RecordableAttention):
         k, v = kv.unbind(0)
         return q, k, v
 
-    def forward(
-        self,
-        x: Tensor,
-        context: Tensor | None = None,
-        mask: Tensor | None = None,
-        grid_size: tuple[int, int] | None = None,
-    ) -> Tensor:
-        """Attend from ``x`` ``(B, N, D)`` to itself, or to ``context`` ``(B, M, D)``.
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, context: Tensor | None = None) -> Tensor:
+        """Attend from `x` `(B, N, D)` to itself, or to `context` `(B, M, D)` (timm's signature
+        plus `context`).
 
-        ``mask`` (boolean, True = attend, or additive float) broadcasts to ``(B, heads, N, M)``.
-        ``grid_size`` ``(gh, gw)`` says how the tokens after the prefix lie on an image grid; it
-        only describes recorded weights and changes nothing in the arithmetic.
+        `attn_mask` (boolean, True = attend, or additive float) broadcasts to `(B, heads, N, M)`.
+        Recorded weights carry no grid: `record_attention` adds the owning model's.
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MultiHeadAttention expects tokens (B, N, {self.dim}), got {tuple(x.shape)}")
@@ -193,19 +252,12 @@ class MultiHeadAttention(RecordableAttention):
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop if self.training else 0.0
         if self.recording is None:
-            out = attention(q, k, v, mask=mask, dropout_p=dropout_p)
+            out = attention(q, k, v, mask=attn_mask, dropout_p=dropout_p)
         else:
             self._check_record_size(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.dtype)
-            out, weights = attention(q, k, v, mask=mask, dropout_p=dropout_p, need_weights=True)
-            self.recording.sink(
-                self,
-                AttentionRecord(
-                    weights=weights,
-                    query_grid=grid_size,
-                    key_grid=grid_size if context is None else None,
-                    num_prefix_tokens=self.num_prefix_tokens,
-                ),
-            )
+            out, weights = attention(q, k, v, mask=attn_mask, dropout_p=dropout_p, need_weights=True)
+            record = AttentionRecord(weights, query_grid=None, key_grid=None, cross_attention=context is not None)
+            self.recording.sink(self, record)
         out = rearrange(out, "b h n d -> b n (h d)")
         return self.proj_drop(self.proj(out))
 
@@ -320,7 +372,6 @@ class SelfAttention2d(RecordableAttention):
         self.pos = pos
         self.scale = scale
         self.attn_drop = attn_drop
-        self.num_prefix_tokens = 0
 
         self.query = nn.Conv2d(channels, qk_channels, 1, bias=qkv_bias)
         self.key = nn.Conv2d(channels, qk_channels, 1, bias=qkv_bias)

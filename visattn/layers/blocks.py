@@ -84,10 +84,10 @@ class EncoderBlock(nn.Module):
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
-        """``x`` ``(B, N, D)``; ``grid_size`` only describes recorded attention (see MHA)."""
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """`x` `(B, N, D)`; `attn_mask` as in `MultiHeadAttention.forward` (timm's signature)."""
         if self.norm == "pre":
-            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid_size=grid_size)))
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        x = self.norm1(x + self.drop_path1(self.ls1(self.attn(x, grid_size=grid_size))))
+        x = self.norm1(x + self.drop_path1(self.ls1(self.attn(x, attn_mask=attn_mask))))
         return self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))

@@ -177,8 +177,6 @@ class VisionTransformer(nn.Module):
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu")
         drop_paths = [rate.item() for rate in rates]
         self.blocks = nn.Sequential(*[make_block(drop_path=rate) for rate in drop_paths])
-        for block in self.blocks:
-            block.attn.num_prefix_tokens = self.num_prefix_tokens
 
     def _build_head(
         self,
@@ -253,19 +251,19 @@ class VisionTransformer(nn.Module):
             tokens = torch.cat([*prefix, tokens], dim=1) + pos
         return self.pos_drop(tokens), grid
 
-    def _run_block(self, block: EncoderBlock, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    def _run_block(self, block: EncoderBlock, tokens: Tensor) -> Tensor:
         """One block; under :meth:`set_grad_checkpointing` its activations are recomputed in the
         backward pass instead of kept (not while its attention is being recorded: the recomputation
         would record it twice)."""
         if self.grad_checkpointing and torch.is_grad_enabled() and block.attn.recording is None:
-            return checkpoint(block, tokens, grid, use_reentrant=False)
-        return block(tokens, grid_size=grid)
+            return checkpoint(block, tokens, use_reentrant=False)
+        return block(tokens)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``(B, C, H, W)`` → normalized tokens ``(B, prefix + gh·gw, D)``."""
-        tokens, grid = self.embed(x)
+        tokens, _ = self.embed(x)
         for block in self.blocks:
-            tokens = self._run_block(block, tokens, grid)
+            tokens = self._run_block(block, tokens)
         return self.norm(tokens)
 
     def pool_tokens(self, tokens: Tensor) -> Tensor:
@@ -306,7 +304,10 @@ class VisionTransformer(nn.Module):
         return self.patch_embed.patch_size
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
-        """Token grid ``(gh, gw)`` for an input ``height × width`` (raises a clear error if it does not tile)."""
+        """Token grid `(gh, gw)` for an input `height × width` (raises a clear error if it does not tile).
+
+        With `num_prefix_tokens`, what `record_attention` asks of the model to lay its blocks'
+        weights on the grid (the `TokenGridModel` protocol of `visattn.explain.recording`)."""
         return self.patch_embed.grid_size(height, width)
 
     # --- timm's feature and memory interface ----------------------------------------------
@@ -369,7 +370,7 @@ class VisionTransformer(nn.Module):
         tokens, grid = self.embed(x)
         outputs = []
         for i, block in enumerate(self.blocks[: last + 1] if stop_early else self.blocks):
-            tokens = self._run_block(block, tokens, grid)
+            tokens = self._run_block(block, tokens)
             if i in take:
                 outputs.append(self.norm(tokens) if norm else tokens)
         prefix = [t[:, : self.num_prefix_tokens] for t in outputs] if self.num_prefix_tokens else None
