@@ -1,10 +1,11 @@
-"""Small helpers shared across layers: pairs, a dry forward pass in eval mode, input checks, native bf16.
+"""Small helpers shared across layers: pairs, a dry forward pass in eval mode, argument and input checks, native bf16.
 
 A leaf: imports nothing of visattn.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,7 +15,17 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-__all__ = ["check_images", "cpu_has_native_bf16", "dry_forward", "eight_bit", "eval_mode", "to_pair"]
+__all__ = [
+    "ArgumentError",
+    "check_images",
+    "check_probabilities",
+    "check_range",
+    "cpu_has_native_bf16",
+    "dry_forward",
+    "eight_bit",
+    "eval_mode",
+    "to_pair",
+]
 
 #: PIL modes of 16-bit and 32-bit integer pictures (16-bit PNG, TIFF), which ``convert`` would clip at 255
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -23,6 +34,59 @@ _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 def to_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     """``7`` → ``(7, 7)``; ``(h, w)`` or ``[h, w]`` → ``(h, w)``."""
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class ArgumentError(ValueError):
+    """A constructor argument outside its valid range; ``argument`` is its name (``"num_heads"``),
+    so that a caller holding the arguments in a config can name the config key."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(message)
+        self.argument = argument
+
+
+def check_range(
+    name: str,
+    value: Any,
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    integer: bool = False,
+    pair: bool = False,
+) -> None:
+    """Raise an ``ArgumentError`` naming ``name``, its value and its valid range unless ``value`` is a
+    number (an ``int`` with ``integer``; never a ``bool``) with ``value >= at_least``,
+    ``value > above`` and ``value < below`` (each bound only when given). With ``pair``, an
+    ``(h, w)`` tuple or list of two such numbers is valid too (``img_size``, ``patch_size``).
+
+    ``check_range("num_heads", 0, at_least=1, integer=True)`` raises
+    ``num_heads=0 is not valid: it must be an integer >= 1``.
+    """
+    kind = numbers.Integral if integer else numbers.Real
+    items = list(value) if pair and isinstance(value, (tuple, list)) and len(value) == 2 else [value]
+    valid = all(
+        isinstance(item, kind)
+        and not isinstance(item, bool)
+        and (at_least is None or item >= at_least)
+        and (above is None or item > above)
+        and (below is None or item < below)
+        for item in items
+    )
+    if not valid:
+        bounds = [
+            f"{sign} {bound:g}" for sign, bound in ((">=", at_least), (">", above), ("<", below)) if bound is not None
+        ]
+        wanted = f"{'an integer' if integer else 'a number'} {' and '.join(bounds)}".rstrip()
+        raise ArgumentError(
+            name, f"{name}={value!r} is not valid: it must be {wanted}" + (", or a pair (h, w) of them" if pair else "")
+        )
+
+
+def check_probabilities(**rates: float) -> None:
+    """Raise an ``ArgumentError`` naming the argument unless each rate (``attn_drop=0.1``) is in ``[0, 1)``."""
+    for name, rate in rates.items():
+        check_range(name, rate, at_least=0, below=1)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -128,9 +128,12 @@ def _mask_for_kernel(mask: Tensor, q: Tensor, nk: int) -> Tensor:
 
 
 def _kernel_dtype(q: Tensor) -> torch.dtype:
-    """The dtype the kernels compute in: autocast's inside an autocast region of ``q``'s device, else ``q``'s."""
+    """The dtype the kernels compute in: autocast's inside an autocast region of ``q``'s device
+    (CPU or CUDA), else ``q``'s."""
     device = q.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return q.dtype
 
 
 def fused_head_widths(d: int, dv: int, device_type: str, dtype: torch.dtype) -> tuple[int, int]:

@@ -27,8 +27,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._utils import dry_forward
-from ..layers.attention import SelfAttention2d, default_qk_channels, pooled_grid
+from .._utils import check_range, dry_forward
+from ..layers.attention import SelfAttention2d, check_heads, default_qk_channels, pooled_grid
 from ..layers.functional import attention_matrix_bytes
 
 __all__ = ["AttentionSite", "attention_sites", "format_sites", "hooked_blocks", "insert_attention"]
@@ -254,6 +254,8 @@ def attention_sites(
     Returns:
         :class:`AttentionSite` rows in module order.
     """
+    check_heads(num_heads)
+    check_range("kv_pool", kv_pool, at_least=1, integer=True)
     element = torch.empty((), dtype=dtype).element_size()
     modules = {
         path: module
