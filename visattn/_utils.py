@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "ArgumentError",
+    "autocast_enabled",
+    "check_grid_values",
     "check_images",
     "check_probabilities",
     "check_range",
@@ -127,13 +129,36 @@ def dry_forward(
         return (call or model)(x)
 
 
-def check_images(x: Tensor, in_chans: int) -> None:
-    """Raise a clear error unless ``x`` is a batch of images ``(B, in_chans, H, W)``."""
+def check_images(x: Tensor, in_chans: int, weight: Tensor | None = None) -> None:
+    """Raise a clear error unless ``x`` is a batch of images ``(B, in_chans, H, W)`` with the
+    values ``check_grid_values`` asks for (``weight``: the first weight they meet)."""
     if x.dim() != 4 or x.shape[1] != in_chans:
         raise ValueError(
             f"expected images (B, {in_chans}, H, W), got {tuple(x.shape)}"
             + (f"; build the model with in_chans={x.shape[1]}" if x.dim() == 4 else "")
         )
+    check_grid_values(x, weight, "the model")
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether an autocast region is open for ``device``'s type (only CPU and CUDA have one)."""
+    return device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+
+
+def check_grid_values(x: Tensor, weight: Tensor | None, owner: str) -> None:
+    """Raise a ``ValueError`` unless the ``(B, C, H, W)`` input ``x`` of ``owner`` is floating point,
+    of ``weight``'s dtype (any floating dtype inside an autocast region) and at least 1×1.
+
+    Only dtypes and sizes are read, so the check is the same under ``torch.compile``."""
+    if not x.is_floating_point():
+        raise ValueError(f"{owner} needs a floating-point input, got {x.dtype}; convert it with x.float()")
+    if weight is not None and x.dtype != weight.dtype and not autocast_enabled(x.device):
+        raise ValueError(
+            f"{owner} has {weight.dtype} weights but got a {x.dtype} input; convert one to the other "
+            f"(x.to({weight.dtype}) or model.to({x.dtype}))"
+        )
+    if x.shape[-2] == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{owner} got an empty grid {tuple(x.shape)}: height and width must be at least 1")
 
 
 def eight_bit(image: Image.Image) -> Image.Image:

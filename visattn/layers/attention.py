@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._utils import ArgumentError, check_probabilities, check_range
+from .._utils import ArgumentError, check_grid_values, check_probabilities, check_range
 from .functional import attention, attention_matrix_bytes, attention_weights
 from .pos_embed import sincos_2d
 
@@ -418,6 +418,7 @@ class SelfAttention2d(RecordableAttention):
                 f"SelfAttention2d was built for C={self.channels} channels, got input "
                 f"{tuple(x.shape)} with C={x.shape[1]}; build it with channels={x.shape[1]}"
             )
+        check_grid_values(x, self.query.weight, "SelfAttention2d")
 
     def key_grid_size(self, height: int, width: int) -> tuple[int, int]:
         """The key/value grid ``(h, w)`` for a query grid ``(height, width)`` (pooling, ceil mode)."""

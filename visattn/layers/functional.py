@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
-from .._utils import cpu_has_native_bf16
+from .._utils import autocast_enabled, cpu_has_native_bf16
 from .chunked import chunked_attention
 
 __all__ = [
@@ -130,10 +130,7 @@ def _mask_for_kernel(mask: Tensor, q: Tensor, nk: int) -> Tensor:
 def _kernel_dtype(q: Tensor) -> torch.dtype:
     """The dtype the kernels compute in: autocast's inside an autocast region of ``q``'s device
     (CPU or CUDA), else ``q``'s."""
-    device = q.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return q.dtype
+    return torch.get_autocast_dtype(q.device.type) if autocast_enabled(q.device) else q.dtype
 
 
 def fused_head_widths(d: int, dv: int, device_type: str, dtype: torch.dtype) -> tuple[int, int]:

@@ -126,7 +126,7 @@ class HybridEmbed(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """Images ``(B, in_chans, H, W)`` → the backbone's grid ``(B, C, h, w)``."""
-        check_images(x, self.in_chans)
+        check_images(x, self.in_chans, next(self.backbone.parameters(), None))
         out = self.backbone(x)
         if isinstance(out, Mapping):
             out = list(out.values())
