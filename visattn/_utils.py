@@ -26,6 +26,7 @@ __all__ = [
     "dry_forward",
     "eight_bit",
     "eval_mode",
+    "human_bytes",
     "to_pair",
 ]
 
@@ -89,6 +90,17 @@ def check_probabilities(**rates: float) -> None:
     """Raise an ``ArgumentError`` naming the argument unless each rate (``attn_drop=0.1``) is in ``[0, 1)``."""
     for name, rate in rates.items():
         check_range(name, rate, at_least=0, below=1)
+
+
+def human_bytes(n: float) -> str:
+    """Bytes with a binary prefix: ``150.1 KiB``, ``3.6 EiB``."""
+    if n < 1024:
+        return f"{n:.0f} B"
+    for prefix in ("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"):
+        n /= 1024
+        if n < 1024 or prefix == "Ei":
+            break
+    return f"{n:.1f} {prefix}B"
 
 
 def cpu_has_native_bf16() -> bool:
