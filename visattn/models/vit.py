@@ -171,8 +171,7 @@ class VisionTransformer(nn.Module):
         self.embed_dim = self.num_features = embed_dim
         self.head_hidden_size = 2 * embed_dim if pool == "cls_mean" else embed_dim
         self.pool = pool
-        self.pos_embed_kind = pos_embed
-        self.pos_embed_antialias = pos_embed_antialias
+        self.pos_embed_kind, self.pos_embed_antialias = pos_embed, pos_embed_antialias
         self.no_embed_class = no_embed_class
         self.num_reg_tokens = reg_tokens
         self.num_prefix_tokens = int(class_token) + int(dist_token) + reg_tokens
