@@ -7,6 +7,11 @@ on inputs laid out for the fused (flash) kernel, or the query-chunked path of
 :mod:`visattn.layers.chunked` (bf16 products on the matrix units), whichever measured faster for
 the shape (see :func:`attention_backend`). With ``need_weights=True`` it computes the weights
 explicitly, in the same arithmetic, and returns them too.
+
+Head widths the fused kernels refuse are zero-padded and one-channel heads are laid out with unit
+stride, so memory stays linear in the number of tokens for every head width (``fused_head_widths``
+holds the measured rules). PyTorch still runs its unfused kernel, which stores the weights, for
+attention dropout on CPU and for float64 on CUDA.
 """
 
 from __future__ import annotations
