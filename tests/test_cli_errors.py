@@ -240,6 +240,26 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("run name with a line break", ["train", "run.name=a\nb"], "run.name='a\\nb'"),
     ("run name empty", ["train", "run.name="], "run.name=''"),
     ("run name empty in a file", ["train", "--config", "{tmp}/empty_name.yaml"], "run.name=''"),
+    # model arguments and sizes: checked on the meta device before anything is built or loaded
+    ("model num_heads zero", ["train", "model.num_heads=0"], "model.num_heads=0"),
+    ("model num_heads negative", ["train", "model.num_heads=-2"], "model.num_heads=-2"),
+    ("model num_heads not dividing", ["train", "model.num_heads=3"], "model.num_heads"),
+    ("model patch_size zero", ["train", "model.patch_size=0"], "model.patch_size=0"),
+    ("model depth negative", ["train", "model.depth=-1"], "model.depth=-1"),
+    ("model embed_dim float", ["train", "model.embed_dim=1e6"], "model.embed_dim"),
+    ("model mlp_ratio zero", ["train", "model.mlp_ratio=0"], "model.mlp_ratio"),
+    ("attention num_heads zero",
+     ["train", "model.name=resnet18_small", "model.attention.at=layer3", "model.attention.num_heads=0"],
+     "model.attention.num_heads=0"),
+    ("img_size 1e9 float", ["train", "data.img_size=1e9"], "data.img_size"),
+    ("batch_size 1e9 float", ["train", "train.batch_size=1e9"], "train.batch_size"),
+    ("huge img_size", ["train", "data.img_size=1000000000"], "data.img_size=1000000000 is too large"),
+    ("huge batch_size", ["train", "train.batch_size=1000000000"], "train.batch_size=1000000000 is too large"),
+    ("huge embed_dim", ["train", "model.embed_dim=1000000"], "model.embed_dim=1000000 is too large"),
+    ("huge depth", ["train", "model.depth=10000"], "model.depth=10000 is too large"),
+    ("huge canvas", ["train", "data.name=digits_canvas", "data.canvas_size=1000000"], "data.canvas_size"),
+    ("sites zero heads", ["sites", "resnet18_small", "--heads", "0"], "--heads"),
+    ("sites zero kv-pool", ["sites", "resnet18_small", "--kv-pool", "0"], "--kv-pool"),
 ]  # fmt: skip
 
 DRIVER = r"""

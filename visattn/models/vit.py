@@ -17,16 +17,44 @@ from timm.layers import get_act_layer, trunc_normal_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .._utils import to_pair
+from .._utils import check_range, to_pair
+from ..layers.attention import check_heads
 from ..layers.blocks import EncoderBlock
 from ..layers.patch_embed import ConvStem, PatchEmbed
 from ..layers.pos_embed import resample_pos_embed, sincos_2d
 from .registry import register_model
 
-__all__ = ["PatchEmbed", "VisionTransformer"]
+__all__ = ["PatchEmbed", "VisionTransformer", "check_vit_arguments"]
 
 #: the token stems of ``VisionTransformer(stem=...)``
 STEMS = {"patch": PatchEmbed, "conv": ConvStem}
+_COUNT = {"integer": True, "at_least": 1}
+_RATE = {"at_least": 0, "below": 1}
+#: the valid range of each numeric argument of ``VisionTransformer`` (``check_range`` keywords)
+ARGUMENT_RANGES: dict[str, dict[str, Any]] = {
+    "img_size": {**_COUNT, "pair": True},
+    "patch_size": {**_COUNT, "pair": True},
+    "in_chans": _COUNT,
+    "num_classes": {"integer": True, "at_least": 0},
+    "embed_dim": _COUNT,
+    "depth": _COUNT,
+    "reg_tokens": {"integer": True, "at_least": 0},
+    "mlp_ratio": {"above": 0},
+    "norm_eps": {"above": 0},
+    **{name: _RATE for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")},
+}
+
+
+def check_vit_arguments(arguments: dict[str, Any]) -> None:
+    """Raise an ``ArgumentError`` (a ``ValueError``) naming the first of ``arguments`` (names of
+    :class:`VisionTransformer` arguments and their values; others are ignored) outside its valid
+    range, or a ``num_heads`` that does not divide ``embed_dim``."""
+    for name, valid in ARGUMENT_RANGES.items():
+        if name in arguments:
+            check_range(name, arguments[name], **valid)
+    if "num_heads" in arguments:
+        widths = {"embed_dim": arguments["embed_dim"]} if "embed_dim" in arguments else {}
+        check_heads(arguments["num_heads"], **widths)
 
 
 class VisionTransformer(nn.Module):
@@ -131,6 +159,7 @@ class VisionTransformer(nn.Module):
         embed_layer: nn.Module | None = None,
     ) -> None:
         self_config = _json_config(locals())  # first statement: the arguments exactly as given
+        check_vit_arguments(self_config)
         super().__init__()
         self.config = self_config
         self.pretrained_cfg: dict[str, Any] | None = None
@@ -142,8 +171,7 @@ class VisionTransformer(nn.Module):
         self.embed_dim = self.num_features = embed_dim
         self.head_hidden_size = 2 * embed_dim if pool == "cls_mean" else embed_dim
         self.pool = pool
-        self.pos_embed_kind = pos_embed
-        self.pos_embed_antialias = pos_embed_antialias
+        self.pos_embed_kind, self.pos_embed_antialias = pos_embed, pos_embed_antialias
         self.no_embed_class = no_embed_class
         self.num_reg_tokens = reg_tokens
         self.num_prefix_tokens = int(class_token) + int(dist_token) + reg_tokens

@@ -55,6 +55,7 @@ from .._utils import cpu_has_native_bf16
 from ..models.registry import create_model
 from ..weights.checkpoint import load_checkpoint, save_checkpoint
 from ..weights.stored_config import config_for_weights
+from .budget import check_training_config
 from .config import ConfigError, config_to_dict, load_config
 from .data import TensorImageDataset, build_datasets
 from .imagefolder import UnreadableImages, collate_readable
@@ -148,6 +149,7 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, A
     Under ``torchrun`` every process calls this; only rank 0 locks the folder and writes.
     """
     procs = init_processes(cfg.train.device)
+    check_training_config(cfg, procs.device, procs.world_size)  # before the run folder exists
     out_dir = Path(cfg.run.out_dir).absolute()
     new_folders = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # deepest first
     run_dir, lock = _agreed_run_dir(cfg, resume, procs)
