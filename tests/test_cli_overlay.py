@@ -260,17 +260,16 @@ def test_pretrained_file_for_any_name_create_model_accepts(tmp_path, cat, capsys
     from safetensors.torch import save_file
 
     from visattn.weights.convert import from_timm
-    from visattn.weights.named import model_with_weights
 
     x = torch.randn(2, 3, 32, 48)
     peer = timm.create_model("test_resnet").eval()
     save_file(peer.state_dict(), tmp_path / "resnet.safetensors")
-    loaded = model_with_weights("timm:test_resnet", pretrained_file=tmp_path / "resnet.safetensors")
+    loaded = create_model("timm:test_resnet", pretrained_file=tmp_path / "resnet.safetensors").eval()
     torch.testing.assert_close(loaded(x), peer(x), rtol=0, atol=0)
     own = create_model("vit_digits_patch4_16").eval()
     torch.save({"model": own.state_dict()}, tmp_path / "own.pth")
     torch.manual_seed(1)  # another random init: only the file's weights can make the logits equal
-    loaded = model_with_weights("vit_digits_patch4_16", pretrained_file=tmp_path / "own.pth")
+    loaded = create_model("vit_digits_patch4_16", pretrained_file=tmp_path / "own.pth").eval()
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(loaded(x), own(x), rtol=0, atol=0)
     vit = timm.create_model("test_vit").eval()

@@ -31,7 +31,6 @@ def hf_model(
     name: str,
     *,
     pretrained: bool = True,
-    pretrained_file: str | None = None,
     num_classes: int | None = None,
     in_chans: int | None = None,
     **hf_kwargs: Any,
@@ -58,9 +57,9 @@ def hf_model(
         FileNotFoundError: a path that is not a folder.
         UnsupportedModelError: an architecture or feature visattn does not convert (named).
     """
-    if pretrained_file is not None or not pretrained:
+    if not pretrained:
         raise ValueError(
-            f"hf:{name} names a checkpoint and loads its own weights; drop pretrained_file/pretrained=False "
+            f"hf:{name} names a checkpoint and loads its own weights; drop pretrained=False "
             "(for random weights convert transformers.AutoModel.from_config(config) with visattn.from_transformers)"
         )
     transformers = import_transformers()
