@@ -3,7 +3,7 @@
 :func:`fit` reads top to bottom: processes → run folder → data → model → recipe (AdamW without
 decay on norms/biases/positions, cosine schedule with warmup, label smoothing, Mixup/CutMix,
 gradient clipping, EMA, bf16/fp16 autocast) → resume → epochs (train, evaluate, log,
-checkpoint) → final weights. Every piece is a function of its own, importable and tested.
+checkpoint, and the best model as a model folder) → curves. Every piece is a function of its own, importable and tested.
 
 Reproducibility: all random generators are re-seeded at the start of every epoch from
 ``(train.seed, epoch, rank)`` and the shuffling order depends only on ``(train.seed, epoch)``, so
@@ -40,10 +40,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, Subset
 
-from .._io import CheckpointError, atomic_write_json, atomic_write_text, save_safetensors
+from .._io import CheckpointError, atomic_write_text
 from .._utils import cpu_has_native_bf16
 from ..models.registry import create_model
 from ..weights.checkpoint import load_checkpoint, save_checkpoint
+from ..weights.hub import save_pretrained
 from ..weights.stored_config import config_for_weights
 from .config import ConfigError, config_to_dict, load_config
 from .data import TensorImageDataset, build_datasets
@@ -62,7 +63,7 @@ __all__ = [
     "load_run_config",
     "plot_curves",
     "train_one_epoch",
-    "write_safetensors",
+    "write_model_folder",
 ]
 
 
@@ -333,6 +334,7 @@ class _Run:
                 acc1=score,
                 **extra,
             )
+            write_model_folder(run_dir, ema.module if ema is not None else self.model, self.data_config)
         save_checkpoint(
             run_dir / "last.pt",
             self.model,
@@ -350,12 +352,9 @@ class _Run:
         return best
 
     def finish(self, metrics: dict[str, Any]) -> None:
-        """Final weights as safetensors + JSON (the EMA weights when EMA is on), the curves, the last line."""
+        """The curves and the last line."""
         ema = self.recipe.ema
         if self.procs.is_main:
-            write_safetensors(
-                self.run_dir, ema.module if ema is not None else self.model, self.model_config, self.data_config
-            )
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
             if metrics:
                 key = "ema_test_acc1" if ema is not None else "test_acc1"
@@ -529,10 +528,10 @@ def evaluate(
     }
 
 
-def write_safetensors(run_dir: Path, model: nn.Module, model_config: dict, data_config: dict) -> None:
-    """``model.safetensors`` (weights, no pickle) and ``model.json`` (``{"model_config", "data_config"}``)."""
-    save_safetensors(model, run_dir / "model.safetensors", metadata={"format": "visattn"})
-    atomic_write_json(run_dir / "model.json", {"model_config": model_config, "data_config": data_config})
+def write_model_folder(run_dir: Path, model: nn.Module, data_config: dict[str, Any]) -> None:
+    """Make the run folder a model folder (`visattn.load_pretrained(run_dir)`): `config.json` and
+    `model.safetensors` of the best model (the EMA weights when EMA is on), written with `best.pt`."""
+    save_pretrained(model, run_dir, data_config=data_config)
 
 
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
