@@ -283,3 +283,21 @@ def test_pretrained_file_for_any_name_create_model_accepts(tmp_path, cat, capsys
         from_timm(vit), load_image(cat), "cls", preprocess=Preprocess.from_data_config(config), head=1
     )
     assert Image.open(out).convert("RGB").tobytes() == expected.tobytes()
+
+
+def test_pretrained_file_reads_a_saved_folder_with_its_data_config(tmp_path, cat, capsys):
+    """``--pretrained-file FOLDER``: the folder's model and its input size, mean and std (not the
+    defaults for a gray model), so the overlay is the one drawn with the folder's data config."""
+    from visattn import save_pretrained
+
+    torch.manual_seed(3)
+    model = create_model("vit_digits_patch4_16", embed_dim=32, depth=1, num_heads=2, img_size=24).eval()
+    data = {"img_size": [24, 24], "in_chans": 1, "mean": [0.1], "std": [0.2], "num_classes": 10}
+    save_pretrained(model, tmp_path / "digits", data_config={**data, "class_names": list("abcdefghij")})
+    out = tmp_path / "folder.png"
+    argv = ["--model", "vit_digits_patch4_16", "--pretrained-file", tmp_path / "digits", "--image", cat]
+    code, _, err = run(capsys, *argv, "--method", "rollout", "--out", out)
+    assert code == 0, err
+    preprocess = Preprocess.from_data_config(data)
+    expected = attention_overlay(model, load_image(cat), "rollout", preprocess=preprocess)
+    assert Image.open(out).convert("RGB").tobytes() == expected.tobytes()
