@@ -2,9 +2,10 @@
 
 One route from a name to a model, as timm's: plain names (``"vit_tiny_patch16_224"``) are
 visattn's own factories, or else timm and torchvision ViT names that a registered peer loader
-converts; a name with a prefix (``"torchvision:resnet18"``, ``"timm:convnext_atto"``,
-``"hf:..."``) goes to the source registered for that prefix with `register_source`. Every name
-takes `pretrained_file` (read by the reader `visattn.weights.hub` registers) and `pretrained`.
+converts (the peer also gives `pretrained=True` weights to an own name it knows); a name with a
+prefix (``"torchvision:resnet18"``, ``"timm:convnext_atto"``, ``"hf:..."``) goes to the source
+registered for that prefix with `register_source`. Every name takes `pretrained_file` (read by
+the reader `visattn.weights.hub` registers) and `pretrained`.
 
 The model `create_model` returns carries the call that rebuilds it, `model.model_config` =
 `{"name": name, **kwargs}`, which `visattn.save_pretrained` writes.
@@ -73,7 +74,7 @@ def register_peer_loader(loader: PeerLoader) -> None:
 
 def register_weights_reader(reader: WeightsReader) -> None:
     """Let `create_model(name, pretrained_file=PATH, **kwargs)` call `reader(name, PATH, kwargs)`
-    (one reader: `visattn.weights.hub.model_with_weights_from`)."""
+    (one reader: `visattn.weights.hub.model_from_pretrained_file`)."""
     if _WEIGHTS_READERS:
         raise ValueError("a weights reader is registered twice")
     _WEIGHTS_READERS.append(reader)
