@@ -165,6 +165,8 @@ def test_create_model_reads_a_folder_with_its_stored_arguments(digits):
     regularized = create_model("vit_digits_patch4_16", pretrained_file=folder, drop_path_rate=0.1)  # an override
     assert regularized.model_config["drop_path_rate"] == 0.1
     _assert_same_outputs(model, regularized.eval(), x)  # no drop path in eval mode
+    with pytest.raises(ValueError, match=r"the arguments num_classes change the model .*reset_classifier\(N\)"):
+        create_model("vit_digits_patch4_16", pretrained_file=folder, num_classes=3)
     with pytest.raises(
         ValueError, match="does not fit the architecture 'vit_tiny_patch4_32'.*describes a model 'vit_digits_patch4_16'"
     ):

@@ -211,10 +211,12 @@ def _plain(config: dict[str, Any], what: str) -> dict[str, Any]:
         try:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError):
-            raise ValueError(
-                f"save_pretrained: {what}[{key!r}] = {value!r} cannot be written to JSON; pass it by name "
-                "(act_layer='gelu', backbone='resnet18_small', ...) or as plain numbers and text to save the model"
-            ) from None
+            fix = (
+                "pass it to create_model by name (act_layer='gelu', backbone='resnet18_small', ...) to save the model"
+                if what == "model_config"
+                else "give plain numbers, text and lists"
+            )
+            raise ValueError(f"save_pretrained: {what}[{key!r}] = {value!r} cannot be written to JSON; {fix}") from None
     return json.loads(json.dumps(config))
 
 
@@ -276,14 +278,17 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
 
 def _stored_model(stored: StoredModel, kwargs: dict[str, Any]) -> nn.Module:
     """The model `stored` describes, checked, with `kwargs` over its stored arguments and its weights."""
-    check_fields({"model": stored.weights, "model_config": stored.model_config, "data_config": stored.data_config},
-                 stored.source)  # fmt: skip
+    fields = {"model": stored.weights, "model_config": stored.model_config, "data_config": stored.data_config}
+    check_fields(fields, stored.source)
     config = config_for_weights(stored.model_config, stored.weights, stored.source)
     model = create_model(config.pop("name"), **{**config, **kwargs})
-    try:
+    try:  # the stored config fits the weights (checked above): only `kwargs` can make them differ
         load_state_dict_exactly(model, stored.weights, stored.source)
     except ValueError as err:
-        raise CheckpointError(f"{err} (the model config and the weights do not belong together)") from err
+        raise ValueError(
+            f"{err}: the arguments {', '.join(kwargs)} change the model {stored.source} describes (for another "
+            "number of classes, load it as saved and call model.reset_classifier(N))"
+        ) from err
     if stored.data_config:
         model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **_timm_terms(stored.data_config)}
     return model
