@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from visattn import create_model
+from visattn import create_model, save_pretrained
 from visattn.train.config import config_to_dict, load_config
 from visattn.weights.checkpoint import save_checkpoint
 
@@ -147,6 +147,11 @@ ROWS: list[tuple[str, list[str], str]] = [
      "does not fit the architecture 'timm:test_resnet'"),
     ("explore pretrained-file missing",
      ["explore", "--model", "test_vit", "--pretrained-file", "{tmp}/nothere.pth", *PAGE], "nothere.pth"),
+    ("overlay pretrained-file edited folder", [*OVERLAY, "--pretrained-file", "{tmp}/edited", *PICTURE],
+     "edited/config.json: the weights do not fit the model of its model_config, refused before building it"),
+    ("explore pretrained-file folder of another model",
+     ["explore", "--model", "vit_tiny_patch4_32", "--pretrained-file", "{tmp}/folder", *PAGE],
+     "describes a model 'vit_digits_patch4_16', not 'vit_tiny_patch4_32'"),
     ("overlay pretrained with checkpoint", drawn("{tmp}/good.pt", "--pretrained"), "--pretrained"),
     ("overlay pretrained own model", [*OVERLAY, "--pretrained", *PICTURE], "no published weights"),
     ("overlay pretrained offline", ["overlay", "--model", "test_vit", "--pretrained", "--method", "cls", *PICTURE],
@@ -315,6 +320,11 @@ def make_checkpoints(tmp: Path) -> None:
         "class_names": [str(d) for d in range(10)],
     }
     save_checkpoint(tmp / "good.pt", model, model_config, config=config_to_dict(cfg), data_config=data_config)
+    save_pretrained(model, tmp / "folder", data_config=data_config)
+    save_pretrained(model, tmp / "edited", data_config=data_config)  # then made to ask for a far larger model
+    edited = json.loads((tmp / "edited" / "config.json").read_text())
+    edited["model_config"].update(embed_dim=4096, depth=24, num_heads=16)
+    (tmp / "edited" / "config.json").write_text(json.dumps(edited))
     save_checkpoint(tmp / "no_config.pt", model, model_config, data_config=data_config)
     save_checkpoint(
         tmp / "mismatch.pt", model, {**model_config, "depth": 2}, config=config_to_dict(cfg), data_config=data_config

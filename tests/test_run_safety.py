@@ -277,7 +277,14 @@ def test_a_run_stopped_between_last_pt_and_best_pt_resumes_and_writes_best_pt(tm
         fit(load_config(overrides=[*ONE_EPOCH, f"run.out_dir={tmp_path}", "run.name=r"]))
     monkeypatch.undo()
     run = tmp_path / "r"
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "last.pt", "metrics.jsonl"]
+    # the model folder (config.json, model.safetensors) is written just before best.pt
+    assert sorted(p.name for p in run.iterdir()) == [
+        "config.json",
+        "config.yaml",
+        "last.pt",
+        "metrics.jsonl",
+        "model.safetensors",
+    ]
     last = load_checkpoint(run / "last.pt")
     assert last["best_epoch"] == last["epoch"] == 1
     cfg, run_dir = load_run_config(run)  # no epoch left to train: only what resuming itself writes

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import visattn.train.engine
-from visattn import create_model
+from visattn import load_pretrained
 from visattn.cli import main
 from visattn.train.config import ConfigError, load_config
 from visattn.train.engine import NonFiniteLossError, choose_precision, fit, load_run_config
@@ -60,7 +59,15 @@ def test_run_folder_is_complete_and_reproducible(tmp_path, one_thread, capsys):
     run = Path(first["run_dir"])
     assert Path(second["run_dir"]).name == "a-2"
     assert metrics(run) == metrics(second["run_dir"]), "same config and seed must give the same metrics"
-    for name in ("config.yaml", "metrics.jsonl", "curves.png", "last.pt", "best.pt", "model.safetensors", "model.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "curves.png",
+        "last.pt",
+        "best.pt",
+        "model.safetensors",
+        "config.json",
+    ):
         assert (run / name).is_file(), name
     rows = metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2] and {"train_loss", "test_acc1", "ema_test_acc1", "lr"} <= set(rows[0])
@@ -78,13 +85,17 @@ def test_run_folder_is_complete_and_reproducible(tmp_path, one_thread, capsys):
     }
     assert set(last["data_config"]) == {"name", "img_size", "in_chans", "mean", "std", "num_classes", "class_names"}
     assert {"optimizer", "scheduler", "ema", "step", "best_acc1"} <= set(last)
-    # model.safetensors holds the EMA weights, loadable without pickle from model.json
-    info = json.loads((run / "model.json").read_text())
-    config = dict(info["model_config"])
-    model = create_model(config.pop("name"), **config)
-    model.load_state_dict(load_file(run / "model.safetensors"))
-    ema = {k.removeprefix("module."): v for k, v in last["ema"].items()}
-    assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema)
+    # the run folder is a model folder: its model predicts what best.pt's model (the EMA weights) predicts
+    best_model = model_from_checkpoint(run / "best.pt")
+    folder_model = load_pretrained(run)
+    x = torch.randn(8, last["data_config"]["in_chans"], *last["data_config"]["img_size"])
+    with torch.no_grad():
+        assert torch.equal(folder_model(x), best_model(x))
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model_config"] == last["model_config"] and saved["data_config"] == json.loads(
+        json.dumps(last["data_config"])
+    )
+    assert folder_model.pretrained_cfg["label_names"] == last["data_config"]["class_names"]
 
     # eval command: top-1 of best.pt equals what training recorded for it
     best = load_checkpoint(run / "best.pt")
@@ -94,6 +105,25 @@ def test_run_folder_is_complete_and_reproducible(tmp_path, one_thread, capsys):
     assert f"top-1 {best['acc1']:.2%}" in out
     table = [line.split() for line in out.splitlines()[3:]]
     assert len(table) == 10 and sum(int(row[1]) for row in table) == 360
+
+
+def test_the_run_folder_holds_the_best_model_not_the_last(tmp_path, monkeypatch, one_thread):
+    """Scores that fall after the first epoch: the folder keeps epoch 1's model, best.pt's."""
+    evaluate = visattn.train.engine.evaluate
+    scores = iter([0.9, 0.1])
+
+    def falling(*args, **kwargs):
+        return {**evaluate(*args, **kwargs), "acc1": next(scores)}
+
+    monkeypatch.setattr(visattn.train.engine, "evaluate", falling)
+    run = Path(fit(tiny(tmp_path))["run_dir"])
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert best["epoch"] == 1 and last["epoch"] == 2
+    x = torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        logits = load_pretrained(run)(x)
+        assert torch.equal(logits, model_from_checkpoint(best)(x))
+        assert not torch.equal(logits, model_from_checkpoint(last)(x))
 
 
 def test_default_config_shortened_learns(tmp_path, one_thread):

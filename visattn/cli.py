@@ -60,7 +60,6 @@ def _model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, str]
     data_config, a name for it)."""
     from .explain.overlay import default_data_config, pretrained_data_config
     from .weights.checkpoint import load_checkpoint, model_from_checkpoint
-    from .weights.named import model_with_weights
 
     if args.checkpoint:
         if args.img_size:
@@ -75,7 +74,7 @@ def _model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, str]
             print(f"note: {args.checkpoint} has no data_config; using {data_config}", file=sys.stderr)
         return model, data_config, str(args.checkpoint)
     if args.pretrained or args.pretrained_file:
-        model = model_with_weights(args.model, pretrained=args.pretrained, pretrained_file=args.pretrained_file)
+        model = create_model(args.model, pretrained=args.pretrained, pretrained_file=args.pretrained_file).eval()
         source = args.pretrained_file or "pretrained"
         return model, pretrained_data_config(model, args.img_size), f"{args.model} ({source})"
     torch.manual_seed(args.seed)
@@ -450,7 +449,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint | --model NAME [--pretrained | --pretrained-file FILE]``, ``--seed``, ``--img-size``."""
+    """``--checkpoint | --model NAME [--pretrained | --pretrained-file PATH]``, ``--seed``, ``--img-size``."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a visattn checkpoint (RUN/best.pt) or a run folder RUN")
     source.add_argument(
@@ -461,7 +460,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--pretrained", action="store_true", help="--model's published weights (timm's/torchvision's download or cache)"
     )
     weights.add_argument(
-        "--pretrained-file", metavar="FILE", help="--model's weights from a .safetensors/.pth/.bin state dict"
+        "--pretrained-file",
+        metavar="PATH",
+        help="--model's weights: a folder from save_pretrained or training, a checkpoint, or a .safetensors/.pth file",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed of --model's untrained weights")
     parser.add_argument(

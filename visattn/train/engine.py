@@ -3,7 +3,7 @@
 :func:`fit` reads top to bottom: processes → run folder → data → model → recipe (AdamW without
 decay on norms/biases/positions, cosine schedule with warmup, label smoothing, Mixup/CutMix,
 gradient clipping, EMA, bf16/fp16 autocast) → resume → epochs (train, evaluate, log,
-checkpoint) → final weights. Every piece is a function of its own, importable and tested.
+checkpoint, and the best model as a model folder) → curves. Every piece is a function of its own, importable and tested.
 
 Reproducibility: all random generators are re-seeded at the start of every epoch from
 ``(train.seed, epoch, rank)`` and the shuffling order depends only on ``(train.seed, epoch)``, so
@@ -46,14 +46,13 @@ from .._io import (
     DiskFullError,
     atomic_append_text,
     atomic_write,
-    atomic_write_json,
     atomic_write_text,
     check_output,
-    save_safetensors,
 )
 from .._utils import cpu_has_native_bf16
 from ..models.registry import create_model
 from ..weights.checkpoint import load_checkpoint, save_checkpoint
+from ..weights.hub import save_pretrained
 from ..weights.stored_config import config_for_weights
 from .budget import check_training_config
 from .config import ConfigError, config_to_dict, load_config
@@ -74,7 +73,7 @@ __all__ = [
     "load_run_config",
     "plot_curves",
     "train_one_epoch",
-    "write_safetensors",
+    "write_model_folder",
 ]
 
 
@@ -149,7 +148,8 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, A
     Under ``torchrun`` every process calls this; only rank 0 locks the folder and writes.
     """
     procs = init_processes(cfg.train.device)
-    check_training_config(cfg, procs.device, procs.world_size)  # before the run folder exists
+    if resume is None:  # a resumed run is checked against its last.pt first (_prepare)
+        check_training_config(cfg, procs.device, procs.world_size)  # before the run folder exists
     out_dir = Path(cfg.run.out_dir).absolute()
     new_folders = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # deepest first
     run_dir, lock = _agreed_run_dir(cfg, resume, procs)
@@ -217,6 +217,8 @@ def _prepare(
     }
     # resumed: the stored config is data, checked against last.pt's weights, which replace the starting ones
     built = model_config if state is None else config_for_weights(model_config, state.get("model"), run_dir / "last.pt")
+    if state is not None:
+        check_training_config(cfg, procs.device, procs.world_size)
     model = build_model(built).to(procs.device)
     if cfg.train.grad_checkpointing:
         enable_grad_checkpointing(model, model_config["name"])
@@ -397,9 +399,10 @@ class _Run:
         )
 
     def _save_best(self, score: float) -> None:
-        """``best.pt``: the weights of epoch `best_epoch` (the EMA weights when EMA is on), now in the model."""
+        """The model folder and ``best.pt``: the weights of epoch `best_epoch` (the EMA weights when EMA is on)."""
         ema = self.recipe.ema
         weights = ema.module if ema is not None else self.model
+        write_model_folder(self.run_dir, weights, self.data_config)  # first: a best.pt of this epoch means both exist
         save_checkpoint(
             self.run_dir / "best.pt", weights, self.model_config, epoch=self.best_epoch, acc1=score, **self._extra()
         )
@@ -421,12 +424,9 @@ class _Run:
             self.log(f"wrote {best} (epoch {self.best_epoch}) from last.pt: the run had stopped before writing it")
 
     def finish(self, metrics: dict[str, Any]) -> None:
-        """Final weights as safetensors + JSON (the EMA weights when EMA is on), the curves, the last line."""
+        """The curves and the last line."""
         ema = self.recipe.ema
         if self.procs.is_main:
-            write_safetensors(
-                self.run_dir, ema.module if ema is not None else self.model, self.model_config, self.data_config
-            )
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
             if metrics:
                 key = "ema_test_acc1" if ema is not None else "test_acc1"
@@ -600,10 +600,10 @@ def evaluate(
     }
 
 
-def write_safetensors(run_dir: Path, model: nn.Module, model_config: dict, data_config: dict) -> None:
-    """``model.safetensors`` (weights, no pickle) and ``model.json`` (``{"model_config", "data_config"}``)."""
-    save_safetensors(model, run_dir / "model.safetensors", metadata={"format": "visattn"})
-    atomic_write_json(run_dir / "model.json", {"model_config": model_config, "data_config": data_config})
+def write_model_folder(run_dir: Path, model: nn.Module, data_config: dict[str, Any]) -> None:
+    """Make the run folder a model folder (`visattn.load_pretrained(run_dir)`): `config.json` and
+    `model.safetensors` of the best model (the EMA weights when EMA is on), written with `best.pt`."""
+    save_pretrained(model, run_dir, data_config=data_config)
 
 
 def plot_curves(metrics_path: Path, out_path: Path, force: bool = False) -> None:

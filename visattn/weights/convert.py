@@ -9,7 +9,9 @@ an :class:`UnsupportedModelError` naming it — never a silent partial load.
 Entry points:
     :func:`from_timm`, :func:`from_torchvision` — a model object or a state dict;
     :func:`load_weights_file` — a ``.safetensors`` / ``.pth`` / ``.bin`` file, read without pickle;
-    :func:`pretrained_model` — what ``create_model(name, pretrained=..., pretrained_file=...)`` runs.
+    :func:`pretrained_model` — what ``create_model(name, pretrained=...)`` runs;
+    :func:`peer_state_dict_model` — what ``create_model(name, pretrained_file=...)`` runs for a
+    timm or torchvision state dict.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
 from .._io import CheckpointError, read_torch_file
-from ..models.registry import PeerLoader, register_peer_loader
+from ..models.registry import PeerLoader, create_model, register_peer_loader
 from ..models.vit import VisionTransformer
 
 __all__ = [
@@ -55,7 +57,9 @@ __all__ = [
     "is_convertible_name",
     "load_state_dict_exactly",
     "load_weights_file",
+    "peer_state_dict_model",
     "pretrained_model",
+    "read_weights_file",
     "rename_by_table",
     "reset_head",
     "timm_config",
@@ -108,9 +112,10 @@ def load_state_dict_exactly(model: nn.Module, state: StateDict, source: str, ass
 
 def build_vit(config: dict[str, Any], state: StateDict, source: str) -> VisionTransformer:
     """A :class:`VisionTransformer` of ``config`` holding copies of ``state``'s tensors, converted to
-    the default dtype; built on the meta device, so no time goes into a random initialization."""
+    the default dtype; built on the meta device, so no time goes into a random initialization.
+    Built as `create_model("vision_transformer", **config)`, which `visattn.save_pretrained` writes."""
     with torch.device("meta"):
-        model = VisionTransformer(**config)
+        model = create_model("vision_transformer", **config)
     dtype = torch.get_default_dtype()
     copies = {k: v.detach().to(dtype=dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
     load_state_dict_exactly(model, copies, source, assign=True)
@@ -142,6 +147,12 @@ def unwrap_state_dict(state: Mapping[str, Any]) -> dict[str, Tensor]:
 def load_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a state dict from ``.safetensors`` (safetensors) or ``.pth`` / ``.bin`` / ``.pt``
     (``torch.load(weights_only=True)``: no pickled code runs), unwrapping ``{"model": ...}``."""
+    return unwrap_state_dict(read_weights_file(path))
+
+
+def read_weights_file(path: str | os.PathLike) -> Mapping[str, Any]:
+    """The mapping a ``.safetensors`` file or a ``.pth`` / ``.bin`` / ``.pt`` file holds (read with
+    ``torch.load(weights_only=True)``: no pickled code runs), as it is: a state dict or a wrapper."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder; a folder written by save_pretrained loads with visattn.load_pretrained")
@@ -162,7 +173,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
         state = read_torch_file(path, what="weights file")
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
-    return unwrap_state_dict(state)
+    return state
 
 
 def _json_values(cfg: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -614,8 +625,10 @@ def _unavailable(name: str, url: str | None, err: Exception) -> PretrainedUnavai
     )
 
 
-def _from_file(name: str, path: str | os.PathLike, kwargs: dict[str, Any]) -> VisionTransformer:
-    state = load_weights_file(path)
+def peer_state_dict_model(name: str, state: StateDict, source: str, **kwargs: Any) -> VisionTransformer:
+    """The timm or torchvision ViT `name` with the weights `state` (read from `source`), converted:
+    a torchvision state dict is renamed, and `kwargs` are the peer's arguments (a torchvision
+    state dict takes only `num_classes`; one other than the weights' gets a fresh head)."""
     if name in TORCHVISION_VITS:
         num_classes = kwargs.pop("num_classes", None)
         if kwargs:
@@ -626,7 +639,7 @@ def _from_file(name: str, path: str | os.PathLike, kwargs: dict[str, Any]) -> Vi
         if is_torchvision_state_dict(state):
             model.pretrained_cfg = _torchvision_pretrained_cfg(model)
     if model.pretrained_cfg is not None:
-        model.pretrained_cfg["file"] = str(path)
+        model.pretrained_cfg["file"] = source
     return model
 
 
@@ -634,7 +647,6 @@ def pretrained_model(
     name: str,
     *,
     pretrained: bool = False,
-    pretrained_file: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> VisionTransformer:
     """A timm or torchvision ViT by name, converted to visattn (what ``create_model`` runs).
@@ -644,8 +656,6 @@ def pretrained_model(
             ``"deit_tiny_patch16_224"``), or a torchvision name (``"vit_b_16"``).
         pretrained: fetch the weights through timm's (or torchvision's) own machinery: the
             network or the local cache.
-        pretrained_file: load a local ``.safetensors`` / ``.pth`` / ``.bin`` state dict instead
-            (timm or torchvision names); wins over ``pretrained``.
         kwargs: the peer's constructor arguments (timm: ``img_size``, ``drop_path_rate``, ...).
             ``num_classes`` different from the weights' replaces the head with a fresh one,
             as timm does.
@@ -653,8 +663,6 @@ def pretrained_model(
     Raises:
         PretrainedUnavailableError: offline without a cached copy; says how to pass a file.
     """
-    if pretrained_file is not None:
-        return _from_file(name, pretrained_file, dict(kwargs))
     if name in TORCHVISION_VITS:
         num_classes = kwargs.pop("num_classes", None)
         weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
