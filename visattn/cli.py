@@ -297,9 +297,10 @@ def _user_errors(command):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    """Train from a config (or resume a run); the loop is :func:`visattn.engine.fit`."""
+    """Train from a config (or resume a run); the loop is `visattn.train.engine.fit`."""
     from .train.config import load_config
-    from .train.engine import fit, load_run_config
+    from .train.engine import fit
+    from .train.resume import load_run_config
 
     overrides = [*args.overrides, *args.set]
     if args.resume:

@@ -105,7 +105,7 @@ class TrainConfig:
     mixup_prob: float = 1.0
     clip_grad: float | None = 1.0  # max gradient norm (None: no clipping)
     ema_decay: float = 0.0  # timm ModelEmaV3 decay; 0: no EMA. With EMA, the EMA weights are the result
-    amp: str = "auto"  # auto (bf16 only where a timed step is >=10% faster, else fp32), bf16, fp16 (CUDA), none
+    amp: str = "auto"  # auto (a rule: train/precision.py), bf16, fp16 (CUDA), none
     grad_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, same gradients
     device: str = "auto"
     seed: int = 0
