@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -11,15 +13,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import visattn.train.engine
 import visattn.train.precision
 from visattn import create_model
-from visattn.cli import main
+from visattn.cli import _write_run_explorer, main
+from visattn.explain.explore import read_page_data
+from visattn.explain.overlay import Preprocess
 from visattn.train.config import ConfigError, load_config
+from visattn.train.data import build_datasets, held_out_pictures
 from visattn.train.engine import NonFiniteLossError, fit
 from visattn.train.precision import BF16_MIN_FLOPS, choose_precision, forward_flops
 from visattn.train.resume import load_run_config
@@ -313,3 +320,47 @@ def test_first_log_line_names_the_precision_and_resume_keeps_it(tmp_path, monkey
     fit(cfg, resume=run_dir)
     first = capsys.readouterr().out.splitlines()[0]
     assert first == "precision bf16: train.amp=auto: as chosen when the run started (from last.pt)"
+
+
+def decoded(src: str) -> np.ndarray:
+    """The grey levels of a picture the explorer page embeds as a data URL."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("L"))
+
+
+def test_the_train_command_ends_with_where_the_final_model_looks_in_held_out_digits(tmp_path, capsys, one_thread):
+    args = [*TINY, "train.ema_decay=0.9", f"run.out_dir={tmp_path}", "run.name=e"]
+    assert main(["train", *args, "train.epochs=1", "run.explorer=false"]) == 0
+    run = tmp_path / "e"
+    assert capsys.readouterr().out.splitlines()[-1].startswith("final test accuracy")
+    assert not (run / "explorer.html").exists()
+    assert main(["train", "--resume", str(run), "train.epochs=2", "run.explorer=true"]) == 0  # allowed on resume
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"where the model looks in 8 held-out pictures ({(run / 'explorer.html').stat().st_size / 1e6:.2f} MB): "
+        f"{run / 'explorer.html'}"
+    )
+    shown = read_page_data(run / "explorer.html")["images"]
+    _, test, data_config = build_datasets(load_config(overrides=args).data)
+    expected = held_out_pictures(test, 8)
+    assert [decoded(image["src"]).tolist() for image in shown] == [np.asarray(p).tolist() for p in expected]
+    # the final weights (EMA weights here), as model.safetensors holds them, give the page's class scores
+    stored = json.loads((run / "model.json").read_text())
+    config = dict(stored["model_config"])
+    model = create_model(config.pop("name"), **config).eval()
+    model.load_state_dict(load_file(run / "model.safetensors"))
+    with torch.no_grad():
+        probs = model(Preprocess.from_data_config(data_config)(expected[0])[None]).softmax(-1)[0]
+    top = probs.sort(descending=True)
+    assert [p["label"] for p in shown[0]["predictions"]] == [str(i) for i in top.indices[:5].tolist()]
+    assert [p["p"] for p in shown[0]["predictions"]] == pytest.approx(top.values[:5].tolist(), abs=1e-6)
+
+
+def test_no_explorer_page_for_noise_or_for_a_model_without_attention(tmp_path, capsys):
+    _, noise, noise_config = build_datasets(load_config(overrides=["data.name=fake", "data.fake_size=8"]).data)
+    _write_run_explorer(tmp_path, create_model("vit_tiny_patch4_32", num_classes=10), noise, noise_config)
+    _, digits, digits_config = build_datasets(load_config().data)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    cnn(torch.zeros(1, 1, 16, 16))
+    _write_run_explorer(tmp_path, cnn, digits, digits_config)
+    out = capsys.readouterr().out
+    assert out.startswith("no explorer page: Sequential has no visattn attention modules") and out.count("\n") == 1
+    assert not list(tmp_path.iterdir())

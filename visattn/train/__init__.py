@@ -7,5 +7,5 @@ and what the loop uses: ``distributed`` (processes, their loaders, reductions), 
 (claim, release, metrics file, curves), ``lock`` (one training process per run folder),
 ``resume`` (saved config, allowed overrides), ``precision`` (the rule of ``train.amp=auto``),
 ``recipe`` (optimizer, schedule, loss, EMA) and ``checkpoints`` (``last.pt``, ``best.pt``).
-Imports the layers below; never ``visattn.explain``.
+Imports the layers below; never ``visattn.explain`` (the front end adds the explorer page).
 """

@@ -114,12 +114,13 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """Where the run folder goes and how progress is shown."""
+    """Where the run folder goes, how progress is shown, and what the front end adds at the end."""
 
     name: str | None = None  # default: the config file's stem, or "default"; one plain folder name
     out_dir: str = "runs"
     progress: str = "auto"  # auto (a tqdm bar on a terminal, else lines), bar, lines
     log_every: int = 100  # steps between log lines when not showing a bar
+    explorer: bool = True  # `visattn train`/train.py: end by writing RUN/explorer.html of a few held-out pictures
 
 
 def _default_model() -> dict[str, Any]:

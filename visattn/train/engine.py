@@ -19,7 +19,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .._io import atomic_write_json, atomic_write_text, save_safetensors
 from ..models.registry import create_model
@@ -62,6 +62,7 @@ from .run_folder import (
 
 __all__ = [
     "NonFiniteLossError",
+    "RunEnd",
     "TrainingInterrupted",
     "build_model",
     "enable_grad_checkpointing",
@@ -71,12 +72,15 @@ __all__ = [
     "write_safetensors",
 ]
 
+#: what `fit` calls last, on the main process: ``(run folder, final model, held-out set, data config)``
+RunEnd = Callable[[Path, nn.Module, Dataset, dict[str, Any]], None]
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stopped and ``last.pt`` is the last good state."""
 
 
-def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, Any]:
+def fit(cfg: DictConfig, resume: str | os.PathLike | None = None, at_end: RunEnd | None = None) -> dict[str, Any]:
     """Train the model of ``cfg`` and return the final epoch's metrics (and ``run_dir``).
 
     ``resume``: a run folder (or a checkpoint in it) to continue from its ``last.pt``; ``cfg``
@@ -84,6 +88,8 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, A
     (see `visattn.train.resume.load_run_config`). A new run claims its folder (``runs/NAME``,
     ``NAME-2`` ...) before anything is built and locks it while it trains (`visattn.train.run_folder`).
     Every epoch writes ``last.pt`` before ``best.pt``, so a run stopped between any two writes resumes.
+    ``at_end``: called last on the main process with the run folder, the final model (the EMA
+    weights with EMA), the held-out set and its data config (``visattn train`` writes the explorer page).
 
     Ctrl-C (and SIGTERM, where it raises `visattn._utils.Terminated`, as in the ``visattn``
     command) raises `TrainingInterrupted` naming the folder; a full disk raises `DiskFullError`
@@ -162,13 +168,15 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None) -> dict[str, A
                 append_metrics(run_dir, metrics)
                 checkpoints.save(progress)
 
-        # the result: the final weights (the EMA weights with EMA) and the curves
+        # the result: the final weights (the EMA weights with EMA), the curves, what at_end adds
         final = recipe.ema.module if recipe.ema is not None else model
         if procs.is_main:
             write_safetensors(run_dir, final, model_config, data_config)
             plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
             if metrics:
                 log(_final_line(metrics, recipe.ema is not None, run_dir))
+            if at_end is not None:
+                at_end(run_dir, final, test_set, data_config)
         end_processes(procs)
     return {k: v for k, v in metrics.items() if "per_class" not in k} | {"run_dir": str(run_dir)}
 

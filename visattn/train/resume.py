@@ -23,7 +23,7 @@ __all__ = ["RESUME_OVERRIDES", "check_resume_config", "load_run_config"]
 
 #: the config keys an override may change when a run is resumed: they change neither the
 #: arithmetic nor the state (checkpointing recomputes activations, giving the same gradients)
-RESUME_OVERRIDES = ("train.epochs", "run.progress", "run.log_every", "train.grad_checkpointing")
+RESUME_OVERRIDES = ("train.epochs", "run.progress", "run.log_every", "run.explorer", "train.grad_checkpointing")
 
 
 def load_run_config(run: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> tuple[DictConfig, Path]:
