@@ -350,7 +350,7 @@ def _held_out(args: argparse.Namespace) -> tuple[Path, dict, torch.nn.Module, An
     if not isinstance(state.get("config"), dict):
         raise ValueError(
             f"{path} holds no training config (not written by visattn train); "
-            f"evaluate it from Python (visattn.engine.evaluate, visattn.metrics)"
+            f"evaluate it from Python (visattn.train.engine.evaluate, visattn.metrics)"
         )
     model = model_from_checkpoint(state, source=path)
     cfg = _held_out_config(args, state["config"], path)

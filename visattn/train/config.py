@@ -46,9 +46,11 @@ class ConfigError(ValueError):
 class AugmentConfig:
     """Training-time augmentation (test images are only resized and normalized).
 
-    ``affine_*`` and ``hflip`` work on every dataset; ``crop_padding`` (random crop after zero
-    padding, CIFAR style) and ``auto_augment`` (a timm RandAugment string such as
-    ``"rand-m9-mstd0.5-inc1"``) need datasets of PIL images (cifar10/100, imagefolder, fake).
+    ``hflip``, ``auto_augment`` (a timm RandAugment string such as ``"rand-m9-mstd0.5-inc1"``)
+    and ``re_prob`` work on every dataset. ``affine_*`` and ``crop_padding`` (random crop after
+    zero padding, CIFAR style) work on the in-memory datasets (digits, digits_canvas, cifar10/100)
+    and ``fake``; an image folder is cropped by timm's training transform (random resized crop)
+    instead, and ignores them.
     """
 
     hflip: float = 0.0
