@@ -294,9 +294,11 @@ def _user_errors(command):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    """Train from a config (or resume a run); the loop is :func:`visattn.engine.fit`."""
+    """Train from a config (or resume a run), then show where the model looks; the loop is
+    `visattn.train.engine.fit`, the page `_write_run_explorer` (``run.explorer=false``: none)."""
     from .train.config import load_config
-    from .train.engine import fit, load_run_config
+    from .train.engine import fit
+    from .train.resume import load_run_config
 
     overrides = [*args.overrides, *args.set]
     if args.resume:
@@ -305,8 +307,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg, _ = load_run_config(args.resume, overrides)
     else:
         cfg = load_config(args.config, overrides)
-    fit(cfg, resume=args.resume)
+    fit(cfg, resume=args.resume, at_end=_write_run_explorer if cfg.run.explorer else None)
     return 0
+
+
+#: how many held-out pictures the explorer page at the end of a training run shows
+RUN_EXPLORER_PICTURES = 8
+
+
+def _write_run_explorer(run_dir: Path, model: torch.nn.Module, test_set: Any, data_config: dict) -> None:
+    """``RUN/explorer.html`` (`visattn.explore`): where the trained model looks in a few held-out
+    pictures, one of each class in turn; its path is the last line printed. Nothing for data
+    that has no pictures to show (``fake``); a model that records no attention (a CNN without
+    attention blocks) gets a line saying so instead."""
+    from .explain.explore import explore
+    from .train.data import held_out_pictures
+
+    pictures = held_out_pictures(test_set, RUN_EXPLORER_PICTURES)
+    if not pictures:
+        return
+    title = f"{run_dir.name}: held-out {data_config['name']} pictures"
+    try:
+        page = explore(model, pictures, run_dir / "explorer.html", data_config=data_config, title=title)
+    except ValueError as err:  # nothing recorded, or nothing finite: the run itself is complete
+        print(f"no explorer page: {_one_line(err)}")
+        return
+    print(f"where the model looks in {len(pictures)} held-out pictures ({page.bytes / 1e6:.2f} MB): {page.path}")
 
 
 def _held_out(args: argparse.Namespace) -> tuple[Path, dict, torch.nn.Module, Any, Any, dict]:
@@ -321,7 +347,7 @@ def _held_out(args: argparse.Namespace) -> tuple[Path, dict, torch.nn.Module, An
     if not isinstance(state.get("config"), dict):
         raise ValueError(
             f"{path} holds no training config (not written by visattn train); "
-            f"evaluate it from Python (visattn.engine.evaluate, visattn.metrics)"
+            f"evaluate it from Python (visattn.train.engine.evaluate, visattn.metrics)"
         )
     model = model_from_checkpoint(state, source=path)
     cfg = _held_out_config(args, state["config"], path)

@@ -10,6 +10,7 @@ checked and read in :mod:`visattn.train.imagefolder`.
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.util
 import math
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
@@ -32,7 +34,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 
 from .augment import BatchAugment
-from .imagefolder import build_image_folders
+from .imagefolder import CheckedImageFolder, build_image_folders
 
 __all__ = [
     "DigitsCanvas",
@@ -41,6 +43,7 @@ __all__ = [
     "build_transform",
     "digits_images",
     "digits_split",
+    "held_out_pictures",
 ]
 
 #: what each dataset gives a model when the config does not say otherwise: (channels, classes,
@@ -548,3 +551,26 @@ def build_datasets(cfg: Any) -> tuple[Dataset, Dataset, dict[str, Any]]:
         "class_names": list(splits.classes),
     }
     return splits.train, splits.test, data_config
+
+
+def held_out_pictures(dataset: Dataset, count: int = 8) -> list[Image.Image | str]:
+    """Up to ``count`` pictures of ``dataset`` as they are stored (before normalization): PIL
+    images of an in-memory dataset, the files of an image folder, none of generated noise
+    (``fake``). One of each class in turn (the first of every class, then the second ...), so
+    that a few pictures show many classes; the same ones every time."""
+    if isinstance(dataset, TensorImageDataset):
+        chosen = _classes_in_turn(dataset.labels.tolist(), count)
+        return [to_pil_image((dataset.raw_image(i) * 255).round().to(torch.uint8)) for i in chosen]
+    if isinstance(dataset, CheckedImageFolder):
+        return [dataset.samples[i][0] for i in _classes_in_turn(dataset.targets, count)]
+    return []
+
+
+def _classes_in_turn(labels: Sequence[int], count: int) -> list[int]:
+    """The first ``count`` indices ordered by (how many of its class come before it, label)."""
+    before: collections.Counter[int] = collections.Counter()
+    ranked = []
+    for index, label in enumerate(labels):
+        ranked.append((before[label], label, index))
+        before[label] += 1
+    return [index for _, _, index in sorted(ranked)[:count]]
