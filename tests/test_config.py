@@ -81,3 +81,11 @@ def test_wrong_type_and_bad_choices():
         load_config(overrides=["train.epochs"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("no_such_config.yaml")
+
+
+@pytest.mark.parametrize("key", ["affine_degrees", "affine_translate", "affine_scale", "crop_padding"])
+def test_augmentation_an_image_folder_would_ignore_is_refused_by_name(key):
+    with pytest.raises(ConfigError, match=rf"data.augment.{key}=.* is not applied to image folders"):
+        load_config(overrides=["data.name=imagefolder", "data.root=pictures", f"data.augment.{key}=3"])
+    load_config(overrides=["data.name=digits", f"data.augment.{key}=3"])  # applied to in-memory data
+    load_config(overrides=["data.name=imagefolder", "data.root=pictures", "data.augment.hflip=0.5"])

@@ -50,7 +50,7 @@ class AugmentConfig:
     and ``re_prob`` work on every dataset. ``affine_*`` and ``crop_padding`` (random crop after
     zero padding, CIFAR style) work on the in-memory datasets (digits, digits_canvas, cifar10/100)
     and ``fake``; an image folder is cropped by timm's training transform (random resized crop)
-    instead, and ignores them.
+    instead, and a value changed from the default there is refused by `load_config`.
     """
 
     hflip: float = 0.0
@@ -328,7 +328,28 @@ def load_config(
     _check_run_name(cfg.run.name)
     _check_choices(cfg)
     _check_ranges(cfg)
+    _check_augmentation_applies(cfg.data)
     return cfg
+
+
+#: augmentation keys only the in-memory datasets apply (batched tensor augmentation)
+_IN_MEMORY_AUGMENTATION = ("affine_degrees", "affine_translate", "affine_scale", "crop_padding")
+
+
+def _check_augmentation_applies(data: DictConfig) -> None:
+    """Refuse an augmentation key changed from its default for a dataset that does not apply it:
+    an image folder is cropped by timm's training transform (random resized crop) instead of the
+    affine transform and the padded crop, so a changed ``affine_*`` or ``crop_padding`` would be
+    silently ignored there."""
+    if data.name != "imagefolder":
+        return
+    defaults = AugmentConfig()
+    for key in _IN_MEMORY_AUGMENTATION:
+        if data.augment[key] != getattr(defaults, key):
+            raise ConfigError(
+                f"data.augment.{key}={data.augment[key]} is not applied to image folders (they are cropped by "
+                f"timm's random resized crop); remove it, or use an in-memory dataset (digits, cifar10, ...)"
+            )
 
 
 def config_to_dict(cfg: DictConfig) -> dict[str, Any]:
