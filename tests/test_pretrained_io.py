@@ -11,8 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import visattn
-from visattn import VisionTransformer, create_model, from_timm, load_pretrained
-from visattn.weights.checkpoint import CheckpointError
+from visattn import CheckpointError, VisionTransformer, create_model, from_timm, load_pretrained
 from visattn.weights.hub import CONFIG_NAME, WEIGHTS_NAME
 
 

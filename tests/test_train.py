@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 import visattn.train.engine
-from visattn import create_model
+from visattn import CheckpointError, create_model
 from visattn.cli import main
 from visattn.train.config import ConfigError, load_config
 from visattn.train.engine import NonFiniteLossError, choose_precision, fit, load_run_config
-from visattn.weights.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from visattn.weights.checkpoint import load_checkpoint, model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

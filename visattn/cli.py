@@ -110,9 +110,9 @@ def _check_output(args: argparse.Namespace, out: str | Path, kind: str) -> None:
 
 def _cmd_overlay(args: argparse.Namespace) -> int:
     """Draw an attention map of one picture (see visattn.explain.overlay.attention_overlay)."""
-    from ._io import image_format
+    from ._io import image_format, load_image
     from .explain.maps import METHODS
-    from .explain.overlay import OVERLAY_MAX_SIDE, Preprocess, attention_overlay, load_image
+    from .explain.overlay import OVERLAY_MAX_SIDE, Preprocess, attention_overlay
 
     spec = METHODS[args.method]
     if spec.needs_query != (args.query is not None):
@@ -322,7 +322,7 @@ def _held_out(args: argparse.Namespace) -> tuple[Path, dict, torch.nn.Module, An
     if not isinstance(state.get("config"), dict):
         raise ValueError(
             f"{path} holds no training config (not written by visattn train); "
-            f"evaluate it from Python (visattn.engine.evaluate, visattn.metrics)"
+            f"evaluate it from Python (visattn.engine.evaluate, visattn.explain.metrics)"
         )
     model = model_from_checkpoint(state, source=path)
     cfg = _held_out_config(args, state["config"], path)
@@ -496,7 +496,7 @@ def _add_force_argument(parser: argparse.ArgumentParser, what: str = "an existin
 
 
 def _methods_that(flag: str, among: Sequence[str] | None = None) -> str:
-    """The map methods (of ``among``, default all) whose :class:`~visattn.maps.MethodSpec` has
+    """The map methods (of ``among``, default all) whose :class:`~visattn.explain.maps.MethodSpec` has
     ``flag`` set, as text: ``"cls, query, received"``."""
     from .explain.maps import METHODS
 

@@ -39,7 +39,6 @@ from .recording import AttentionRecording, Point, point_to_cell, record_attentio
 __all__ = [
     "METHODS",
     "AttentionMap",
-    "AttentionRecording",
     "MapRequest",
     "MethodSpec",
     "cls_attention",
@@ -49,10 +48,8 @@ __all__ = [
     "grad_rollout",
     "key_extent",
     "method_spec",
-    "point_to_cell",
     "query_map",
     "received",
-    "record_attention",
     "rollout",
     "to_image",
 ]

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .attention import MultiHeadAttention
 
-__all__ = ["EncoderBlock", "Mlp"]
+__all__ = ["EncoderBlock"]
 
 
 class EncoderBlock(nn.Module):

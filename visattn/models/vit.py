@@ -23,7 +23,7 @@ from ..layers.patch_embed import ConvStem, PatchEmbed
 from ..layers.pos_embed import resample_pos_embed, sincos_2d
 from .registry import register_model
 
-__all__ = ["PatchEmbed", "VisionTransformer"]
+__all__ = ["VisionTransformer"]
 
 #: the token stems of ``VisionTransformer(stem=...)``
 STEMS = {"patch": PatchEmbed, "conv": ConvStem}

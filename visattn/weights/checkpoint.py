@@ -44,7 +44,6 @@ from .stored_config import config_for_weights
 
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "CheckpointError",
     "check_fields",
     "load_checkpoint",
     "model_from_checkpoint",
