@@ -3,15 +3,18 @@
 The names of ``visattn.__all__`` are the package's front door: each is the class or function
 itself (the object its defining module holds under that name), documented. Everything else is
 imported from the module that defines it, so every visattn module is known under the path of its
-file only: no module aliases, no module objects under other names. (That the API pages render
-every public name is checked on the built site in ``test_docs.py``.)
+file only: no module aliases, no module objects under other names; and every ``visattn.…`` name
+or ``visattn/….py`` file that the package's text, the manual and the scripts mention exists.
+(That the API pages render every public name is checked on the built site in ``test_docs.py``.)
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +68,44 @@ def test_every_module_is_known_by_the_path_of_its_file_only():
         assert Path(file) in {path.with_suffix(".py"), path / "__init__.py"}, (name, file)
     for attribute, module in loaded["attributes"].items():
         assert module == f"visattn.{attribute}", f"visattn.{attribute} is the module {module}"
+
+
+#: the text users and the next engineer read: the package (docstrings, messages), the manual, the scripts
+TEXT = [
+    ROOT / "README.md",
+    ROOT / "train.py",
+    ROOT / "assets" / "README.md",
+    *sorted((ROOT / "docs").rglob("*.md")),
+    *sorted((ROOT / "configs").glob("*.yaml")),
+    *sorted((ROOT / "visattn").rglob("*.py")),
+    *sorted((ROOT / "visattn").rglob("*.html")),
+]
+DOTTED = re.compile(r"(?<![\w.])visattn(?:\.[A-Za-z_]\w*)+")
+FILE = re.compile(r"(?<![\w/.])visattn(?:/\w+)+\.py\b")
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``visattn.a.b.C.d`` is a module or an attribute of one."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:end]))
+        except ModuleNotFoundError:
+            continue
+        for part in parts[end:]:
+            if not hasattr(obj, part):
+                return False
+            obj = getattr(obj, part)
+        return True
+    return False
+
+
+def test_every_visattn_name_and_file_the_text_names_exists():
+    """A name like ``visattn.engine.evaluate`` or a path like ``visattn/config.py`` in a docstring,
+    an error message or the manual points at code that is there."""
+    missing = []
+    for path in TEXT:
+        text, where = path.read_text(), str(path.relative_to(ROOT))
+        missing += [(where, name) for name in sorted(set(DOTTED.findall(text))) if not _resolves(name)]
+        missing += [(where, file) for file in sorted(set(FILE.findall(text))) if not (ROOT / file).is_file()]
+    assert not missing, missing

@@ -295,7 +295,7 @@ def _user_errors(command):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    """Train from a config (or resume a run); the loop is :func:`visattn.engine.fit`."""
+    """Train from a config (or resume a run); the loop is :func:`visattn.train.engine.fit`."""
     from .train.config import load_config
     from .train.engine import fit, load_run_config
 
@@ -322,7 +322,7 @@ def _held_out(args: argparse.Namespace) -> tuple[Path, dict, torch.nn.Module, An
     if not isinstance(state.get("config"), dict):
         raise ValueError(
             f"{path} holds no training config (not written by visattn train); "
-            f"evaluate it from Python (visattn.engine.evaluate, visattn.explain.metrics)"
+            f"evaluate it from Python (visattn.train.engine.evaluate, visattn.explain.metrics)"
         )
     model = model_from_checkpoint(state, source=path)
     cfg = _held_out_config(args, state["config"], path)

@@ -98,7 +98,7 @@ def create_model(
         if name in _MODELS:
             raise ValueError(
                 f"{name!r} is visattn's own model with no published weights (not a timm or "
-                "torchvision name); load a visattn checkpoint with visattn.weights.model_from_checkpoint"
+                "torchvision name); load a visattn checkpoint with visattn.weights.checkpoint.model_from_checkpoint"
             )
     return model_builder(name)(**kwargs)
 
