@@ -34,7 +34,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..layers.attention import AttentionRecord, MultiHeadAttention, SelfAttention2d
-from .recording import AttentionRecording, Point, point_to_cell, record_attention
+from .recording import AttentionRecording, NotRecordedError, Point, point_to_cell, record_attention
 
 __all__ = [
     "METHODS",
@@ -115,7 +115,7 @@ def cls_attention(recording: AttentionRecording, layer: int | str = -1) -> Tenso
         path, rec = matches[0]
     else:
         if not -len(layers) <= layer < len(layers):
-            raise IndexError(f"layer {layer} out of range: {len(layers)} Transformer layer(s) recorded")
+            raise NotRecordedError(f"layer {layer} out of range: {len(layers)} Transformer layer(s) recorded")
         path, rec = layers[layer]
     if not rec.class_token:
         raise ValueError(
