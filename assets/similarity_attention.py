@@ -22,8 +22,8 @@ import argparse
 import torch
 from torch import Tensor, nn
 
-from visattn import SelfAttention2d
-from visattn.explain.overlay import Preprocess, attention_panels, load_image, overlay_grid
+from visattn import SelfAttention2d, load_image
+from visattn.explain.overlay import Preprocess, attention_panels, overlay_grid
 
 #: (colour scale, position scale) of each head's kernel
 HEADS = {"colour": (40.0, 0.0), "position": (0.0, 60.0), "colour + position": (40.0, 30.0)}

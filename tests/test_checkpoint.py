@@ -9,10 +9,9 @@ import pickle
 import pytest
 import torch
 
-from visattn import create_model
+from visattn import CheckpointError, create_model
 from visattn.weights import checkpoint as checkpoint_module
 from visattn.weights.checkpoint import (
-    CheckpointError,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,

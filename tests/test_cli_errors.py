@@ -27,8 +27,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from visattn import create_model, save_pretrained
+from visattn.explain.recording import NotRecordedError
 from visattn.train.config import config_to_dict, load_config
+from visattn.train.engine import NonFiniteLossError
+from visattn.train.lock import RunFolderBusy
 from visattn.weights.checkpoint import save_checkpoint
+from visattn.weights.hf import MissingExtraError
 
 from .test_data import Payload, write_cifar10
 from .test_imagefolder import cut_jpeg, make_folder
@@ -184,6 +188,9 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("eval zero batch", ["eval", "--checkpoint", "{tmp}/good.pt", "--batch", "0"], "--batch"),
     ("sites unknown model", ["sites", "nope"], "nope"),
     ("sites empty input", ["sites", "resnet18_small", "--input-size", "3", "0", "0"], "input_size"),
+    ("sites zero heads", ["sites", "resnet18_small", "--heads", "0"], "--heads"),
+    ("sites zero kv-pool", ["sites", "resnet18_small", "--kv-pool", "0"], "--kv-pool"),
+    ("overlay empty img-size", drawn("model:vit_digits_patch4_16", "--img-size", "0,16"), "--img-size"),
     # non-finite scores and maps: no page, no picture
     ("explore NaN weights", ["explore", "--checkpoint", "{tmp}/nan.pt", *PAGE],
      "the model's output for ok.png: 10 of 10 values are NaN or infinite"),
@@ -263,8 +270,6 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("huge embed_dim", ["train", "model.embed_dim=1000000"], "model.embed_dim=1000000 is too large"),
     ("huge depth", ["train", "model.depth=10000"], "model.depth=10000 is too large"),
     ("huge canvas", ["train", "data.name=digits_canvas", "data.canvas_size=1000000"], "data.canvas_size"),
-    ("sites zero heads", ["sites", "resnet18_small", "--heads", "0"], "--heads"),
-    ("sites zero kv-pool", ["sites", "resnet18_small", "--kv-pool", "0"], "--kv-pool"),
 ]  # fmt: skip
 
 DRIVER = r"""
@@ -527,6 +532,70 @@ def test_real_processes_exit_2_with_one_line_and_traceback_on_request(tmp_path):
     for code, err in (traced, env_traced):
         assert code == 1 and "Traceback (most recent call last)" in err and "unknown model 'nope'" in err
     assert not list(tmp_path.iterdir())
+
+
+#: a sub-command that fails with each of these ends in exit status 2 and "error: " (what visattn
+#: raises on purpose about the input), or in exit status 1 and "internal error: " (a bug)
+RAISED = [
+    (ValueError("bad value"), 2),
+    (FileNotFoundError("no such file"), 2),
+    (RunFolderBusy("runs/x is in use by process 12"), 2),
+    (NonFiniteLossError("training loss is nan at step 3"), 2),
+    (NotRecordedError("no attention recorded for 'blocks.9'"), 2),
+    (MissingExtraError("Hugging Face models need the transformers package"), 2),
+    (RuntimeError("shape '[2, 3]' is invalid for input of size 7"), 1),
+    (KeyError("qkv.weight"), 1),
+    (IndexError("list index out of range"), 1),
+    (TypeError("unsupported operand"), 1),
+    (AttributeError("'NoneType' object has no attribute 'shape'"), 1),
+]
+
+
+@pytest.mark.parametrize(("raised", "code"), RAISED, ids=[type(e).__name__ for e, _ in RAISED])
+def test_only_what_visattn_raises_on_purpose_is_the_users_error(monkeypatch, capsys, raised, code):
+    from visattn import cli
+
+    def broken(name: str):
+        raise raised
+
+    monkeypatch.setattr(cli, "create_model", broken)
+    assert cli.main(["demo"]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    if code == 2:
+        assert err.startswith("visattn demo: error: "), err
+    else:
+        assert err.startswith(f"visattn demo: internal error: {type(raised).__name__}: "), err
+        assert err.endswith("(rerun with --traceback and report it)\n"), err
+
+
+BUG = """
+import sys
+from visattn import cli
+
+def broken(name):
+    return {}["blocks.0.attn.qkv.weight"]  # a bug: a KeyError of visattn's own code
+
+cli.create_model = broken
+cli.run(sys.argv[1:])
+"""
+
+
+def test_a_bug_exits_1_with_one_line_asking_for_the_traceback(tmp_path):
+    """A real process whose code has a bug (a ``KeyError``, which the command line once took for
+    the user's mistake) exits with status 1 and one line; with ``--traceback`` the traceback."""
+    plain, traced = (
+        subprocess.run(
+            [sys.executable, "-c", BUG, "demo", *flags], env=env(), cwd=tmp_path, capture_output=True, text=True
+        )
+        for flags in ([], ["--traceback"])
+    )
+    assert (plain.returncode, plain.stderr) == (
+        1,
+        "visattn demo: internal error: KeyError: blocks.0.attn.qkv.weight (rerun with --traceback and report it)\n",
+    )
+    assert traced.returncode == 1 and "Traceback (most recent call last)" in traced.stderr
+    assert traced.stderr.rstrip().endswith("KeyError: 'blocks.0.attn.qkv.weight'"), traced.stderr
 
 
 def test_the_entry_point_exits_with_mains_code_after_freezing_the_collector(monkeypatch):

@@ -16,14 +16,13 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from visattn import SelfAttention2d, create_model
+from visattn import SelfAttention2d, create_model, load_image
 from visattn.cli import main
 from visattn.explain.overlay import (
     Preprocess,
     attention_overlay,
     attention_panels,
     default_data_config,
-    load_image,
 )
 from visattn.models import registry
 from visattn.models.vit import VisionTransformer

@@ -66,7 +66,7 @@ def test_pretrained_offline_error_says_where_the_file_goes(tmp_path, monkeypatch
         raise OSError("no network")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match=r"resnet18-f37072fd\.pth.*hub/checkpoints"):
+    with pytest.raises(OSError, match=r"resnet18-f37072fd\.pth.*hub/checkpoints"):
         create_model("torchvision:resnet18", pretrained=True)
 
 

@@ -176,6 +176,20 @@ def test_the_api_reference_renders_signatures_and_links(site: Path) -> None:
     assert 'href="#visattn.models.insert.insert_attention"' in html
 
 
+def test_every_public_name_has_a_heading_on_the_api_pages(site: Path) -> None:
+    """Each name of ``visattn.__all__`` is rendered on an API page: under its defining module's
+    path, or (for the two defined in a private module) under ``visattn.NAME``."""
+    import visattn
+
+    pages = "".join(page.read_text() for page in (site / "api").rglob("index.html"))
+    missing = []
+    for name in visattn.__all__:
+        obj = getattr(visattn, name)
+        if f'id="{obj.__module__}.{obj.__qualname__}"' not in pages and f'id="visattn.{name}"' not in pages:
+            missing.append(name)
+    assert not missing, f"public names without a heading on the API pages: {missing}"
+
+
 def _browser_missing() -> str | None:
     try:
         import selenium  # noqa: F401

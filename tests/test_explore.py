@@ -3,7 +3,7 @@
 tokens, mean-pooled ViTs, CNNs with ``SelfAttention2d``, hybrids; the size budget; the CLI.
 
 The oracle is a separate recording of the same model on the same input (``record_attention``
-with every query cell, no ``queries=``), and the map functions of ``visattn.maps`` on it; the
+with every query cell, no ``queries=``), and the map functions of ``visattn.explain.maps`` on it; the
 page is read back from the HTML text with :func:`read_page_data` and :func:`dequantize`.
 """
 

@@ -191,7 +191,7 @@ def test_errors_name_the_problem():
         insert_attention(model, "layer1", preset="cbam")
     with pytest.raises(ValueError, match="root is a Sequential"):
         insert_attention(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), "0")
-    with pytest.raises(RuntimeError, match="input_size"):
+    with pytest.raises(ValueError, match="input_size"):
         insert_attention(model, "layer1", input_size=(3, 16, 16))  # wrong channels for the dry run
     insert_attention(model, "layer1")
     with pytest.raises(ValueError, match="inserted before"):

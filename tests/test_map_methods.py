@@ -1,4 +1,4 @@
-"""One table of map methods (`visattn.maps.METHODS`) and one dispatcher (`compute`), which the
+"""One table of map methods (`visattn.explain.maps.METHODS`) and one dispatcher (`compute`), which the
 overlay, the metrics, the explorer and the command line read; panels chosen by what they are."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from visattn import SelfAttention2d, VisionTransformer, metrics
+from visattn import SelfAttention2d, VisionTransformer, record_attention
 from visattn.cli import main
-from visattn.explain import maps
+from visattn.explain import maps, metrics
 from visattn.explain.maps import (
     cls_attention,
     compute,
@@ -19,7 +19,6 @@ from visattn.explain.maps import (
     grad_rollout,
     query_map,
     received,
-    record_attention,
     rollout,
 )
 from visattn.explain.overlay import METHODS as OVERLAY_METHODS

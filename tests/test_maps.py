@@ -15,18 +15,17 @@ import torchvision
 from torch import nn
 
 import visattn
-from visattn import SelfAttention2d, VisionTransformer
+from visattn import SelfAttention2d, VisionTransformer, record_attention
 from visattn.explain.maps import (
     cls_attention,
     grad_rollout,
     key_extent,
-    point_to_cell,
     query_map,
     received,
-    record_attention,
     rollout,
     to_image,
 )
+from visattn.explain.recording import point_to_cell
 from visattn.layers.functional import attention_matrix_bytes
 from visattn.profiling import FUSED_KERNELS, UNFUSED_KERNELS, attention_kernels
 

@@ -1,4 +1,4 @@
-"""visattn.metrics against cases with known answers.
+"""visattn.explain.metrics against cases with known answers.
 
 The pointing game on hand-made maps and boxes; deletion and insertion on a model whose evidence
 is exactly one region (the map marking it must beat its inverse) and against a float64 hand
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import visattn
-from visattn import metrics
+from visattn.explain import metrics
 from visattn.explain.evaluate import ink_map
 
 # --- the pointing game -----------------------------------------------------------------------

@@ -9,13 +9,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from visattn import SelfAttention2d
+from visattn import SelfAttention2d, load_image
 from visattn.explain.maps import to_image
 from visattn.explain.overlay import (
     Preprocess,
     attention_overlay,
     attention_panels,
-    load_image,
     normalize_map,
     overlay,
     overlay_grid,
@@ -190,7 +189,7 @@ def test_readme_similarity_example_heads_are_gaussian_kernels():
     spec = importlib.util.spec_from_file_location("similarity_attention", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    from visattn.explain.maps import record_attention
+    from visattn import record_attention
 
     features = example.PixelFeatures(stride=2)(torch.rand(2, 3, 12, 16) * 2 - 1)  # (2, 7, 6, 8)
     block = example.similarity_block().eval()

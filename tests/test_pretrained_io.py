@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from visattn import (
+    CheckpointError,
     VisionTransformer,
     create_model,
     from_timm,
@@ -24,7 +25,7 @@ from visattn import (
     load_pretrained,
     save_pretrained,
 )
-from visattn.weights.checkpoint import CheckpointError, save_checkpoint
+from visattn.weights.checkpoint import save_checkpoint
 from visattn.weights.hub import CONFIG_NAME, WEIGHTS_NAME
 
 DIGITS = dict(embed_dim=32, depth=1, num_heads=2)  # a small vit_digits_patch4_16

@@ -19,12 +19,13 @@ import torch
 from omegaconf import OmegaConf
 
 import visattn.train.engine as engine
+from visattn import CheckpointError
 from visattn._io import DiskFullError
 from visattn.cli import main
 from visattn.train.config import ConfigError, config_to_dict, load_config
 from visattn.train.engine import TrainingInterrupted, fit
 from visattn.train.resume import RESUME_OVERRIDES, load_run_config
-from visattn.weights.checkpoint import CheckpointError, load_checkpoint
+from visattn.weights.checkpoint import load_checkpoint
 
 from .test_train import ROOT, TINY, child_env, metrics
 

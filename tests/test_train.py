@@ -20,7 +20,7 @@ from PIL import Image
 
 import visattn.train.engine
 import visattn.train.precision
-from visattn import create_model, load_pretrained
+from visattn import CheckpointError, create_model, load_pretrained
 from visattn.cli import _write_run_explorer, main
 from visattn.explain.explore import read_page_data
 from visattn.explain.overlay import Preprocess
@@ -29,7 +29,7 @@ from visattn.train.data import build_datasets, held_out_pictures
 from visattn.train.engine import NonFiniteLossError, fit
 from visattn.train.precision import BF16_MIN_FLOPS, choose_precision, forward_flops
 from visattn.train.resume import load_run_config
-from visattn.weights.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from visattn.weights.checkpoint import load_checkpoint, model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

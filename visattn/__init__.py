@@ -5,13 +5,10 @@ The package is layered (imports only go down): the leaves ``_io`` and ``_utils``
 (conversion, save/load, checkpoints); ``explain`` and ``train``; and ``cli`` on top.
 """
 
-import sys
-
-from .explain import maps, metrics
+from ._io import CheckpointError, load_image
 from .explain.explore import explore
 from .explain.overlay import overlay, overlay_grid
 from .explain.recording import AttentionRecording, record_attention
-from .layers import functional
 from .layers.attention import AttentionRecord, MultiHeadAttention, SelfAttention2d
 from .layers.blocks import EncoderBlock
 from .layers.patch_embed import PatchEmbed
@@ -27,16 +24,11 @@ from .weights.hub import load_pretrained, save_pretrained
 
 __version__ = "0.1.0"
 
-# The public modules keep their import paths (`from visattn.maps import rollout`,
-# `from visattn.functional import attention`) although their files live in the layers now.
-sys.modules[f"{__name__}.functional"] = functional
-sys.modules[f"{__name__}.maps"] = maps
-sys.modules[f"{__name__}.metrics"] = metrics
-
 __all__ = [
     "AttentionRecord",
     "AttentionRecording",
     "AttentionSite",
+    "CheckpointError",
     "EncoderBlock",
     "HybridEmbed",
     "HybridViT",
@@ -51,12 +43,10 @@ __all__ = [
     "from_timm",
     "from_torchvision",
     "from_transformers",
-    "functional",
     "insert_attention",
     "list_models",
+    "load_image",
     "load_pretrained",
-    "maps",
-    "metrics",
     "overlay",
     "overlay_grid",
     "record_attention",

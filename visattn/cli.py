@@ -45,6 +45,13 @@ def _pair(text: str, kind: type = float) -> tuple:
     return first, second
 
 
+def _size(text: str) -> tuple[int, int]:
+    height, width = _pair(text, int)
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"expected a height and a width of at least 1 pixel, got {text!r}")
+    return height, width
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -109,9 +116,9 @@ def _check_output(args: argparse.Namespace, out: str | Path, kind: str) -> None:
 
 def _cmd_overlay(args: argparse.Namespace) -> int:
     """Draw an attention map of one picture (see visattn.explain.overlay.attention_overlay)."""
-    from ._io import image_format
+    from ._io import image_format, load_image
     from .explain.maps import METHODS
-    from .explain.overlay import OVERLAY_MAX_SIDE, Preprocess, attention_overlay, load_image
+    from .explain.overlay import OVERLAY_MAX_SIDE, Preprocess, attention_overlay
 
     spec = METHODS[args.method]
     if spec.needs_query != (args.query is not None):
@@ -212,21 +219,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean the input was wrong (exit status 2), not that visattn has a bug."""
-    import yaml
-    from omegaconf.errors import OmegaConfBaseException
-    from PIL import Image
+    """What visattn raises on purpose about the input or the machine (exit status 2). Anything
+    else (``RuntimeError``, ``KeyError``, ``IndexError``, ``TypeError``...) is a bug of visattn
+    (exit status 1), so the place that meets a peer's error about the input converts it."""
+    from .explain.recording import NotRecordedError
+    from .train.engine import NonFiniteLossError
+    from .train.lock import RunFolderBusy
+    from .weights.hf import MissingExtraError
 
     return (
-        ValueError,  # ConfigError and CheckpointError too
-        OSError,  # missing files, disk full, read-only folders, undecodable pictures
-        ImportError,  # an optional extra that is not installed (pip install 'visattn[hf]')
-        KeyError,
-        IndexError,
-        RuntimeError,  # NonFiniteLossError, out of memory, models refusing an input
-        Image.DecompressionBombError,
-        yaml.YAMLError,
-        OmegaConfBaseException,
+        ValueError,  # ConfigError, CheckpointError, ImageFileError, UnsafeOutputError, bad arguments
+        OSError,  # FileNotFoundError, DiskFullError, PretrainedUnavailableError, read-only folders
+        MissingExtraError,  # an optional extra that is not installed (pip install 'visattn[hf]')
+        NotRecordedError,  # --layer names no recorded attention module
+        RunFolderBusy,  # another process trains in the run folder
+        NonFiniteLossError,  # the run diverged; last.pt is the last good state
     )
 
 
@@ -347,7 +354,7 @@ def _held_out(args: argparse.Namespace) -> tuple[Path, dict, torch.nn.Module, An
     if not isinstance(state.get("config"), dict):
         raise ValueError(
             f"{path} holds no training config (not written by visattn train); "
-            f"evaluate it from Python (visattn.train.engine.evaluate, visattn.metrics)"
+            f"evaluate it from Python (visattn.train.engine.evaluate, visattn.explain.metrics)"
         )
     model = model_from_checkpoint(state, source=path)
     cfg = _held_out_config(args, state["config"], path)
@@ -491,9 +498,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="--model's weights: a folder from save_pretrained or training, a checkpoint, or a .safetensors/.pth file",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed of --model's untrained weights")
-    parser.add_argument(
-        "--img-size", type=lambda t: _pair(t, int), metavar="H,W", help="input size for --model (default: its own)"
-    )
+    parser.add_argument("--img-size", type=_size, metavar="H,W", help="input size for --model (default: its own)")
 
 
 def _positive_float(text: str) -> float:
@@ -523,7 +528,7 @@ def _add_force_argument(parser: argparse.ArgumentParser, what: str = "an existin
 
 
 def _methods_that(flag: str, among: Sequence[str] | None = None) -> str:
-    """The map methods (of ``among``, default all) whose :class:`~visattn.maps.MethodSpec` has
+    """The map methods (of ``among``, default all) whose :class:`~visattn.explain.maps.MethodSpec` has
     ``flag`` set, as text: ``"cls, query, received"``."""
     from .explain.maps import METHODS
 
@@ -663,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     sites.add_argument("--input-size", type=int, nargs=3, default=[3, 224, 224], metavar=("C", "H", "W"))
     sites.add_argument("--heads", type=_positive_int, default=1)
     sites.add_argument("--kv-pool", type=_positive_int, default=1)
-    sites.add_argument("--depth", type=int, default=None, help="only paths with at most this many parts")
+    sites.add_argument("--depth", type=_positive_int, default=None, help="only paths with at most this many parts")
     sites.add_argument("--leaves", action="store_true", help="also list single layers")
     _with_traceback(sites).set_defaults(func=_user_errors(_cmd_sites))
     bench = sub.add_parser("bench", add_help=False, help="the benchmark suite (options: visattn bench --help)")

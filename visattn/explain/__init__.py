@@ -7,9 +7,3 @@ original picture), ``explore`` (the attention explorer: one self-contained HTML 
 them with baselines, intervals, a table and a figure). Imports the layers below; never
 ``visattn.train``.
 """
-
-from . import maps, metrics
-from .overlay import overlay, overlay_grid
-from .recording import AttentionRecording, record_attention
-
-__all__ = ["AttentionRecording", "maps", "metrics", "overlay", "overlay_grid", "record_attention"]

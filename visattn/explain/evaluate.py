@@ -1,9 +1,9 @@
 """Every map of a model through every metric, with baselines, intervals, a table and a figure.
 
 :func:`evaluate_maps` is what ``visattn evaluate-maps`` runs: named map methods
-(:data:`visattn.metrics.METHODS`) and three baselines that know nothing of the model — a random
+(:data:`visattn.explain.metrics.METHODS`) and three baselines that know nothing of the model — a random
 map, a centre prior and the blurred input ("where the ink is") — scored by the pointing game,
-deletion, insertion and the randomization test of :mod:`visattn.metrics`. :func:`summarize`
+deletion, insertion and the randomization test of :mod:`visattn.explain.metrics`. :func:`summarize`
 gives each score's mean with a 95 % bootstrap interval; :func:`format_table` and
 :func:`plot_curves` show them.
 """
@@ -168,12 +168,12 @@ def evaluate_maps(
     Args:
         model: the classifier, in eval mode.
         images: ``(N, C, H, W)`` as the model takes them.
-        methods: names from :data:`visattn.metrics.METHODS`; one that does not apply to the model
+        methods: names from :data:`visattn.explain.metrics.METHODS`; one that does not apply to the model
             (``"cls"`` without a class token, ``"rollout"`` on a CNN) raises ``ValueError`` first.
         metrics: names from :data:`METRICS`.
         boxes: ``(N, 4)`` object boxes (pixels, ``x1``/``y1`` exclusive), for ``"pointing"``.
         layer: the layer of ``"cls"`` and ``"received"``.
-        steps, baseline, batch_size: of :func:`~visattn.metrics.causal_metric` (deletion, insertion)
+        steps, baseline, batch_size: of :func:`~visattn.explain.metrics.causal_metric` (deletion, insertion)
             (targets: the predicted classes).
         seed: of the random map and of the randomization test.
 

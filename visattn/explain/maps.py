@@ -34,12 +34,11 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..layers.attention import AttentionRecord, MultiHeadAttention, SelfAttention2d
-from .recording import AttentionRecording, Point, point_to_cell, record_attention
+from .recording import AttentionRecording, NotRecordedError, Point, point_to_cell, record_attention
 
 __all__ = [
     "METHODS",
     "AttentionMap",
-    "AttentionRecording",
     "MapRequest",
     "MethodSpec",
     "cls_attention",
@@ -49,10 +48,8 @@ __all__ = [
     "grad_rollout",
     "key_extent",
     "method_spec",
-    "point_to_cell",
     "query_map",
     "received",
-    "record_attention",
     "rollout",
     "to_image",
 ]
@@ -118,7 +115,7 @@ def cls_attention(recording: AttentionRecording, layer: int | str = -1) -> Tenso
         path, rec = matches[0]
     else:
         if not -len(layers) <= layer < len(layers):
-            raise IndexError(f"layer {layer} out of range: {len(layers)} Transformer layer(s) recorded")
+            raise NotRecordedError(f"layer {layer} out of range: {len(layers)} Transformer layer(s) recorded")
         path, rec = layers[layer]
     if not rec.class_token:
         raise ValueError(

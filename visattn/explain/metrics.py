@@ -16,9 +16,9 @@ randomization_test   rank correlation of the map with the maps of copies      :c
 ===================  =====================================================  =====================
 
 Maps are ``(B, h, w)`` on a grid that covers the image (a patch grid, a feature-map grid, or the
-pixels themselves); they are put on the pixels as :func:`visattn.maps.to_image` puts them.
+pixels themselves); they are put on the pixels as :func:`visattn.explain.maps.to_image` puts them.
 :func:`attention_map` makes such maps from a model with one of :data:`METHODS`; any other
-``(B, h, w)`` map works the same (``visattn.maps.query_map(...).mean(1)``, a CAM, a baseline).
+``(B, h, w)`` map works the same (``visattn.explain.maps.query_map(...).mean(1)``, a CAM, a baseline).
 Deletion and insertion are one measurement, :func:`causal_metric` (RISE's ``CausalMetric``),
 with ``mode="deletion"`` or ``"insertion"``.
 """
@@ -52,7 +52,7 @@ __all__ = [
     "spearman",
 ]
 
-#: the named map methods of :func:`attention_map`: those of :data:`visattn.maps.METHODS` that need no query point
+#: the named map methods of :func:`attention_map`: those of :data:`~visattn.explain.maps.METHODS` without a query point
 METHODS = tuple(name for name, spec in maps.METHODS.items() if not spec.needs_query)
 #: a map method: ``(model, images (B, C, H, W), target (B,)) -> (B, h, w)`` on a grid covering the image
 MapMethod = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -67,9 +67,9 @@ def attention_map(
 ) -> Tensor:
     """One map per image, heads averaged, from one of :data:`METHODS`.
 
-    ``"cls"``: :func:`~visattn.maps.cls_attention` of ``layer``; ``"rollout"``:
-    :func:`~visattn.maps.rollout`; ``"grad_rollout"``: :func:`~visattn.maps.grad_rollout` for
-    ``target`` (default the predicted class); ``"received"``: :func:`~visattn.maps.received` of
+    ``"cls"``: :func:`~visattn.explain.maps.cls_attention` of ``layer``; ``"rollout"``:
+    :func:`~visattn.explain.maps.rollout`; ``"grad_rollout"``: :func:`~visattn.explain.maps.grad_rollout` for
+    ``target`` (default the predicted class); ``"received"``: :func:`~visattn.explain.maps.received` of
     ``layer`` (a ``SelfAttention2d`` or a Transformer layer).
 
     Args:
@@ -168,7 +168,7 @@ def pointing_game(
 
     Args:
         heatmaps: ``(B, h, w)`` on a grid covering the image; put on the pixels as
-            :func:`visattn.maps.to_image` does (``extent`` as there). The maximum pixel is the
+            :func:`visattn.explain.maps.to_image` does (``extent`` as there). The maximum pixel is the
             first in row-major order where several tie.
         boxes: ``(B, 4)`` ``x0, y0, x1, y1`` in pixels, ``x1`` and ``y1`` exclusive.
         image_size: ``(H, W)`` of the image.
@@ -289,7 +289,7 @@ def causal_metric(
         model: the classifier (in the mode to evaluate, usually ``eval()``).
         images: ``(B, C, H, W)`` as the model takes them (normalized).
         heatmaps: ``(B, h, w)`` on a grid covering the image (``extent`` as in
-            :func:`visattn.maps.to_image`); pixels are ranked by their value, ties in row-major order.
+            :func:`visattn.explain.maps.to_image`); pixels are ranked by their value, ties in row-major order.
         mode: ``"deletion"`` or ``"insertion"``.
         target: class per image (an int for all, or ``B``); default the predicted class.
         steps: the curve has ``steps + 1`` points; step ``k`` has changed ``k·P // steps`` of the

@@ -23,10 +23,11 @@ from PIL import Image, ImageDraw
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
-from .._io import atomic_save_image, check_output, image_format, load_image, to_rgb
+from .._io import atomic_save_image, check_output, image_format, to_rgb
 from .._utils import require_finite
 from . import maps
-from .maps import Point, to_image
+from .maps import to_image
+from .recording import Point, record_attention
 
 __all__ = [
     "METHODS",
@@ -37,7 +38,6 @@ __all__ = [
     "attention_overlay",
     "attention_panels",
     "default_data_config",
-    "load_image",
     "pretrained_data_config",
     "normalize_map",
     "overlay",
@@ -222,7 +222,7 @@ def overlay(
         normalize: see :func:`normalize_map`.
         box: ``(left, top, right, bottom)`` of the picture that the model input covered
             (:meth:`Preprocess.box`); default the whole picture. Outside it the picture stays.
-        extent: cells of the map's grid the input spans (pooled key grids; :func:`visattn.maps.key_extent`).
+        extent: cells of the map's grid the input spans (pooled key grids; :func:`visattn.explain.maps.key_extent`).
         marker: an ``(x, y)`` pixel of the picture to mark with a cross (a query point).
 
     Returns:
@@ -359,7 +359,7 @@ def _check_picture_output(out: str | os.PathLike | None, image: Image.Image, for
         check_output(out, image_format(out), [picture_file(image)], force=force)
 
 
-#: the maps :func:`attention_overlay` draws: every method of :data:`visattn.maps.METHODS`
+#: the maps :func:`attention_overlay` draws: every method of :data:`visattn.explain.maps.METHODS`
 METHODS = tuple(maps.METHODS)
 
 
@@ -481,7 +481,7 @@ def attention_panels(
             (``load_image(path, max_side).info["original_size"]``): ``query`` is then in pixels
             of the original, and the marker is scaled onto ``image``. Default ``image.size``.
         layer: a recorded module's path or position (``-1``: the last one).
-        head_fusion, discard_ratio: see :func:`visattn.maps.rollout`.
+        head_fusion, discard_ratio: see :func:`visattn.explain.maps.rollout`.
         class_names: names for the predicted class in the title.
 
     Per-head methods give one panel per head and, with several heads, their mean.
@@ -492,7 +492,7 @@ def attention_panels(
     size = tuple(original_size or image.size)
     point = None if query is None else preprocess.to_input(query, size)
     marker = None if query is None else (query[0] * image.width / size[0], query[1] * image.height / size[1])
-    with torch.no_grad(), maps.record_attention(model, queries=maps.grid_queries(model, point)) as rec:
+    with torch.no_grad(), record_attention(model, queries=maps.grid_queries(model, point)) as rec:
         logits = model(x)
     if spec.needs_gradients and target is None:
         target = int(logits.argmax(dim=-1)[0])

@@ -36,6 +36,7 @@ from ..layers.attention import (
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "AttentionRecording",
+    "NotRecordedError",
     "Point",
     "TokenGridModel",
     "TokenLayout",
@@ -44,6 +45,14 @@ __all__ = [
 ]
 
 Point = tuple[float, float]
+
+
+class NotRecordedError(KeyError, IndexError):
+    """A layer asked for (a module path, a position in forward order or a module) that the
+    recording does not hold; the message names the recorded ones. A ``KeyError`` and an
+    ``IndexError``, as a failed lookup by key and by position are."""
+
+
 #: default refusal limit of :func:`record_attention`: 2 GiB of weights per module call
 DEFAULT_MAX_BYTES = 2**31
 
@@ -87,21 +96,23 @@ class AttentionRecording(Mapping[str, AttentionRecord]):
     def path_of(self, module: str | int | nn.Module) -> str:
         """The recorded path for a path, a position in forward order (``-1`` = last) or a module.
 
-        Raises an error listing the recorded paths when there is no such record."""
+        Raises `NotRecordedError` listing the recorded paths when there is no such record."""
         records = self._require()
         if isinstance(module, str):
             if module not in records:
-                raise KeyError(f"no attention recorded for {module!r}; recorded: {', '.join(records)}")
+                raise NotRecordedError(f"no attention recorded for {module!r}; recorded: {', '.join(records)}")
             return module
         if isinstance(module, int):
             paths = list(records)
             if not -len(paths) <= module < len(paths):
-                raise IndexError(f"layer {module} out of range: {len(paths)} module(s) recorded ({', '.join(paths)})")
+                raise NotRecordedError(
+                    f"layer {module} out of range: {len(paths)} module(s) recorded ({', '.join(paths)})"
+                )
             return paths[module]
         for path, candidate in self.modules.items():
             if candidate is module and path in records:
                 return path
-        raise KeyError(f"{type(module).__name__} module was not recorded; recorded: {', '.join(records)}")
+        raise NotRecordedError(f"{type(module).__name__} module was not recorded; recorded: {', '.join(records)}")
 
     def extent(self, module: str | int | nn.Module) -> tuple[float, float]:
         """How many key cells of ``module``'s key grid the input image spans (see :func:`key_extent`)."""

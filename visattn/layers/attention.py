@@ -1,6 +1,6 @@
 """Attention modules: token attention for Transformers and grid attention for CNNs.
 
-Both call :func:`visattn.functional.attention`; neither writes the softmax itself.
+Both call :func:`visattn.layers.functional.attention`; neither writes the softmax itself.
 While :func:`visattn.record_attention` is open, each module computes its weights explicitly
 and hands them to its recording's ``sink``; otherwise the fused kernel runs and nothing is kept.
 """
@@ -330,7 +330,7 @@ class SelfAttention2d(RecordableAttention):
 
     Three 1×1 convolutions turn the grid ``x`` ``(B, C, H, W)`` into queries, keys and values;
     the ``H·W`` positions attend to each other (per head) through
-    :func:`visattn.functional.attention`; the result goes through a 1×1 output convolution
+    :func:`visattn.layers.functional.attention`; the result goes through a 1×1 output convolution
     (and an optional BatchNorm) and is added back: ``x + γ·y``. The gate ``γ`` starts at zero
     (or, with ``gate=None``, the output BatchNorm's weight does), so **the block is exactly the
     identity when it is created** and a pretrained network's predictions do not change.

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .._utils import check_probabilities, check_range
 from .attention import MultiHeadAttention
 
-__all__ = ["EncoderBlock", "Mlp"]
+__all__ = ["EncoderBlock"]
 
 
 class EncoderBlock(nn.Module):

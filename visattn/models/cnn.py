@@ -100,8 +100,8 @@ def _replace_classifier(model: nn.Module, num_classes: int) -> None:
         _set_submodule(model, path, nn.Linear(head.in_features, num_classes, device=head.weight.device))
 
 
-def _pretrained_error(source: str, name: str, error: Exception, hint: str) -> RuntimeError:
-    return RuntimeError(
+def _pretrained_error(source: str, name: str, error: Exception, hint: str) -> OSError:
+    return OSError(
         f"could not load the pretrained weights of {source}:{name} ({type(error).__name__}: {error}). Offline? {hint}"
     )
 

@@ -110,7 +110,7 @@ def _output_shapes(
     try:
         dry_forward(model, input_size)
     except Exception as error:
-        raise RuntimeError(
+        raise ValueError(
             f"the dry forward pass of {type(model).__name__} on a {(1, *input_size)} input failed "
             f"({error}); pass input_size=(C, H, W) that the model accepts"
         ) from error
@@ -151,7 +151,8 @@ def insert_attention(
 
     Raises:
         ValueError: unknown path (with close matches), a path given twice or already holding a
-            block, a site whose output is not 4-D, or a bad ``preset``.
+            block, a site whose output is not 4-D, a bad ``preset``, or a dry run that fails at
+            ``input_size``.
     """
     paths = [at] if isinstance(at, str) else list(at)
     if not paths:

@@ -24,7 +24,7 @@ from ..layers.patch_embed import ConvStem, PatchEmbed
 from ..layers.pos_embed import resample_pos_embed, sincos_2d
 from .registry import register_model, update_model_config
 
-__all__ = ["PatchEmbed", "VisionTransformer", "check_vit_arguments"]
+__all__ = ["VisionTransformer", "check_vit_arguments"]
 
 #: the token stems of ``VisionTransformer(stem=...)``
 STEMS = {"patch": PatchEmbed, "conv": ConvStem}

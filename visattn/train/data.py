@@ -89,7 +89,7 @@ def build_transform(
     Augment (when ``train``) → float tensor → normalize → random erasing (when ``train``).
 
     Args:
-        train: add the augmentations of ``augment`` (an :class:`~visattn.config.AugmentConfig`).
+        train: add the augmentations of ``augment`` (an :class:`~visattn.train.config.AugmentConfig`).
         mean, std: per-channel normalization.
         size: the output ``(H, W)``.
     """
@@ -128,7 +128,7 @@ class TensorImageDataset(Dataset):
         images: ``(N, C, H, W)``, float in ``[0, 1]`` or uint8.
         labels: ``(N,)`` class indices.
         mean, std: per-channel normalization applied to every batch.
-        augment: a :class:`~visattn.augment.BatchAugment` for training sets (``None``: none).
+        augment: a :class:`~visattn.train.augment.BatchAugment` for training sets (``None``: none).
         per_image: an optional per-image transform on PIL images applied before ``augment``
             (timm's RandAugment); the only step that loops over images.
         erasing: an optional batch transform applied after normalization (timm's

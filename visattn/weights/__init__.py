@@ -9,21 +9,4 @@ stored model config checked as data). Imports ``visattn.models``, ``visattn.laye
 and the leaves.
 """
 
-from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from .convert import from_timm, from_torchvision
-from .hf import from_transformers
-from .hf_source import hf_model
-from .hub import load_pretrained, save_pretrained
-
-__all__ = [
-    "CheckpointError",
-    "from_timm",
-    "from_torchvision",
-    "from_transformers",
-    "hf_model",
-    "load_checkpoint",
-    "load_pretrained",
-    "model_from_checkpoint",
-    "save_checkpoint",
-    "save_pretrained",
-]
+from . import hf_source  # noqa: F401  registers the "hf:" source of create_model

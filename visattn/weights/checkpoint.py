@@ -12,7 +12,7 @@ Python values (so ``torch.load(weights_only=True)`` reads it)::
         ...                        # optional training state (optimizer, scheduler, epoch, RNG, ...)
     }
 
-Training (:mod:`visattn.engine`) writes ``data_config`` = ``{"name", "img_size": [H, W],
+Training (:mod:`visattn.train.engine`) writes ``data_config`` = ``{"name", "img_size": [H, W],
 "in_chans", "mean", "std", "num_classes", "class_names"}`` and ``config`` (the resolved training
 config) into ``best.pt`` (plus ``epoch``, ``acc1``) and ``last.pt``; ``last.pt`` also holds the
 training state: ``optimizer``, ``scheduler``, ``ema`` (or ``None``), ``scaler`` (or ``None``),
@@ -44,7 +44,6 @@ from .stored_config import config_for_weights
 
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "CheckpointError",
     "check_checkpoint",
     "check_fields",
     "load_checkpoint",
@@ -179,8 +178,8 @@ def model_from_checkpoint(
     check_fields(state, source)
     if not isinstance(state.get("model_config"), dict) or "name" not in state["model_config"]:
         raise CheckpointError(
-            f"{source} has no model_config (the create_model arguments that rebuild its model); "
-            "add one with visattn.save_checkpoint, or build the model yourself and load state['model']"
+            f"{source} has no model_config (the create_model arguments that rebuild its model); add one with "
+            "visattn.weights.checkpoint.save_checkpoint, or build the model yourself and load state['model']"
         )
     config = config_for_weights(state["model_config"], state.get("model"), source)
     model = create_model(config.pop("name"), **config)

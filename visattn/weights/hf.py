@@ -51,6 +51,7 @@ from .convert import (
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "HFArchitecture",
+    "MissingExtraError",
     "convert_parts",
     "from_transformers",
     "hf_config",
@@ -94,12 +95,16 @@ _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "g
 _DINOV2 = ("dinov2", "dinov2_with_registers")
 
 
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message says how to install it."""
+
+
 def import_transformers():
-    """The ``transformers`` module, or an ``ImportError`` saying how to install it."""
+    """The ``transformers`` module, or a `MissingExtraError` saying how to install it."""
     try:
         import transformers
     except ImportError:
-        raise ImportError(
+        raise MissingExtraError(
             "Hugging Face models need the transformers package: pip install 'visattn[hf]' "
             "(in a checkout: pip install -e '.[hf]')"
         ) from None
@@ -330,7 +335,7 @@ def from_transformers(model_or_state_dict: nn.Module | StateDict, config: Any = 
 
     Raises:
         UnsupportedModelError: another architecture, or a feature visattn lacks (named).
-        ImportError: a config mapping without ``transformers`` installed (``pip install visattn[hf]``).
+        MissingExtraError: a config mapping without ``transformers`` installed (``pip install visattn[hf]``).
     """
     if isinstance(model_or_state_dict, nn.Module):
         if config is not None:
