@@ -23,7 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from visattn import SelfAttention2d
-from visattn.explain.overlay import Preprocess, attention_panels, load_image, overlay_grid
+from visattn._io import load_image
+from visattn.explain.inputs import Preprocess
+from visattn.explain.overlay import attention_panels
+from visattn.explain.render import overlay_grid
 
 #: (colour scale, position scale) of each head's kernel
 HEADS = {"colour": (40.0, 0.0), "position": (0.0, 60.0), "colour + position": (40.0, 30.0)}

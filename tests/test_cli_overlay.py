@@ -17,14 +17,10 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from visattn import SelfAttention2d, create_model
+from visattn._io import load_image
 from visattn.cli import main
-from visattn.explain.overlay import (
-    Preprocess,
-    attention_overlay,
-    attention_panels,
-    default_data_config,
-    load_image,
-)
+from visattn.explain.inputs import Preprocess, default_data_config
+from visattn.explain.overlay import attention_overlay, attention_panels
 from visattn.models import registry
 from visattn.models.vit import VisionTransformer
 from visattn.weights.checkpoint import save_checkpoint

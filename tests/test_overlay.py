@@ -10,16 +10,11 @@ from PIL import Image
 from torch import nn
 
 from visattn import SelfAttention2d
+from visattn._io import load_image
+from visattn.explain.inputs import Preprocess
 from visattn.explain.maps import to_image
-from visattn.explain.overlay import (
-    Preprocess,
-    attention_overlay,
-    attention_panels,
-    load_image,
-    normalize_map,
-    overlay,
-    overlay_grid,
-)
+from visattn.explain.overlay import attention_overlay, attention_panels
+from visattn.explain.render import normalize_map, overlay, overlay_grid
 
 DIGITS_LIKE = {
     "name": "digits_canvas",

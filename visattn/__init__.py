@@ -9,8 +9,8 @@ import sys
 
 from .explain import maps, metrics
 from .explain.explore import explore
-from .explain.overlay import overlay, overlay_grid
 from .explain.recording import AttentionRecording, record_attention
+from .explain.render import overlay, overlay_grid
 from .layers import functional
 from .layers.attention import AttentionRecord, MultiHeadAttention, SelfAttention2d
 from .layers.blocks import EncoderBlock
