@@ -255,8 +255,8 @@ def test_pretrained_file_for_any_name_create_model_accepts(tmp_path, cat, capsys
     import timm
     from safetensors.torch import save_file
 
-    from visattn.weights.convert import from_timm
     from visattn.weights.named import model_with_weights
+    from visattn.weights.timm_vit import from_timm
 
     x = torch.randn(2, 3, 32, 48)
     peer = timm.create_model("test_resnet").eval()

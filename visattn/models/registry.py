@@ -35,7 +35,7 @@ _PEERS: list[PeerLoader] = []
 @dataclass(frozen=True)
 class PeerLoader:
     """How names of another library's models are built and converted (registered by
-    :mod:`visattn.weights.convert` for timm and torchvision ViTs)."""
+    `visattn.weights.peer_names` for timm and torchvision ViTs)."""
 
     knows: Callable[[str], bool]  # whether a name is one of its models
     load: Callable[..., nn.Module]  # (name, *, pretrained, pretrained_file, **kwargs) -> model
@@ -81,7 +81,7 @@ def create_model(
     (``"vit_b_16"``) that visattn does not register, or any such name with ``pretrained=True``
     (fetched by timm/torchvision: network or local cache) or ``pretrained_file=PATH`` (a local
     ``.safetensors``/``.pth``/``.bin`` state dict), builds the peer and converts it exactly
-    (:func:`visattn.weights.convert.pretrained_model`, registered with
+    (`visattn.weights.peer_names.pretrained_model`, registered with
     :func:`register_peer_loader`; ``kwargs`` are then the peer's arguments, and a
     ``num_classes`` other than the weights' gets a fresh head).
     """

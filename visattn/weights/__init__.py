@@ -1,17 +1,22 @@
 """Layer 3: weights in and out.
 
-``convert`` (timm and torchvision ViTs, exactly; registers their names with ``create_model``),
-``hf`` (Hugging Face transformers ViT / DeiT / DINOv2, exactly) and ``hf_source`` (``create_model("hf:...")``),
-``hub`` (``save_pretrained`` / ``load_pretrained``: safetensors + JSON) and ``checkpoint``
-(training checkpoints, read with ``weights_only=True``). Imports ``visattn.models``, ``visattn.layers``
-and the leaves.
+``timm_vit`` and ``torchvision_vit`` (timm and torchvision ViTs, exactly), ``peer_names`` (their
+names for ``create_model``; registered when this package is imported), ``state_dict`` (reading,
+renaming and checked loading of state dicts), ``converted_vit`` (the ``VisionTransformer`` a
+converter builds), ``errors`` (what conversion refuses), ``hf`` (Hugging Face transformers ViT /
+DeiT / DINOv2, exactly) and ``hf_source`` (``create_model("hf:...")``), ``hub``
+(``save_pretrained`` / ``load_pretrained``: safetensors + JSON) and ``checkpoint`` (training
+checkpoints, read with ``weights_only=True``). Imports ``visattn.models``, ``visattn.layers`` and
+the leaves.
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from .convert import from_timm, from_torchvision
 from .hf import from_transformers
 from .hf_source import hf_model
 from .hub import load_pretrained, save_pretrained
+from .peer_names import pretrained_model
+from .timm_vit import from_timm
+from .torchvision_vit import from_torchvision
 
 __all__ = [
     "CheckpointError",
@@ -22,6 +27,7 @@ __all__ = [
     "load_checkpoint",
     "load_pretrained",
     "model_from_checkpoint",
+    "pretrained_model",
     "save_checkpoint",
     "save_pretrained",
 ]

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from .._io import CheckpointError, atomic_write_json, save_safetensors
 from ..models.vit import VisionTransformer
-from .convert import load_state_dict_exactly
+from .state_dict import load_state_dict_exactly
 
 __all__ = ["CONFIG_NAME", "PRETRAINED_FORMAT", "WEIGHTS_NAME", "load_pretrained", "save_pretrained"]
 

@@ -19,7 +19,8 @@ from torch import nn
 
 from .._io import CheckpointError
 from ..models.registry import create_model
-from .convert import is_convertible_name, load_state_dict_exactly, load_weights_file
+from .peer_names import is_convertible_name
+from .state_dict import load_state_dict_exactly, load_weights_file
 
 __all__ = ["model_with_weights"]
 
