@@ -29,7 +29,7 @@ from visattn.cli import main as visattn_main
 from visattn.explain.evaluate import ink_map
 from visattn.explain.metrics import attention_map
 from visattn.explain.render import overlay_grid
-from visattn.train.data import DigitsCanvas
+from visattn.train.digits import DigitsCanvas
 from visattn.weights.checkpoint import load_checkpoint, model_from_checkpoint
 
 

@@ -56,9 +56,10 @@ from ..models.registry import create_model
 from ..weights.checkpoint import load_checkpoint, save_checkpoint
 from ..weights.stored_config import config_for_weights
 from .config import ConfigError, config_to_dict, load_config
-from .data import TensorImageDataset, build_datasets
+from .data import build_datasets
 from .imagefolder import UnreadableImages, collate_readable
 from .lock import lock_run_folder
+from .tensor_dataset import TensorImageDataset
 
 __all__ = [
     "RESUME_OVERRIDES",
