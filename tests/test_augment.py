@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 from visattn.train.augment import AffineParams, BatchAugment, apply_affine
 from visattn.train.config import load_config
 from visattn.train.data import build_datasets
-from visattn.train.engine import Processes, _eval_loader, _train_loader
+from visattn.train.distributed import Processes, eval_loader, train_loader
 from visattn.train.tensor_dataset import TensorImageDataset
 
 B, C, H, W = 5, 2, 12, 16  # non-square, several channels
@@ -109,11 +109,11 @@ def test_every_augmentation_option_works_on_in_memory_datasets(augment):
 def test_training_loop_loaders_serve_whole_batches_in_sampler_order():
     cfg = load_config(overrides=["train.batch_size=64"])
     train, test, _ = build_datasets(cfg.data)
-    loader, sampler = _train_loader(train, cfg, Processes())
+    loader, sampler = train_loader(train, cfg.train.batch_size, cfg.data.workers, cfg.train.seed, Processes())
     sampler.set_epoch(3)
     order = list(sampler)
     batches = list(loader)
     assert len(batches) == len(loader) == len(train) // 64 and all(x.shape == (64, 1, 16, 16) for x, _ in batches)
     assert torch.equal(torch.cat([y for _, y in batches]), train.labels[order[: 64 * len(batches)]])
-    x = torch.cat([b[0] for b in _eval_loader(test, cfg, Processes())])
+    x = torch.cat([b[0] for b in eval_loader(test, cfg.train.batch_size, cfg.data.workers, Processes())])
     torch.testing.assert_close(x, (test.raw_images(range(len(test))) - test.mean) / test.std)

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bf16, record, selfattention2d, training, vit
+from benchmarks import bf16, precision, record, selfattention2d, training, vit
 from benchmarks.__main__ import PARTS, main
 from benchmarks.common import PeakMemory, peak_memory_supported
+from visattn._utils import cpu_has_native_bf16
 from visattn.layers.functional import attention_matrix_bytes
 from visattn.profiling import CHUNKED_KERNELS
+from visattn.train.precision import BF16_MIN_FLOPS
 
 MB = 2**20
 
@@ -149,13 +151,43 @@ def test_speedups_are_against_each_configs_one_process_one_thread_row() -> None:
 
 
 def _check_precision_part(part: dict) -> None:
-    """Part 6 timed the first two shipped configs; the ratio and the choice follow from the times."""
-    assert [r["config"] for r in part["rows"]] == sorted(p.stem for p in Path("configs").glob("*.yaml"))[:2]
-    for row in part["rows"]:
-        assert row["fp32_ms"] > 0 and row["batch"] == 32
+    """Part 6 timed the quick workloads, sorted by size; the ratio, the faster precision and the
+    rule's pick follow from the numbers."""
+    rows = part["rows"]
+    assert sorted(r["model"] for r in rows) == sorted(w.label for w in precision.workloads(quick=True))
+    assert [r["mflop"] for r in rows] == sorted(r["mflop"] for r in rows)
+    native = cpu_has_native_bf16()
+    for row in rows:
+        assert row["fp32_ms"] > 0 and row["batch"] == 32 and row["mflop"] > 0
+        assert row["rule"] == ("bf16" if native and row["mflop"] * 1e6 >= BF16_MIN_FLOPS else "fp32")
         if "bf16_ms" in row:
             assert math.isclose(row["ratio"], row["bf16_ms"] / row["fp32_ms"])
-            assert row["auto"] == ("bf16" if row["ratio"] < 0.9 else "fp32")
+            assert row["faster"] == ("bf16" if row["ratio"] < 1 else "fp32")
+
+
+def test_precision_workloads_are_the_shipped_configs_then_a_ladder_of_widths() -> None:
+    quick = precision.workloads(quick=True)
+    configs = sorted(p.stem for p in Path("configs").glob("*.yaml"))
+    assert [w.label for w in quick] == [*configs[:2], "canvas ViT width 64"]
+    full = precision.workloads(quick=False)
+    ladder = [w for w in full if w.label.startswith("canvas ViT")]
+    assert [w.model_config["embed_dim"] for w in ladder] == list(precision.LADDER_WIDTHS)
+    assert {w.input_size for w in ladder} == {(1, 64, 64)} and [w.label for w in full[: len(configs)]] == configs
+
+
+@pytest.mark.parametrize(
+    ("ratios", "expected"),
+    [
+        ({2: 1.1, 30: 0.95, 40: 1.2, 300: 0.6, 900: 0.4}, 300),  # faster from 300 up; 30 alone does not count
+        ({2: 0.9, 30: 0.8}, 2),
+        ({2: 0.9, 30: 1.0}, None),  # the largest was not faster: no size from which bf16 pays
+        ({}, None),
+    ],
+)
+def test_the_crossover_is_the_smallest_size_from_which_every_model_was_faster_in_bf16(ratios, expected) -> None:
+    rows = [{"mflop": mflop, "ratio": ratio} for mflop, ratio in reversed(ratios.items())]
+    rows.append({"mflop": 5000})  # not timed in bf16: left out
+    assert precision.crossover(rows) == expected
 
 
 def _check_grad_checkpointing_part(part: dict) -> None:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from visattn import create_model
+from visattn import create_model, save_pretrained
 from visattn.train.config import config_to_dict, load_config
 from visattn.weights.checkpoint import save_checkpoint
 
@@ -147,6 +147,11 @@ ROWS: list[tuple[str, list[str], str]] = [
      "does not fit the architecture 'timm:test_resnet'"),
     ("explore pretrained-file missing",
      ["explore", "--model", "test_vit", "--pretrained-file", "{tmp}/nothere.pth", *PAGE], "nothere.pth"),
+    ("overlay pretrained-file edited folder", [*OVERLAY, "--pretrained-file", "{tmp}/edited", *PICTURE],
+     "edited/config.json: the weights do not fit the model of its model_config, refused before building it"),
+    ("explore pretrained-file folder of another model",
+     ["explore", "--model", "vit_tiny_patch4_32", "--pretrained-file", "{tmp}/folder", *PAGE],
+     "describes a model 'vit_digits_patch4_16', not 'vit_tiny_patch4_32'"),
     ("overlay pretrained with checkpoint", drawn("{tmp}/good.pt", "--pretrained"), "--pretrained"),
     ("overlay pretrained own model", [*OVERLAY, "--pretrained", *PICTURE], "no published weights"),
     ("overlay pretrained offline", ["overlay", "--model", "test_vit", "--pretrained", "--method", "cls", *PICTURE],
@@ -240,6 +245,26 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("run name with a line break", ["train", "run.name=a\nb"], "run.name='a\\nb'"),
     ("run name empty", ["train", "run.name="], "run.name=''"),
     ("run name empty in a file", ["train", "--config", "{tmp}/empty_name.yaml"], "run.name=''"),
+    # model arguments and sizes: checked on the meta device before anything is built or loaded
+    ("model num_heads zero", ["train", "model.num_heads=0"], "model.num_heads=0"),
+    ("model num_heads negative", ["train", "model.num_heads=-2"], "model.num_heads=-2"),
+    ("model num_heads not dividing", ["train", "model.num_heads=3"], "model.num_heads"),
+    ("model patch_size zero", ["train", "model.patch_size=0"], "model.patch_size=0"),
+    ("model depth negative", ["train", "model.depth=-1"], "model.depth=-1"),
+    ("model embed_dim float", ["train", "model.embed_dim=1e6"], "model.embed_dim"),
+    ("model mlp_ratio zero", ["train", "model.mlp_ratio=0"], "model.mlp_ratio"),
+    ("attention num_heads zero",
+     ["train", "model.name=resnet18_small", "model.attention.at=layer3", "model.attention.num_heads=0"],
+     "model.attention.num_heads=0"),
+    ("img_size 1e9 float", ["train", "data.img_size=1e9"], "data.img_size"),
+    ("batch_size 1e9 float", ["train", "train.batch_size=1e9"], "train.batch_size"),
+    ("huge img_size", ["train", "data.img_size=1000000000"], "data.img_size=1000000000 is too large"),
+    ("huge batch_size", ["train", "train.batch_size=1000000000"], "train.batch_size=1000000000 is too large"),
+    ("huge embed_dim", ["train", "model.embed_dim=1000000"], "model.embed_dim=1000000 is too large"),
+    ("huge depth", ["train", "model.depth=10000"], "model.depth=10000 is too large"),
+    ("huge canvas", ["train", "data.name=digits_canvas", "data.canvas_size=1000000"], "data.canvas_size"),
+    ("sites zero heads", ["sites", "resnet18_small", "--heads", "0"], "--heads"),
+    ("sites zero kv-pool", ["sites", "resnet18_small", "--kv-pool", "0"], "--kv-pool"),
 ]  # fmt: skip
 
 DRIVER = r"""
@@ -295,6 +320,11 @@ def make_checkpoints(tmp: Path) -> None:
         "class_names": [str(d) for d in range(10)],
     }
     save_checkpoint(tmp / "good.pt", model, model_config, config=config_to_dict(cfg), data_config=data_config)
+    save_pretrained(model, tmp / "folder", data_config=data_config)
+    save_pretrained(model, tmp / "edited", data_config=data_config)  # then made to ask for a far larger model
+    edited = json.loads((tmp / "edited" / "config.json").read_text())
+    edited["model_config"].update(embed_dim=4096, depth=24, num_heads=16)
+    (tmp / "edited" / "config.json").write_text(json.dumps(edited))
     save_checkpoint(tmp / "no_config.pt", model, model_config, data_config=data_config)
     save_checkpoint(
         tmp / "mismatch.pt", model, {**model_config, "depth": 2}, config=config_to_dict(cfg), data_config=data_config

@@ -255,18 +255,17 @@ def test_pretrained_file_for_any_name_create_model_accepts(tmp_path, cat, capsys
     import timm
     from safetensors.torch import save_file
 
-    from visattn.weights.named import model_with_weights
     from visattn.weights.timm_vit import from_timm
 
     x = torch.randn(2, 3, 32, 48)
     peer = timm.create_model("test_resnet").eval()
     save_file(peer.state_dict(), tmp_path / "resnet.safetensors")
-    loaded = model_with_weights("timm:test_resnet", pretrained_file=tmp_path / "resnet.safetensors")
+    loaded = create_model("timm:test_resnet", pretrained_file=tmp_path / "resnet.safetensors").eval()
     torch.testing.assert_close(loaded(x), peer(x), rtol=0, atol=0)
     own = create_model("vit_digits_patch4_16").eval()
     torch.save({"model": own.state_dict()}, tmp_path / "own.pth")
     torch.manual_seed(1)  # another random init: only the file's weights can make the logits equal
-    loaded = model_with_weights("vit_digits_patch4_16", pretrained_file=tmp_path / "own.pth")
+    loaded = create_model("vit_digits_patch4_16", pretrained_file=tmp_path / "own.pth").eval()
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(loaded(x), own(x), rtol=0, atol=0)
     vit = timm.create_model("test_vit").eval()
@@ -279,4 +278,22 @@ def test_pretrained_file_for_any_name_create_model_accepts(tmp_path, cat, capsys
     expected = attention_overlay(
         from_timm(vit), load_image(cat), "cls", preprocess=Preprocess.from_data_config(config), head=1
     )
+    assert Image.open(out).convert("RGB").tobytes() == expected.tobytes()
+
+
+def test_pretrained_file_reads_a_saved_folder_with_its_data_config(tmp_path, cat, capsys):
+    """``--pretrained-file FOLDER``: the folder's model and its input size, mean and std (not the
+    defaults for a gray model), so the overlay is the one drawn with the folder's data config."""
+    from visattn import save_pretrained
+
+    torch.manual_seed(3)
+    model = create_model("vit_digits_patch4_16", embed_dim=32, depth=1, num_heads=2, img_size=24).eval()
+    data = {"img_size": [24, 24], "in_chans": 1, "mean": [0.1], "std": [0.2], "num_classes": 10}
+    save_pretrained(model, tmp_path / "digits", data_config={**data, "class_names": list("abcdefghij")})
+    out = tmp_path / "folder.png"
+    argv = ["--model", "vit_digits_patch4_16", "--pretrained-file", tmp_path / "digits", "--image", cat]
+    code, _, err = run(capsys, *argv, "--method", "rollout", "--out", out)
+    assert code == 0, err
+    preprocess = Preprocess.from_data_config(data)
+    expected = attention_overlay(model, load_image(cat), "rollout", preprocess=preprocess)
     assert Image.open(out).convert("RGB").tobytes() == expected.tobytes()

@@ -10,7 +10,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from visattn.train.config import load_config
-from visattn.train.data import build_datasets, input_shape
+from visattn.train.data import build_datasets, held_out_pictures, input_shape
 from visattn.train.digits import DigitsCanvas, _build_canvases, digits_images, digits_split
 
 
@@ -232,3 +232,21 @@ def test_input_shape_is_what_the_built_datasets_report(overrides):
         data_config["num_classes"],
         data_config["img_size"],
     )
+
+
+def test_held_out_pictures_show_each_class_in_turn_as_stored():
+    _, test, _ = build_datasets(data_cfg())
+    labels = test.labels.tolist()
+    # the first digit of every class in label order, then the second of classes 0 and 1
+    expected = [labels.index(c) for c in range(10)] + [labels.index(c, labels.index(c) + 1) for c in (0, 1)]
+    pictures = held_out_pictures(test, 12)
+    assert [p.mode for p in pictures] == ["L"] * 12 and {p.size for p in pictures} == {(16, 16)}
+    for picture, index in zip(pictures, expected, strict=True):
+        stored = digits_images("test")[0][index, 0]  # [0, 1] floats, before normalization
+        assert np.array_equal(np.asarray(picture), np.rint(stored.numpy() * 255).astype(np.uint8))
+    assert len(held_out_pictures(test, 500)) == len(test)  # never more than there are
+
+
+def test_generated_noise_has_no_held_out_pictures_to_show():
+    _, test, _ = build_datasets(data_cfg("data.name=fake", "data.fake_size=8"))
+    assert held_out_pictures(test) == []

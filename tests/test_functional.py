@@ -147,3 +147,20 @@ def test_mask_errors_are_clear():
         attention(q, q, q, mask=torch.ones(3, 4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="boolean"):
         attention(q, q, q, mask=torch.ones(4, 4, dtype=torch.long))
+
+
+def test_integer_inputs_are_refused_by_name():
+    q = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="floating-point.*v is torch.int64"):
+        attention(q, q, q.long())
+
+
+def test_a_3d_mask_beside_4d_inputs_takes_the_fused_kernel():
+    # the CPU flash kernel refuses a 3-D mask beside 4-D inputs; it runs the unfused kernel then
+    q, k, v = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 10, 8), torch.randn(2, 3, 10, 8)
+    mask = torch.rand(3, 6, 10) > 0.4
+    mask[..., 0] = True
+    used = attention_kernels(lambda: attention(q, k, v, mask=mask))
+    assert used & FUSED_KERNELS and not used & UNFUSED_KERNELS, used
+    expected, _ = reference(q, k, v, mask=mask)
+    torch.testing.assert_close(attention(q, k, v, mask=mask).double(), expected, atol=1e-5, rtol=1e-5)

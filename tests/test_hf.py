@@ -142,7 +142,7 @@ def test_dinov2_classifier_reads_class_token_and_patch_mean():
     model = from_transformers(peer)
     assert model.pool == "cls_mean" and model.head.in_features == 64
     with pytest.raises(ValueError, match="dist_token=True reads the class and distillation tokens"):
-        visattn.VisionTransformer(**{**model.config, "dist_token": True})
+        visattn.create_model(**{**model.model_config, "dist_token": True})
     x = torch.randn(1, 3, 28, 28)
     with torch.no_grad(), record_attention(model) as rec:
         model(x)

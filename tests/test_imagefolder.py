@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from visattn.train.config import load_config
-from visattn.train.data import build_datasets
+from visattn.train.data import build_datasets, held_out_pictures
 from visattn.train.engine import evaluate, fit
 from visattn.train.imagefolder import (
     CheckedImageFolder,
@@ -268,3 +268,12 @@ def test_a_run_names_the_pictures_it_skipped_in_its_log(tmp_path, capsys, one_th
     assert epoch_line.endswith(" unreadable 1 skipped")
     [row] = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert row["train_unreadable"] == 1
+
+
+def test_held_out_pictures_of_a_folder_are_its_files_one_class_after_the_other(tmp_path):
+    make_folder(tmp_path / "train")
+    make_folder(tmp_path / "val", per_class=3)
+    _, test, _, _ = built(data_cfg(tmp_path))
+    val = tmp_path / "val"
+    expected = [val / "cat/0.png", val / "dog/0.png", val / "cat/1.png", val / "dog/1.png", val / "cat/2.png"]
+    assert [os.path.realpath(p) for p in held_out_pictures(test, 5)] == [os.path.realpath(p) for p in expected]

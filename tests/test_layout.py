@@ -24,6 +24,9 @@ ALLOWED = {
     "__main__": {"cli"},  # python -m visattn: the console script's entry point
 }
 MAX_FUNCTION_LINES = 60
+#: orchestration that reads top to bottom and would only hide its flow if split, by file and name:
+#: `fit` builds data, model and recipe, then runs the epochs (train, evaluate, log, checkpoint)
+LONGER_ALLOWED = {("train/engine.py", "fit"): 100}
 
 
 def modules() -> dict[str, Path]:
@@ -102,14 +105,39 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     assert imported("visattn.models.vit", source / "vit.py", known) == {"visattn.train.engine"}
 
 
+def function_lengths(path: Path) -> dict[str, int]:
+    """``name`` (``name@line`` after the first) → lines of each function in ``path``, docstring aside."""
+    lengths: dict[str, int] = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            length = node.end_lineno - node.lineno + 1
+            if ast.get_docstring(node, clean=False):
+                length -= node.body[0].end_lineno - node.body[0].lineno + 1
+            lengths[node.name if node.name not in lengths else f"{node.name}@{node.lineno}"] = length
+    return lengths
+
+
 def test_no_function_is_over_60_lines():
+    """Every function fits in 60 lines, except the named orchestration of `LONGER_ALLOWED`, which
+    has a limit of its own."""
     long = []
     for path in PACKAGE.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                length = node.end_lineno - node.lineno + 1
-                if ast.get_docstring(node, clean=False):
-                    length -= node.body[0].end_lineno - node.body[0].lineno + 1
-                if length > MAX_FUNCTION_LINES:
-                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({length} lines)")
-    assert not long, "functions over 60 lines (docstring aside): " + "; ".join(long)
+        where = path.relative_to(PACKAGE).as_posix()
+        for name, length in function_lengths(path).items():
+            if length > LONGER_ALLOWED.get((where, name), MAX_FUNCTION_LINES):
+                long.append(f"{where} {name} ({length} lines)")
+    assert not long, "functions over their limit (60 lines, docstring aside): " + "; ".join(long)
+
+
+def test_the_longer_functions_allowed_exist_and_need_it():
+    """An exception that no longer names a long function is removed, not kept as a loophole."""
+    for (where, name), limit in LONGER_ALLOWED.items():
+        length = function_lengths(PACKAGE / where).get(name)
+        assert length is not None, f"LONGER_ALLOWED names {where} {name}, which does not exist"
+        assert MAX_FUNCTION_LINES < length <= limit, f"{where} {name} has {length} lines: adjust LONGER_ALLOWED"
+
+
+def test_the_length_count_leaves_out_docstrings_only(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text('def f():\n    """One\n    two."""\n    x = 1\n    return x\n\n\ndef g():\n    return 2\n')
+    assert function_lengths(source) == {"f": 3, "g": 2}

@@ -20,7 +20,7 @@ from visattn.explain import evaluate
 from visattn.explain.explore import explore
 from visattn.explain.inputs import Preprocess, default_data_config
 from visattn.explain.overlay import attention_overlay
-from visattn.train import engine
+from visattn.train import run_folder
 
 MODEL = ["--model", "vit_digits_patch4_16"]
 
@@ -111,11 +111,11 @@ def test_the_library_functions_refuse_their_inputs_too(files):
     metrics = files / "metrics.jsonl"
     metrics.write_text('{"epoch": 1, "train_loss": 2.0, "test_loss": 2.1, "test_acc1": 0.3}\n')
     with pytest.raises(UnsafeOutputError, match="metrics.jsonl is the input"):
-        engine.plot_curves(metrics, metrics, force=True)
+        run_folder.plot_curves(metrics, metrics, force=True)
     with pytest.raises(UnsafeOutputError, match="important.txt exists and holds text, not a PNG picture"):
         evaluate.plot_curves({"curves": {}}, files / "important.txt")
     assert (files / "important.txt").read_text() == "do not lose this"
-    engine.plot_curves(metrics, files / "old.png")  # a PNG over a PNG
+    run_folder.plot_curves(metrics, files / "old.png")  # a PNG over a PNG
     assert file_kind(files / "old.png") == "PNG" and Image.open(files / "old.png").size != (5, 5)
 
 

@@ -22,7 +22,8 @@ import visattn.train.engine as engine
 from visattn._io import DiskFullError
 from visattn.cli import main
 from visattn.train.config import ConfigError, config_to_dict, load_config
-from visattn.train.engine import RESUME_OVERRIDES, TrainingInterrupted, fit, load_run_config
+from visattn.train.engine import TrainingInterrupted, fit
+from visattn.train.resume import RESUME_OVERRIDES, load_run_config
 from visattn.weights.checkpoint import CheckpointError, load_checkpoint
 
 from .test_train import ROOT, TINY, child_env, metrics
@@ -277,7 +278,14 @@ def test_a_run_stopped_between_last_pt_and_best_pt_resumes_and_writes_best_pt(tm
         fit(load_config(overrides=[*ONE_EPOCH, f"run.out_dir={tmp_path}", "run.name=r"]))
     monkeypatch.undo()
     run = tmp_path / "r"
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "last.pt", "metrics.jsonl"]
+    # the model folder (config.json, model.safetensors) is written just before best.pt
+    assert sorted(p.name for p in run.iterdir()) == [
+        "config.json",
+        "config.yaml",
+        "last.pt",
+        "metrics.jsonl",
+        "model.safetensors",
+    ]
     last = load_checkpoint(run / "last.pt")
     assert last["best_epoch"] == last["epoch"] == 1
     cfg, run_dir = load_run_config(run)  # no epoch left to train: only what resuming itself writes
@@ -293,6 +301,7 @@ def test_a_run_stopped_between_last_pt_and_best_pt_resumes_and_writes_best_pt(tm
 HOLDER = r"""
 import sys
 import visattn.train.engine as engine
+from visattn.train.resume import load_run_config
 
 real = engine.train_one_epoch
 
@@ -302,7 +311,7 @@ def train_one_epoch(*args, **kwargs):
     return real(*args, **kwargs)
 
 engine.train_one_epoch = train_one_epoch
-cfg, run_dir = engine.load_run_config(sys.argv[1], ["train.epochs=2"])
+cfg, run_dir = load_run_config(sys.argv[1], ["train.epochs=2"])
 engine.fit(cfg, resume=run_dir)
 """
 

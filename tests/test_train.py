@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from PIL import Image
 
 import visattn.train.engine
-from visattn import create_model
-from visattn.cli import main
+import visattn.train.precision
+from visattn import create_model, load_pretrained
+from visattn.cli import _write_run_explorer, main
+from visattn.explain.explore import read_page_data
+from visattn.explain.inputs import Preprocess
 from visattn.train.config import ConfigError, load_config
-from visattn.train.engine import NonFiniteLossError, choose_precision, fit, load_run_config
+from visattn.train.data import build_datasets, held_out_pictures
+from visattn.train.engine import NonFiniteLossError, fit
+from visattn.train.precision import BF16_MIN_FLOPS, choose_precision, forward_flops
+from visattn.train.resume import load_run_config
 from visattn.weights.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +70,15 @@ def test_run_folder_is_complete_and_reproducible(tmp_path, one_thread, capsys):
     run = Path(first["run_dir"])
     assert Path(second["run_dir"]).name == "a-2"
     assert metrics(run) == metrics(second["run_dir"]), "same config and seed must give the same metrics"
-    for name in ("config.yaml", "metrics.jsonl", "curves.png", "last.pt", "best.pt", "model.safetensors", "model.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "curves.png",
+        "last.pt",
+        "best.pt",
+        "model.safetensors",
+        "config.json",
+    ):
         assert (run / name).is_file(), name
     rows = metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2] and {"train_loss", "test_acc1", "ema_test_acc1", "lr"} <= set(rows[0])
@@ -78,13 +96,17 @@ def test_run_folder_is_complete_and_reproducible(tmp_path, one_thread, capsys):
     }
     assert set(last["data_config"]) == {"name", "img_size", "in_chans", "mean", "std", "num_classes", "class_names"}
     assert {"optimizer", "scheduler", "ema", "step", "best_acc1"} <= set(last)
-    # model.safetensors holds the EMA weights, loadable without pickle from model.json
-    info = json.loads((run / "model.json").read_text())
-    config = dict(info["model_config"])
-    model = create_model(config.pop("name"), **config)
-    model.load_state_dict(load_file(run / "model.safetensors"))
-    ema = {k.removeprefix("module."): v for k, v in last["ema"].items()}
-    assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema)
+    # the run folder is a model folder: its model predicts what best.pt's model (the EMA weights) predicts
+    best_model = model_from_checkpoint(run / "best.pt")
+    folder_model = load_pretrained(run)
+    x = torch.randn(8, last["data_config"]["in_chans"], *last["data_config"]["img_size"])
+    with torch.no_grad():
+        assert torch.equal(folder_model(x), best_model(x))
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model_config"] == last["model_config"] and saved["data_config"] == json.loads(
+        json.dumps(last["data_config"])
+    )
+    assert folder_model.pretrained_cfg["label_names"] == last["data_config"]["class_names"]
 
     # eval command: top-1 of best.pt equals what training recorded for it
     best = load_checkpoint(run / "best.pt")
@@ -94,6 +116,25 @@ def test_run_folder_is_complete_and_reproducible(tmp_path, one_thread, capsys):
     assert f"top-1 {best['acc1']:.2%}" in out
     table = [line.split() for line in out.splitlines()[3:]]
     assert len(table) == 10 and sum(int(row[1]) for row in table) == 360
+
+
+def test_the_run_folder_holds_the_best_model_not_the_last(tmp_path, monkeypatch, one_thread):
+    """Scores that fall after the first epoch: the folder keeps epoch 1's model, best.pt's."""
+    evaluate = visattn.train.engine.evaluate
+    scores = iter([0.9, 0.1])
+
+    def falling(*args, **kwargs):
+        return {**evaluate(*args, **kwargs), "acc1": next(scores)}
+
+    monkeypatch.setattr(visattn.train.engine, "evaluate", falling)
+    run = Path(fit(tiny(tmp_path))["run_dir"])
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert best["epoch"] == 1 and last["epoch"] == 2
+    x = torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        logits = load_pretrained(run)(x)
+        assert torch.equal(logits, model_from_checkpoint(best)(x))
+        assert not torch.equal(logits, model_from_checkpoint(last)(x))
 
 
 def test_default_config_shortened_learns(tmp_path, one_thread):
@@ -246,51 +287,107 @@ def test_cifar_vit_recipe_runs_end_to_end_on_fake_images(tmp_path, one_thread):
 
 
 @pytest.mark.parametrize(
-    ("fp32", "bf16", "expected"),
+    ("amp", "device", "native", "flops", "expected"),
     [
-        (0.010, 0.0085, torch.bfloat16),  # 15 % faster: bf16
-        (0.010, 0.0095, None),  # 5 % faster: not worth it, fp32
-        (0.010, 0.0600, None),  # emulated bf16: fp32
+        ("auto", "cuda", True, None, torch.bfloat16),
+        ("auto", "cuda", False, None, None),
+        ("auto", "cpu", False, 1e12, None),  # emulated bf16 loses whatever the size
+        ("auto", "cpu", True, BF16_MIN_FLOPS, torch.bfloat16),
+        ("auto", "cpu", True, BF16_MIN_FLOPS - 1, None),
+        ("auto", "cpu", True, 0, None),
+        ("bf16", "cpu", False, None, torch.bfloat16),  # forced: the hardware is not asked
+        ("none", "cuda", True, None, None),
+        ("fp16", "cuda", False, None, torch.float16),
     ],
 )
-def test_auto_precision_takes_the_faster_of_two_timings(monkeypatch, fp32, bf16, expected):
-    monkeypatch.setattr(visattn.train.engine, "cpu_has_native_bf16", lambda: True)
-    timings = {None: fp32, torch.bfloat16: bf16}
-    dtype, reason = choose_precision("auto", torch.device("cpu"), timings.__getitem__)
-    assert dtype == expected
-    assert f"{bf16 * 1e3:.1f} ms in bf16 and {fp32 * 1e3:.1f} ms in fp32" in reason
+def test_precision_is_a_rule_of_the_hardware_and_the_model_size(amp, device, native, flops, expected):
+    dtype, reason = choose_precision(amp, device, native, flops)
+    assert dtype == expected and reason.startswith(f"train.amp={amp}")
+    assert choose_precision(amp, device, native, flops) == (dtype, reason)  # nothing measured: the same answer
 
 
-def test_auto_precision_skips_the_timing_without_native_bf16(monkeypatch):
-    monkeypatch.setattr(visattn.train.engine, "cpu_has_native_bf16", lambda: False)
+def test_the_precision_reason_names_the_size_and_the_threshold():
+    small = choose_precision("auto", "cpu", True, 2.44e6)[1]
+    large = choose_precision("auto", "cpu", True, 1.5e9)[1]
+    threshold = f"{BF16_MIN_FLOPS / 1e6:.0f} MFLOP"
+    assert "2.4 MFLOP per image" in small and f"under the {threshold}" in small
+    assert "1500.0 MFLOP per image" in large and f"at least {threshold}" in large
+    emulated = choose_precision("auto", "cpu", False)[1]
+    assert "no native bf16" in emulated and "emulated" in emulated
 
-    def never(dtype):
-        raise AssertionError("timed although bf16 is emulated")
 
-    assert choose_precision("auto", torch.device("cpu"), never) == (
-        None,
-        "train.amp=auto: oneDNN has no native bf16 here (no AVX512-BF16/AMX), so bf16 would be emulated, slower",
-    )
-    assert choose_precision("bf16", torch.device("cpu"), never)[0] == torch.bfloat16
+def test_precision_refuses_fp16_on_a_cpu_and_a_missing_size():
     with pytest.raises(ValueError, match="fp16 needs CUDA"):
-        choose_precision("fp16", torch.device("cpu"), never)
+        choose_precision("fp16", "cpu", True)
+    with pytest.raises(ValueError, match="FLOPs per image"):
+        choose_precision("auto", "cpu", True)
+
+
+def test_the_model_size_is_counted_not_timed():
+    # a linear map of 12 inputs to 5 outputs: 12 * 5 multiply-adds, 2 FLOPs each, per image
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    assert forward_flops(model, (3, 2, 2)) == 2 * 12 * 5
+    model.train()
+    forward_flops(model, (3, 2, 2))
+    assert model.training  # counted on a dry run in eval mode; the model's mode is kept
 
 
 def test_first_log_line_names_the_precision_and_resume_keeps_it(tmp_path, monkeypatch, capsys, one_thread):
-    monkeypatch.setattr(visattn.train.engine, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(
-        visattn.train.engine, "step_timer", lambda *a, **k: {None: 2.0, torch.bfloat16: 1.0}.__getitem__
-    )
+    monkeypatch.setattr(visattn.train.precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(visattn.train.precision, "BF16_MIN_FLOPS", 1.0)  # the tiny model counts as large
     overrides = [o for o in TINY if not o.startswith("train.amp")] + ["train.epochs=1", f"run.out_dir={tmp_path}"]
     fit(load_config(overrides=overrides + ["run.name=p"]))
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("precision bf16: train.amp=auto: a training step took 1000.0 ms in bf16"), first
+    assert re.fullmatch(
+        r"precision bf16: train\.amp=auto: native bf16 on this CPU and the model does \d+\.\d MFLOP per image, "
+        r"at least 0 MFLOP",
+        first,
+    ), first
     assert load_checkpoint(tmp_path / "p" / "last.pt")["precision"] == "bf16"
-    # resumed (here: for one more epoch) with timings that now favour fp32: it keeps bf16
-    monkeypatch.setattr(
-        visattn.train.engine, "step_timer", lambda *a, **k: {None: 1.0, torch.bfloat16: 2.0}.__getitem__
-    )
+    # resumed (here: for one more epoch) where the rule now says fp32: it keeps bf16
+    monkeypatch.setattr(visattn.train.precision, "BF16_MIN_FLOPS", 1e15)
     cfg, run_dir = load_run_config(tmp_path / "p", ["train.epochs=2"])
     fit(cfg, resume=run_dir)
     first = capsys.readouterr().out.splitlines()[0]
     assert first == "precision bf16: train.amp=auto: as chosen when the run started (from last.pt)"
+
+
+def decoded(src: str) -> np.ndarray:
+    """The grey levels of a picture the explorer page embeds as a data URL."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("L"))
+
+
+def test_the_train_command_ends_with_where_the_run_folders_model_looks_in_held_out_digits(tmp_path, capsys, one_thread):
+    args = [*TINY, "train.ema_decay=0.9", f"run.out_dir={tmp_path}", "run.name=e"]
+    assert main(["train", *args, "train.epochs=1", "run.explorer=false"]) == 0
+    run = tmp_path / "e"
+    assert capsys.readouterr().out.splitlines()[-1].startswith("final test accuracy")
+    assert not (run / "explorer.html").exists()
+    assert main(["train", "--resume", str(run), "train.epochs=2", "run.explorer=true"]) == 0  # allowed on resume
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"where the model looks in 8 held-out pictures ({(run / 'explorer.html').stat().st_size / 1e6:.2f} MB): "
+        f"{run / 'explorer.html'}"
+    )
+    shown = read_page_data(run / "explorer.html")["images"]
+    _, test, data_config = build_datasets(load_config(overrides=args).data)
+    expected = held_out_pictures(test, 8)
+    assert [decoded(image["src"]).tolist() for image in shown] == [np.asarray(p).tolist() for p in expected]
+    # the run folder's model (the best epoch's EMA weights here), as load_pretrained reads it, gives the class scores
+    model = load_pretrained(run)
+    with torch.no_grad():
+        probs = model(Preprocess.from_data_config(data_config)(expected[0])[None]).softmax(-1)[0]
+    top = probs.sort(descending=True)
+    assert [p["label"] for p in shown[0]["predictions"]] == [str(i) for i in top.indices[:5].tolist()]
+    assert [p["p"] for p in shown[0]["predictions"]] == pytest.approx(top.values[:5].tolist(), abs=1e-6)
+
+
+def test_no_explorer_page_for_noise_or_for_a_model_without_attention(tmp_path, capsys):
+    _, noise, noise_config = build_datasets(load_config(overrides=["data.name=fake", "data.fake_size=8"]).data)
+    _write_run_explorer(tmp_path, create_model("vit_tiny_patch4_32", num_classes=10), noise, noise_config)
+    _, digits, digits_config = build_datasets(load_config().data)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    cnn(torch.zeros(1, 1, 16, 16))
+    _write_run_explorer(tmp_path, cnn, digits, digits_config)
+    out = capsys.readouterr().out
+    assert out.startswith("no explorer page: Sequential has no visattn attention modules") and out.count("\n") == 1
+    assert not list(tmp_path.iterdir())

@@ -152,7 +152,7 @@ def test_conv_stem_tokens_look_at_a_window_centred_on_their_patch(patch):
 def test_a_conv_stem_vit_has_the_patch_grid_and_refuses_other_patches():
     model = create_model("vit_digits_patch4_16", img_size=32, patch_size=8, stem="conv", pool="cls").eval()
     assert model.forward_features(torch.randn(2, 1, 32, 48)).shape == (2, 1 + 4 * 6, 64)
-    assert VisionTransformer(**model.config).patch_embed.proj[0].kernel_size == (4, 4)  # the config rebuilds it
+    assert create_model(**model.model_config).patch_embed.proj[0].kernel_size == (4, 4)  # the record rebuilds it
     with pytest.raises(ValueError, match="power-of-two patch"):
         create_model("vit_digits_patch4_16", patch_size=6, stem="conv")
     with pytest.raises(ValueError, match="stem"):

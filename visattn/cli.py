@@ -60,7 +60,6 @@ def _model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, str]
     data_config, a name for it)."""
     from .explain.inputs import default_data_config, pretrained_data_config
     from .weights.checkpoint import load_checkpoint, model_from_checkpoint
-    from .weights.named import model_with_weights
 
     if args.checkpoint:
         if args.img_size:
@@ -75,7 +74,7 @@ def _model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, str]
             print(f"note: {args.checkpoint} has no data_config; using {data_config}", file=sys.stderr)
         return model, data_config, str(args.checkpoint)
     if args.pretrained or args.pretrained_file:
-        model = model_with_weights(args.model, pretrained=args.pretrained, pretrained_file=args.pretrained_file)
+        model = create_model(args.model, pretrained=args.pretrained, pretrained_file=args.pretrained_file).eval()
         source = args.pretrained_file or "pretrained"
         return model, pretrained_data_config(model, args.img_size), f"{args.model} ({source})"
     torch.manual_seed(args.seed)
@@ -296,9 +295,11 @@ def _user_errors(command):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    """Train from a config (or resume a run); the loop is :func:`visattn.engine.fit`."""
+    """Train from a config (or resume a run), then show where the model looks; the loop is
+    `visattn.train.engine.fit`, the page `_write_run_explorer` (``run.explorer=false``: none)."""
     from .train.config import load_config
-    from .train.engine import fit, load_run_config
+    from .train.engine import fit
+    from .train.resume import load_run_config
 
     overrides = [*args.overrides, *args.set]
     if args.resume:
@@ -307,8 +308,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg, _ = load_run_config(args.resume, overrides)
     else:
         cfg = load_config(args.config, overrides)
-    fit(cfg, resume=args.resume)
+    fit(cfg, resume=args.resume, at_end=_write_run_explorer if cfg.run.explorer else None)
     return 0
+
+
+#: how many held-out pictures the explorer page at the end of a training run shows
+RUN_EXPLORER_PICTURES = 8
+
+
+def _write_run_explorer(run_dir: Path, model: torch.nn.Module, test_set: Any, data_config: dict) -> None:
+    """``RUN/explorer.html`` (`visattn.explore`): where the trained model looks in a few held-out
+    pictures, one of each class in turn; its path is the last line printed. Nothing for data
+    that has no pictures to show (``fake``); a model that records no attention (a CNN without
+    attention blocks) gets a line saying so instead."""
+    from .explain.explore import explore
+    from .train.data import held_out_pictures
+
+    pictures = held_out_pictures(test_set, RUN_EXPLORER_PICTURES)
+    if not pictures:
+        return
+    title = f"{run_dir.name}: held-out {data_config['name']} pictures"
+    try:
+        page = explore(model, pictures, run_dir / "explorer.html", data_config=data_config, title=title)
+    except ValueError as err:  # nothing recorded, or nothing finite: the run itself is complete
+        print(f"no explorer page: {_one_line(err)}")
+        return
+    print(f"where the model looks in {len(pictures)} held-out pictures ({page.bytes / 1e6:.2f} MB): {page.path}")
 
 
 def _held_out(args: argparse.Namespace) -> tuple[Path, dict, torch.nn.Module, Any, Any, dict]:
@@ -323,7 +348,7 @@ def _held_out(args: argparse.Namespace) -> tuple[Path, dict, torch.nn.Module, An
     if not isinstance(state.get("config"), dict):
         raise ValueError(
             f"{path} holds no training config (not written by visattn train); "
-            f"evaluate it from Python (visattn.engine.evaluate, visattn.metrics)"
+            f"evaluate it from Python (visattn.train.engine.evaluate, visattn.metrics)"
         )
     model = model_from_checkpoint(state, source=path)
     cfg = _held_out_config(args, state["config"], path)
@@ -451,7 +476,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint | --model NAME [--pretrained | --pretrained-file FILE]``, ``--seed``, ``--img-size``."""
+    """``--checkpoint | --model NAME [--pretrained | --pretrained-file PATH]``, ``--seed``, ``--img-size``."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a visattn checkpoint (RUN/best.pt) or a run folder RUN")
     source.add_argument(
@@ -462,7 +487,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--pretrained", action="store_true", help="--model's published weights (timm's/torchvision's download or cache)"
     )
     weights.add_argument(
-        "--pretrained-file", metavar="FILE", help="--model's weights from a .safetensors/.pth/.bin state dict"
+        "--pretrained-file",
+        metavar="PATH",
+        help="--model's weights: a folder from save_pretrained or training, a checkpoint, or a .safetensors/.pth file",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed of --model's untrained weights")
     parser.add_argument(
@@ -635,8 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
     sites = sub.add_parser("sites", help="candidate places for attention in a CNN, with their costs")
     sites.add_argument("model", help="e.g. torchvision:resnet50, timm:convnext_atto, resnet18_small")
     sites.add_argument("--input-size", type=int, nargs=3, default=[3, 224, 224], metavar=("C", "H", "W"))
-    sites.add_argument("--heads", type=int, default=1)
-    sites.add_argument("--kv-pool", type=int, default=1)
+    sites.add_argument("--heads", type=_positive_int, default=1)
+    sites.add_argument("--kv-pool", type=_positive_int, default=1)
     sites.add_argument("--depth", type=int, default=None, help="only paths with at most this many parts")
     sites.add_argument("--leaves", action="store_true", help="also list single layers")
     _with_traceback(sites).set_defaults(func=_user_errors(_cmd_sites))

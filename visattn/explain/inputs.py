@@ -113,8 +113,9 @@ def _num_classes(model: nn.Module) -> int | None:
 
 def pretrained_data_config(model: nn.Module, img_size: tuple[int, int] | None = None) -> dict[str, Any]:
     """:func:`default_data_config` for a model with published weights: the mean, std and input size
-    of its ``pretrained_cfg`` (timm's record of how the weights were trained), and ImageNet's class
-    names (timm's ``ImageNetInfo``, shipped with timm) when its head has ImageNet's classes."""
+    of its ``pretrained_cfg`` (timm's record of how the weights were trained), and its class names:
+    the ``label_names`` of a folder `visattn.load_pretrained` read, else ImageNet's (timm's
+    ``ImageNetInfo``, shipped with timm) when its head has ImageNet's classes."""
     from timm.data import ImageNetInfo, infer_imagenet_subset
 
     config = default_data_config(model, img_size)
@@ -123,6 +124,8 @@ def pretrained_data_config(model: nn.Module, img_size: tuple[int, int] | None = 
         config.update(mean=list(cfg["mean"]), std=list(cfg["std"]))
     if img_size is None and cfg.get("input_size"):
         config["img_size"] = list(cfg["input_size"][-2:])
+    if cfg.get("label_names") and len(cfg["label_names"]) == _num_classes(model):
+        return {**config, "class_names": list(cfg["label_names"])}
     subset = infer_imagenet_subset(model) if cfg else None
     if subset is None and _num_classes(model) == 1000:
         subset = "imagenet-1k"

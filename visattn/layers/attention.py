@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .._utils import ArgumentError, check_grid_values, check_probabilities, check_range
 from .functional import attention, attention_matrix_bytes, attention_weights
 from .pos_embed import sincos_2d
 
@@ -26,8 +27,28 @@ __all__ = [
     "RecordableAttention",
     "RecordingRequest",
     "SelfAttention2d",
+    "check_heads",
     "place_keys",
 ]
+
+#: the most heads an error message lists as valid choices
+_MAX_LISTED_HEADS = 64
+
+
+def check_heads(num_heads: int, **widths: int) -> None:
+    """Raise an ``ArgumentError`` (a ``ValueError``) naming the argument unless ``num_heads`` is a
+    positive integer and each of ``widths`` (``dim=768``, ``qk_channels=32``) a positive integer
+    multiple of it."""
+    check_range("num_heads", num_heads, at_least=1, integer=True)
+    for name, width in widths.items():
+        check_range(name, width, at_least=1, integer=True)
+        if width % num_heads:
+            choices = [h for h in range(1, min(width, _MAX_LISTED_HEADS) + 1) if width % h == 0]
+            raise ArgumentError(
+                "num_heads",
+                f"{name}={width} must be a multiple of num_heads={num_heads} (each head gets {name} / num_heads "
+                f"channels); choose num_heads from {choices} or another {name}",
+            )
 
 
 @dataclass
@@ -210,8 +231,8 @@ class MultiHeadAttention(RecordableAttention):
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
     ) -> None:
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim {dim} must be a multiple of num_heads {num_heads}")
+        check_heads(num_heads, dim=dim)
+        check_probabilities(attn_drop=attn_drop, proj_drop=proj_drop)
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -277,21 +298,18 @@ def pooled_grid(height: int, width: int, kv_pool: int) -> tuple[int, int]:
 
 def _resolve_widths(channels: int, num_heads: int, qk_channels: int | None, v_channels: int | None) -> tuple[int, int]:
     """``(qk_channels, v_channels)`` of a :class:`SelfAttention2d`: defaults filled in, checked."""
-    if channels < 1:
-        raise ValueError(f"channels must be positive, got {channels}")
+    check_range("channels", channels, at_least=1, integer=True)
+    check_heads(num_heads)
     if qk_channels is None:
         qk_channels = default_qk_channels(channels, num_heads)
     v_channels = qk_channels if v_channels is None else v_channels
-    for name, width in (("qk_channels", qk_channels), ("v_channels", v_channels)):
-        if width % num_heads != 0:
-            raise ValueError(f"{name}={width} must be a multiple of num_heads={num_heads}")
+    check_heads(num_heads, qk_channels=qk_channels, v_channels=v_channels)
     return qk_channels, v_channels
 
 
 def _check_options(kv_pool: int, kv_pool_mode: str, pos: str | None, out_norm: str | None, gate: str | None) -> None:
     """Raise a ``ValueError`` for a :class:`SelfAttention2d` option outside its choices."""
-    if kv_pool < 1:
-        raise ValueError(f"kv_pool must be >= 1, got {kv_pool}")
+    check_range("kv_pool", kv_pool, at_least=1, integer=True)
     if kv_pool_mode not in ("max", "avg"):
         raise ValueError(f"kv_pool_mode must be 'max' or 'avg', got {kv_pool_mode!r}")
     if pos not in (None, "sincos"):
@@ -363,6 +381,7 @@ class SelfAttention2d(RecordableAttention):
         super().__init__()
         qk_channels, v_channels = _resolve_widths(channels, num_heads, qk_channels, v_channels)
         _check_options(kv_pool, kv_pool_mode, pos, out_norm, gate)
+        check_probabilities(attn_drop=attn_drop)
         self.channels = channels
         self.num_heads = num_heads
         self.qk_channels = qk_channels
@@ -444,6 +463,7 @@ class SelfAttention2d(RecordableAttention):
                 f"SelfAttention2d was built for C={self.channels} channels, got input "
                 f"{tuple(x.shape)} with C={x.shape[1]}; build it with channels={x.shape[1]}"
             )
+        check_grid_values(x, self.query.weight, "SelfAttention2d")
 
     def key_grid_size(self, height: int, width: int) -> tuple[int, int]:
         """The key/value grid ``(h, w)`` for a query grid ``(height, width)`` (pooling, ceil mode)."""

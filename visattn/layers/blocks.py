@@ -8,6 +8,7 @@ from typing import Literal
 from timm.layers import DropPath, LayerScale, Mlp
 from torch import Tensor, nn
 
+from .._utils import check_probabilities, check_range
 from .attention import MultiHeadAttention
 
 __all__ = ["EncoderBlock", "Mlp"]
@@ -66,6 +67,8 @@ class EncoderBlock(nn.Module):
         super().__init__()
         if norm not in ("pre", "post"):
             raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
+        check_range("mlp_ratio", mlp_ratio, above=0)
+        check_probabilities(drop_path=drop_path)
         self.norm = norm
         self.norm1 = norm_layer(dim)
         self.attn = MultiHeadAttention(

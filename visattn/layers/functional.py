@@ -7,6 +7,11 @@ on inputs laid out for the fused (flash) kernel, or the query-chunked path of
 :mod:`visattn.layers.chunked` (bf16 products on the matrix units), whichever measured faster for
 the shape (see :func:`attention_backend`). With ``need_weights=True`` it computes the weights
 explicitly, in the same arithmetic, and returns them too.
+
+Head widths the fused kernels refuse are zero-padded and one-channel heads are laid out with unit
+stride, so memory stays linear in the number of tokens for every head width (``fused_head_widths``
+holds the measured rules). PyTorch still runs its unfused kernel, which stores the weights, for
+attention dropout on CPU and for float64 on CUDA.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
-from .._utils import cpu_has_native_bf16
+from .._utils import autocast_enabled, cpu_has_native_bf16
 from .chunked import chunked_attention
 
 __all__ = [
@@ -31,6 +36,7 @@ __all__ = [
     "attention_choices",
     "attention_matrix_bytes",
     "attention_weights",
+    "fused_head_widths",
 ]
 
 #: the paths :func:`attention` can take without weights; ``"auto"`` measures (see :func:`attention_backend`)
@@ -85,11 +91,20 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
             )
         if mask.dtype != torch.bool and not mask.is_floating_point():
             raise ValueError(f"mask must be boolean (True = attend) or an additive float tensor, got {mask.dtype}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_floating_point():
+            raise ValueError(f"attention needs floating-point q, k and v; {name} is {t.dtype} (convert with .float())")
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
-    """The fused kernels need stride 1 on the last dim; copy only when a view lacks it."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """The fused kernels need stride 1 on the last dim; copy only when a view lacks it.
+
+    ``clone``, not ``contiguous``: a view whose last dim has size 1 (one channel per head) counts
+    as contiguous whatever that dim's stride is, so ``contiguous`` returns it unchanged, and
+    ``scaled_dot_product_attention`` would then fall back to its unfused kernel, which stores
+    the ``(Nq, Nk)`` matrix. A clone in contiguous format gets stride 1 there.
+    """
+    return t if t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
 
 
 def _as_4d(t: Tensor) -> Tensor:
@@ -104,12 +119,48 @@ def _as_4d(t: Tensor) -> Tensor:
 
 
 def _mask_for_kernel(mask: Tensor, q: Tensor, nk: int) -> Tensor:
-    """The mask in the form the fused kernel takes: folded like q, float masks in q's dtype."""
+    """The mask in the form the fused kernel takes: folded like q, float masks in q's dtype.
+
+    A 3-D mask beside 4-D inputs gets a leading dim: the CPU flash kernel refuses 3-D masks.
+    """
     if q.dim() != 4:
         mask = _as_4d(mask.expand(*q.shape[:-1], nk))
     elif mask.dim() < 2:
         mask = mask.expand(q.shape[-2], nk)
+    elif mask.dim() == 3:
+        mask = mask[None]
     return mask if mask.dtype == torch.bool else mask.to(q.dtype)
+
+
+def _kernel_dtype(q: Tensor) -> torch.dtype:
+    """The dtype the kernels compute in: autocast's inside an autocast region of ``q``'s device
+    (CPU or CUDA), else ``q``'s."""
+    return torch.get_autocast_dtype(q.device.type) if autocast_enabled(q.device) else q.dtype
+
+
+def fused_head_widths(d: int, dv: int, device_type: str, dtype: torch.dtype) -> tuple[int, int]:
+    """Head widths ``(d, dv)``, at least the given ones, at which ``scaled_dot_product_attention``
+    runs a fused kernel for ``dtype`` inputs on a ``device_type`` device instead of its unfused one
+    (which stores the ``(Nq, Nk)`` weights).
+
+    Measured with torch 2.14 (``torch._fused_sdp_choice``): the CPU flash kernel takes any width
+    in float32/64, bf16 and fp16, but only ``d == dv``. On CUDA the flash kernel takes any
+    ``d == dv`` in half precision; otherwise (``d != dv``, or float32) the efficient and cuDNN
+    kernels need both widths to be multiples of 16 bytes (4 in float32, 8 in half precision).
+    """
+    if device_type == "cuda":
+        align = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+        return -(-d // align) * align, -(-dv // align) * align
+    width = max(d, dv)
+    return width, width
+
+
+def _kernel_input(t: Tensor, width: int) -> Tensor:
+    """``t`` as the fused kernels take it: 4-D, zero columns appended up to ``width``, last-dim stride 1."""
+    t = _as_4d(t)
+    if t.shape[-1] < width:
+        t = F.pad(t, (0, width - t.shape[-1]))
+    return _last_dim_contiguous(t)
 
 
 def attention_weights(q: Tensor, k: Tensor, *, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
@@ -220,7 +271,7 @@ def _path(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None, dr
         )
     if backend != "auto":
         return backend
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+    dtype = _kernel_dtype(q)
     eligible = (
         q.device.type == "cpu"
         and dtype == torch.bfloat16
@@ -267,10 +318,12 @@ def attention(
         ``out`` of shape ``(..., Nq, dv)``, or ``(out, weights)`` when ``need_weights``.
 
     Without weights the path is chosen by :func:`attention_backend`. The fused path feeds
-    ``scaled_dot_product_attention`` 4-D inputs whose last dim is contiguous, so the fused flash
-    kernel is selected on CPU and GPU; when ``dv != d`` on CPU (whose flash kernel needs one
-    head size) the narrower of q/k and v is zero-padded, which leaves the result unchanged and
-    is far cheaper than the unfused kernel. The chunked path
+    ``scaled_dot_product_attention`` 4-D inputs whose last dim has stride 1 (also when it has
+    size 1: one channel per head), so a fused kernel is selected on CPU and GPU, and memory stays
+    linear in the number of tokens. Head widths a fused kernel refuses (``dv != d`` on CPU;
+    widths that are not a multiple of 16 bytes on CUDA, see ``fused_head_widths``) are
+    zero-padded, which leaves the result unchanged. Two cases still run PyTorch's unfused kernel,
+    which stores the ``(Nq, Nk)`` weights: ``dropout_p > 0`` on CPU, and float64 on CUDA. The chunked path
     (:func:`visattn.layers.chunked.chunked_attention`) computes the same function by blocks of
     queries with bf16 matrix products.
     """
@@ -288,14 +341,17 @@ def attention(
 
 
 def _fused(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
-    """``scaled_dot_product_attention`` on inputs laid out for the fused kernel (see :func:`attention`)."""
-    d, dv = q.shape[-1], v.shape[-1]
+    """``scaled_dot_product_attention`` on inputs laid out for the fused kernel (see :func:`attention`).
+
+    Head widths the kernel would refuse are zero-padded (``fused_head_widths``): zero columns
+    of q and k leave ``q kᵀ`` unchanged (the scale is passed as computed for the real width), zero
+    columns of v give zero output columns, which are cut off again.
+    """
+    dv = v.shape[-1]
     lead = q.shape[:-2]
-    q4, k4, v4 = (_last_dim_contiguous(_as_4d(t)) for t in (q, k, v))
+    width, v_width = fused_head_widths(q.shape[-1], dv, q.device.type, _kernel_dtype(q))
+    q4, k4, v4 = _kernel_input(q, width), _kernel_input(k, width), _kernel_input(v, v_width)
     mask4 = None if mask is None else _mask_for_kernel(mask, q, k.shape[-2])
-    if dv != d and q.device.type == "cpu":
-        width = max(d, dv)
-        q4, k4, v4 = (F.pad(t, (0, width - t.shape[-1])) for t in (q4, k4, v4))
     out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask4, dropout_p=dropout_p, scale=scale)
     if out.shape[-1] != dv:
         out = out[..., :dv]

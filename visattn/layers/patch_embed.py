@@ -47,7 +47,7 @@ class PatchEmbed(nn.Module):
         return height // ph, width // pw
 
     def forward(self, x: Tensor) -> Tensor:
-        check_images(x, self.in_chans)
+        check_images(x, self.in_chans, next(self.proj.parameters()))
         self.grid_size(*x.shape[-2:])
         return rearrange(self.proj(x), "b d gh gw -> b (gh gw) d")
 

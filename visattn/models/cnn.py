@@ -17,6 +17,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from .._utils import check_range
 from .insert import insert_attention
 from .registry import register_model, register_source
 
@@ -45,6 +46,12 @@ def apply_attention_config(
     input_size = tuple(options.pop("input_size", input_size))  # the dry run's (C, H, W)
     insert_attention(model, at, input_size=input_size, **options)
     return model
+
+
+def _check_head_and_input(num_classes: int, in_chans: int, least_classes: int = 1) -> None:
+    """``num_classes >= least_classes`` (0 is timm's "no head") and ``in_chans >= 1``, as integers."""
+    check_range("num_classes", num_classes, at_least=least_classes, integer=True)
+    check_range("in_chans", in_chans, at_least=1, integer=True)
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -118,6 +125,7 @@ def torchvision_model(
         attention: ``{"at": [...], "preset": ..., **SelfAttention2d kwargs}`` or ``None``.
         **kwargs: passed to the torchvision builder.
     """
+    _check_head_and_input(num_classes, in_chans)
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ValueError(f"unknown torchvision classification model {name!r}; see torchvision.models.list_models()")
     if pretrained:
@@ -148,7 +156,9 @@ def timm_model(
     attention: Mapping[str, Any] | None = None,
     **kwargs,
 ) -> nn.Module:
-    """A timm model by name (``"convnext_atto"``), optionally with attention; see :func:`torchvision_model`."""
+    """A timm model by name (``"convnext_atto"``), optionally with attention; see :func:`torchvision_model`
+    (``num_classes=0``: no head, as in timm)."""
+    _check_head_and_input(num_classes, in_chans, least_classes=0)
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except RuntimeError as error:
@@ -189,6 +199,7 @@ def resnet18_small(
         attention: ``{"at": ["layer3", ...], **SelfAttention2d kwargs}`` or ``None``.
         **kwargs: passed to torchvision's ``ResNet`` (``zero_init_residual``, ``norm_layer`` …).
     """
+    _check_head_and_input(num_classes, in_chans)
     model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, **kwargs)
     model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")

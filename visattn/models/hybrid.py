@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .._utils import check_images, dry_forward, to_pair
 from .insert import hooked_blocks
 from .registry import create_model, register_model
-from .vit import VisionTransformer
+from .vit import VisionTransformer, check_vit_arguments
 
 __all__ = ["HybridEmbed", "HybridViT", "cnn_trunk"]
 
@@ -88,7 +88,7 @@ def cnn_trunk(model: nn.Module, out_layer: str, input_size: tuple[int, int, int]
         and seen
         and isinstance(seen[0], Tensor)
         and seen[0].shape == cut.shape
-        # tolerant of nondeterministic kernels; on the meta device (no values) the shapes are all there is
+        # tolerant of nondeterministic kernels; on the meta device (a size estimate) only shapes exist
         and (cut.is_meta or torch.allclose(seen[0], cut, rtol=1e-3, atol=1e-4))
     )
     if not same:
@@ -126,7 +126,7 @@ class HybridEmbed(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """Images ``(B, in_chans, H, W)`` → the backbone's grid ``(B, C, h, w)``."""
-        check_images(x, self.in_chans)
+        check_images(x, self.in_chans, next(self.backbone.parameters(), None))
         out = self.backbone(x)
         if isinstance(out, Mapping):
             out = list(out.values())
@@ -189,6 +189,7 @@ class HybridViT(VisionTransformer):
     ) -> None:
         if "patch_size" in vit_kwargs or "embed_layer" in vit_kwargs:
             raise ValueError("HybridViT takes its tokens from the backbone: drop patch_size / embed_layer")
+        check_vit_arguments({"img_size": img_size, "in_chans": in_chans, "embed_dim": embed_dim, **vit_kwargs})
         size = to_pair(img_size)
         if isinstance(backbone, str):
             cnn = create_model(backbone, in_chans=in_chans, **(backbone_kwargs or {}))

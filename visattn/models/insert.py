@@ -27,8 +27,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._utils import dry_forward
-from ..layers.attention import SelfAttention2d, default_qk_channels, pooled_grid
+from .._utils import check_range, dry_forward, human_bytes
+from ..layers.attention import SelfAttention2d, check_heads, default_qk_channels, pooled_grid
 from ..layers.functional import attention_matrix_bytes
 
 __all__ = ["AttentionSite", "attention_sites", "format_sites", "hooked_blocks", "insert_attention"]
@@ -254,6 +254,8 @@ def attention_sites(
     Returns:
         :class:`AttentionSite` rows in module order.
     """
+    check_heads(num_heads)
+    check_range("kv_pool", kv_pool, at_least=1, integer=True)
     element = torch.empty((), dtype=dtype).element_size()
     modules = {
         path: module
@@ -290,17 +292,6 @@ def attention_sites(
     return rows
 
 
-def _human(n: float) -> str:
-    """Bytes with a binary prefix: ``150.1 KiB``."""
-    if n < 1024:
-        return f"{n:.0f} B"
-    for prefix in ("Ki", "Mi", "Gi", "Ti"):
-        n /= 1024
-        if n < 1024 or prefix == "Ti":
-            break
-    return f"{n:.1f} {prefix}B"
-
-
 def format_sites(sites: Sequence[AttentionSite]) -> str:
     """A Markdown table of :func:`attention_sites` rows."""
     lines = [
@@ -311,6 +302,6 @@ def format_sites(sites: Sequence[AttentionSite]) -> str:
     for s in sites:
         lines.append(
             f"| `{s.path}` | {s.kind} | {s.channels} × {s.height} × {s.width} | {s.tokens} | {s.keys} "
-            f"| {_human(s.materialized_bytes)} | {_human(s.fused_bytes)} | {s.flops / 1e9:.3f} |"
+            f"| {human_bytes(s.materialized_bytes)} | {human_bytes(s.fused_bytes)} | {s.flops / 1e9:.3f} |"
         )
     return "\n".join(lines)

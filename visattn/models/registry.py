@@ -1,8 +1,14 @@
 """Named models: ``create_model(name, **kwargs)`` and the registry behind it.
 
-Plain names (``"vit_tiny_patch16_224"``) are visattn's own factories. A name with a prefix
-(``"torchvision:resnet18"``, ``"timm:convnext_atto"``) goes to the source registered for that
-prefix with :func:`register_source`.
+One route from a name to a model, as timm's: plain names (``"vit_tiny_patch16_224"``) are
+visattn's own factories, or else timm and torchvision ViT names that a registered peer loader
+converts (the peer also gives `pretrained=True` weights to an own name it knows); a name with a
+prefix (``"torchvision:resnet18"``, ``"timm:convnext_atto"``, ``"hf:..."``) goes to the source
+registered for that prefix with `register_source`. Every name takes `pretrained_file` (read by
+the reader `visattn.weights.hub` registers) and `pretrained`.
+
+The model `create_model` returns carries the call that rebuilds it, `model.model_config` =
+`{"name": name, **kwargs}`, which `visattn.save_pretrained` writes.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -23,13 +30,17 @@ __all__ = [
     "register_model",
     "register_peer_loader",
     "register_source",
+    "register_weights_reader",
+    "update_model_config",
 ]
 
 ModelFactory = Callable[..., nn.Module]
 SourceFactory = Callable[..., nn.Module]  # (name without prefix, **kwargs) -> model
+WeightsReader = Callable[[str, "str | os.PathLike", dict[str, Any]], nn.Module]  # (name, path, kwargs) -> model
 _MODELS: dict[str, ModelFactory] = {}
 _SOURCES: dict[str, SourceFactory] = {}
 _PEERS: list[PeerLoader] = []
+_WEIGHTS_READERS: list[WeightsReader] = []
 
 
 @dataclass(frozen=True)
@@ -38,7 +49,7 @@ class PeerLoader:
     `visattn.weights.peer_names` for timm and torchvision ViTs)."""
 
     knows: Callable[[str], bool]  # whether a name is one of its models
-    load: Callable[..., nn.Module]  # (name, *, pretrained, pretrained_file, **kwargs) -> model
+    load: Callable[..., nn.Module]  # (name, *, pretrained, **kwargs) -> model
 
 
 def register_model(fn: ModelFactory) -> ModelFactory:
@@ -61,6 +72,14 @@ def register_peer_loader(loader: PeerLoader) -> None:
     _PEERS.append(loader)
 
 
+def register_weights_reader(reader: WeightsReader) -> None:
+    """Let `create_model(name, pretrained_file=PATH, **kwargs)` call `reader(name, PATH, kwargs)`
+    (one reader: `visattn.weights.hub.model_from_pretrained_file`)."""
+    if _WEIGHTS_READERS:
+        raise ValueError("a weights reader is registered twice")
+    _WEIGHTS_READERS.append(reader)
+
+
 def list_models() -> list[str]:
     """The registered model names, sorted."""
     return sorted(_MODELS)
@@ -71,36 +90,63 @@ def create_model(
     *,
     pretrained: bool = False,
     pretrained_file: str | os.PathLike | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> nn.Module:
-    """Build a registered model by name; ``kwargs`` override its defaults.
+    """Build a model by name; ``kwargs`` override its defaults.
 
     Example: ``create_model("vit_tiny_patch4_32", num_classes=100, drop_path_rate=0.1)``.
 
-    A timm name (tags too: ``"vit_small_patch16_224.dino"``) or a torchvision ViT name
-    (``"vit_b_16"``) that visattn does not register, or any such name with ``pretrained=True``
-    (fetched by timm/torchvision: network or local cache) or ``pretrained_file=PATH`` (a local
-    ``.safetensors``/``.pth``/``.bin`` state dict), builds the peer and converts it exactly
-    (`visattn.weights.peer_names.pretrained_model`, registered with
-    :func:`register_peer_loader`; ``kwargs`` are then the peer's arguments, and a
-    ``num_classes`` other than the weights' gets a fresh head).
+    Args:
+        name: one of `list_models()`; a timm name (tags too: `"vit_small_patch16_224.dino"`)
+            or torchvision ViT name (`"vit_b_16"`), built by the peer and converted exactly
+            (`kwargs` are then the peer's arguments); or `"timm:NAME"`, `"torchvision:NAME"`,
+            `"hf:NAME"`.
+        pretrained: the published weights, fetched by timm, torchvision or transformers (network
+            or their local cache). visattn's own names have none: one `ValueError` says so.
+        pretrained_file: weights on disk, for every name: a folder written by
+            `visattn.save_pretrained` or by training (its stored arguments are the defaults of
+            `kwargs`), a visattn checkpoint (`best.pt`), or a `.safetensors` / `.pth` / `.bin`
+            state dict (timm and torchvision ViT names convert theirs). Wins over `pretrained`.
+
+    Returns:
+        The model, whose `model_config` attribute holds `{"name": ...,
+        **kwargs}`: the call that rebuilds its architecture, `pretrained` and `pretrained_file`
+        left out. A model built by an inner `create_model` call keeps that call's record
+        (converted ViTs are `create_model("vision_transformer", **arguments)`).
     """
+    if pretrained_file is not None:
+        if not _WEIGHTS_READERS:
+            raise RuntimeError("no weights reader is registered; import visattn (not only visattn.models)")
+        return _WEIGHTS_READERS[0](name, pretrained_file, kwargs)
+    model = _with_published_weights(name, kwargs) if pretrained else model_builder(name)(**kwargs)
+    if getattr(model, "model_config", None) is None:
+        model.model_config = {"name": name, **kwargs}
+    return model
+
+
+def update_model_config(model: nn.Module, **changes: Any) -> None:
+    """Record that `model`'s architecture changed in a way `create_model` arguments express (a
+    new head: `num_classes=3`): `create_model(**model.model_config)` rebuilds it as it is now.
+    A model not from `create_model` has no record and is left alone."""
+    config = getattr(model, "model_config", None)
+    if config is not None:
+        model.model_config = {**config, **changes}
+
+
+def _with_published_weights(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """`create_model(name, pretrained=True, **kwargs)`: a source's or a peer's published weights."""
     if ":" in name:
-        if pretrained:
-            kwargs["pretrained"] = True
-        if pretrained_file is not None:
-            kwargs["pretrained_file"] = pretrained_file
-        return model_builder(name)(**kwargs)
-    if pretrained or pretrained_file is not None:
-        peer = _peer(name)
-        if peer is not None:
-            return peer.load(name, pretrained=pretrained, pretrained_file=pretrained_file, **kwargs)
-        if name in _MODELS:
-            raise ValueError(
-                f"{name!r} is visattn's own model with no published weights (not a timm or "
-                "torchvision name); load a visattn checkpoint with visattn.weights.model_from_checkpoint"
-            )
-    return model_builder(name)(**kwargs)
+        return model_builder(name)(pretrained=True, **kwargs)
+    peer = _peer(name)
+    if peer is not None:
+        return peer.load(name, pretrained=True, **kwargs)
+    if name in _MODELS:
+        raise ValueError(
+            f"{name!r} is visattn's own model and has no published weights (nothing is downloaded); "
+            f"load your own with create_model({name!r}, pretrained_file=PATH): a folder written by "
+            "save_pretrained or by training, a checkpoint (best.pt) or a .safetensors file"
+        )
+    return model_builder(name)(pretrained=True, **kwargs)  # unknown: the error with suggestions
 
 
 def model_builder(name: str) -> Callable[..., nn.Module]:

@@ -17,16 +17,44 @@ from timm.layers import get_act_layer, trunc_normal_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .._utils import to_pair
+from .._utils import check_range, to_pair
+from ..layers.attention import check_heads
 from ..layers.blocks import EncoderBlock
 from ..layers.patch_embed import ConvStem, PatchEmbed
 from ..layers.pos_embed import resample_pos_embed, sincos_2d
-from .registry import register_model
+from .registry import register_model, update_model_config
 
-__all__ = ["PatchEmbed", "VisionTransformer"]
+__all__ = ["PatchEmbed", "VisionTransformer", "check_vit_arguments"]
 
 #: the token stems of ``VisionTransformer(stem=...)``
 STEMS = {"patch": PatchEmbed, "conv": ConvStem}
+_COUNT = {"integer": True, "at_least": 1}
+_RATE = {"at_least": 0, "below": 1}
+#: the valid range of each numeric argument of ``VisionTransformer`` (``check_range`` keywords)
+ARGUMENT_RANGES: dict[str, dict[str, Any]] = {
+    "img_size": {**_COUNT, "pair": True},
+    "patch_size": {**_COUNT, "pair": True},
+    "in_chans": _COUNT,
+    "num_classes": {"integer": True, "at_least": 0},
+    "embed_dim": _COUNT,
+    "depth": _COUNT,
+    "reg_tokens": {"integer": True, "at_least": 0},
+    "mlp_ratio": {"above": 0},
+    "norm_eps": {"above": 0},
+    **{name: _RATE for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")},
+}
+
+
+def check_vit_arguments(arguments: dict[str, Any]) -> None:
+    """Raise an ``ArgumentError`` (a ``ValueError``) naming the first of ``arguments`` (names of
+    :class:`VisionTransformer` arguments and their values; others are ignored) outside its valid
+    range, or a ``num_heads`` that does not divide ``embed_dim``."""
+    for name, valid in ARGUMENT_RANGES.items():
+        if name in arguments:
+            check_range(name, arguments[name], **valid)
+    if "num_heads" in arguments:
+        widths = {"embed_dim": arguments["embed_dim"]} if "embed_dim" in arguments else {}
+        check_heads(arguments["num_heads"], **widths)
 
 
 class VisionTransformer(nn.Module):
@@ -70,10 +98,10 @@ class VisionTransformer(nn.Module):
         proj_drop_rate, attn_drop_rate: dropout in blocks.
         drop_path_rate: stochastic depth, rising linearly from 0 to this over the blocks.
         act_layer: MLP activation: a timm activation name (``"gelu"``, ``"gelu_tanh"``, ...)
-            or a module class (a class other than ``nn.GELU`` cannot be saved by name).
+            or a module class (a class cannot be written by `visattn.save_pretrained`: pass a name).
         norm_eps: epsilon of the default LayerNorm (timm and torchvision ViTs use 1e-6).
         norm_layer: normalization layer; ``None`` is ``LayerNorm(eps=norm_eps)``. A custom one
-            works but cannot be written by :meth:`save_pretrained`.
+            works but cannot be written by `visattn.save_pretrained`.
         stem: ``"patch"`` (:class:`PatchEmbed`, one linear projection per patch, as timm) or
             ``"conv"`` (:class:`~visattn.layers.patch_embed.ConvStem`: strided 4×4 convolutions
             with the same token grid; ``patch_size`` a power of two). On ``digits_canvas`` the
@@ -84,8 +112,6 @@ class VisionTransformer(nn.Module):
             and ``in_chans``, like :class:`PatchEmbed`; :class:`~visattn.HybridViT` passes a CNN.
 
     Attributes:
-        config: the constructor arguments as JSON values (``VisionTransformer(**config)``
-            rebuilds the architecture); kept up to date by :meth:`reset_classifier`.
         pretrained_cfg: where converted weights came from and how their inputs are prepared
             (``mean``, ``std``, ``input_size``, ``interpolation``, ``crop_pct``, ``source``),
             or ``None``; timm's ``resolve_model_data_config`` reads it.
@@ -130,9 +156,8 @@ class VisionTransformer(nn.Module):
         stem: Literal["patch", "conv"] = "patch",
         embed_layer: nn.Module | None = None,
     ) -> None:
-        self_config = _json_config(locals())  # first statement: the arguments exactly as given
+        check_vit_arguments(locals())  # first statement: the arguments exactly as given
         super().__init__()
-        self.config = self_config
         self.pretrained_cfg: dict[str, Any] | None = None
         act_layer = _activation(act_layer)
         norm_layer = partial(nn.LayerNorm, eps=norm_eps) if norm_layer is None else norm_layer
@@ -142,8 +167,7 @@ class VisionTransformer(nn.Module):
         self.embed_dim = self.num_features = embed_dim
         self.head_hidden_size = 2 * embed_dim if pool == "cls_mean" else embed_dim
         self.pool = pool
-        self.pos_embed_kind = pos_embed
-        self.pos_embed_antialias = pos_embed_antialias
+        self.pos_embed_kind, self.pos_embed_antialias = pos_embed, pos_embed_antialias
         self.no_embed_class = no_embed_class
         self.num_reg_tokens = reg_tokens
         self.num_prefix_tokens = int(class_token) + int(dist_token) + reg_tokens
@@ -291,8 +315,10 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head (and ``head_dist``) with a fresh one for ``num_classes`` (0 removes it)."""
-        self.num_classes = self.config["num_classes"] = num_classes
+        """Replace the head (and ``head_dist``) with a fresh one for ``num_classes`` (0 removes it);
+        the `create_model` record (`model_config`) follows."""
+        self.num_classes = num_classes
+        update_model_config(self, num_classes=num_classes)
         self._build_classifier()
         for head in (self.head, getattr(self, "head_dist", None)):
             if isinstance(head, nn.Linear):
@@ -396,19 +422,20 @@ class VisionTransformer(nn.Module):
         """Drop what :meth:`forward_intermediates` with ``indices`` does not need (timm's method):
         the blocks after the last one taken, and optionally the final norm and the head.
 
-        ``config`` is updated (depth, norms, ``num_classes=0``), so :meth:`save_pretrained` writes the
-        pruned model. Returns the block indices taken.
+        The `create_model` record (`model_config`) is updated (depth, norms, ``num_classes=0``), so
+        `visattn.save_pretrained` writes the pruned model. Returns the block indices taken.
         """
         take, last = self._take_indices(indices)
         self.blocks = self.blocks[: last + 1]
-        self.config["depth"] = last + 1
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
             self.fc_norm = nn.Identity()
             self.reset_classifier(0)
-        self.config["fc_norm"] = not isinstance(self.fc_norm, nn.Identity)
-        self.config["final_norm"] = not (isinstance(self.norm, nn.Identity) and isinstance(self.fc_norm, nn.Identity))
+        fc_norm = not isinstance(self.fc_norm, nn.Identity)
+        update_model_config(
+            self, depth=last + 1, fc_norm=fc_norm, final_norm=fc_norm or not isinstance(self.norm, nn.Identity)
+        )
         return take
 
 
@@ -445,21 +472,6 @@ def _activation(act_layer: str | Callable[..., nn.Module]) -> Callable[..., nn.M
         ) from None
 
 
-def _json_config(arguments: dict[str, Any]) -> dict[str, Any]:
-    """Constructor ``arguments`` (``locals()``) as JSON values; ``nn.GELU`` becomes ``"gelu"``.
-
-    Other callables stay as they are: the model works, and :meth:`VisionTransformer.save_pretrained`
-    says which argument it cannot write.
-    """
-    config = {k: v for k, v in arguments.items() if k not in ("self", "__class__")}
-    if config["act_layer"] is nn.GELU:
-        config["act_layer"] = "gelu"
-    for key in ("img_size", "patch_size"):
-        if isinstance(config[key], tuple):
-            config[key] = list(config[key])
-    return config
-
-
 # --- named configurations -------------------------------------------------------------------
 
 
@@ -472,6 +484,13 @@ def _token_stem(stem: str, patch_size: int | tuple[int, int], in_chans: int, emb
 
 def _vit(defaults: dict, overrides: dict) -> VisionTransformer:
     return VisionTransformer(**{**defaults, **overrides})
+
+
+@register_model
+def vision_transformer(**kwargs) -> VisionTransformer:
+    """A `VisionTransformer` of any arguments (defaults: ViT-B/16 at 224), by name: converted timm,
+    torchvision and Hugging Face ViTs are built, recorded and saved as this name."""
+    return VisionTransformer(**kwargs)
 
 
 @register_model

@@ -46,9 +46,11 @@ class ConfigError(ValueError):
 class AugmentConfig:
     """Training-time augmentation (test images are only resized and normalized).
 
-    ``affine_*`` and ``hflip`` work on every dataset; ``crop_padding`` (random crop after zero
-    padding, CIFAR style) and ``auto_augment`` (a timm RandAugment string such as
-    ``"rand-m9-mstd0.5-inc1"``) need datasets of PIL images (cifar10/100, imagefolder, fake).
+    ``hflip``, ``auto_augment`` (a timm RandAugment string such as ``"rand-m9-mstd0.5-inc1"``)
+    and ``re_prob`` work on every dataset. ``affine_*`` and ``crop_padding`` (random crop after
+    zero padding, CIFAR style) work on the in-memory datasets (digits, digits_canvas, cifar10/100)
+    and ``fake``; an image folder is cropped by timm's training transform (random resized crop)
+    instead, and ignores them.
     """
 
     hflip: float = 0.0
@@ -105,7 +107,7 @@ class TrainConfig:
     mixup_prob: float = 1.0
     clip_grad: float | None = 1.0  # max gradient norm (None: no clipping)
     ema_decay: float = 0.0  # timm ModelEmaV3 decay; 0: no EMA. With EMA, the EMA weights are the result
-    amp: str = "auto"  # auto (bf16 only where a timed step is >=10% faster, else fp32), bf16, fp16 (CUDA), none
+    amp: str = "auto"  # auto (a rule: train/precision.py), bf16, fp16 (CUDA), none
     grad_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, same gradients
     device: str = "auto"
     seed: int = 0
@@ -114,12 +116,13 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """Where the run folder goes and how progress is shown."""
+    """Where the run folder goes, how progress is shown, and what the front end adds at the end."""
 
     name: str | None = None  # default: the config file's stem, or "default"; one plain folder name
     out_dir: str = "runs"
     progress: str = "auto"  # auto (a tqdm bar on a terminal, else lines), bar, lines
     log_every: int = 100  # steps between log lines when not showing a bar
+    explorer: bool = True  # `visattn train`/train.py: end by writing RUN/explorer.html of a few held-out pictures
 
 
 def _default_model() -> dict[str, Any]:

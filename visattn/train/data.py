@@ -7,30 +7,34 @@ same preprocessing (resize to ``img_size``, grayscale when ``in_chans == 1``, no
 Every dataset yields ``(image (C, H, W) float tensor, label int)``. The datasets themselves
 come from `visattn.train.digits` (digits and digit canvases), `visattn.train.cifar` and
 `visattn.train.imagefolder` (indexed, checked and read there); those held in memory are
-`visattn.train.tensor_dataset.TensorImageDataset`s.
+`visattn.train.tensor_dataset.TensorImageDataset`s. :func:`held_out_pictures` gives a few of a
+test set's pictures as they are stored, one class after another (the run's explorer page).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import to_pil_image
 
 from .cifar import CIFAR_STATS, cifar_images
 from .digits import DigitsCanvas, digits_images
-from .imagefolder import build_image_folders
+from .imagefolder import CheckedImageFolder, build_image_folders
 from .tensor_dataset import TensorImageDataset, tensor_augmentation
 
-__all__ = ["DataSplits", "build_datasets", "build_transform", "input_shape"]
+__all__ = ["DataSplits", "build_datasets", "build_transform", "held_out_pictures", "input_shape"]
 
 #: what each dataset gives a model when the config does not say otherwise: (channels, classes,
 #: side); ``None`` classes: read from the data (image folders) or from ``data.fake_classes``
@@ -198,3 +202,26 @@ def build_datasets(cfg: Any) -> tuple[Dataset, Dataset, dict[str, Any]]:
         "class_names": list(splits.classes),
     }
     return splits.train, splits.test, data_config
+
+
+def held_out_pictures(dataset: Dataset, count: int = 8) -> list[Image.Image | str]:
+    """Up to ``count`` pictures of ``dataset`` as they are stored (before normalization): PIL
+    images of an in-memory dataset, the files of an image folder, none of generated noise
+    (``fake``). One of each class in turn (the first of every class, then the second ...), so
+    that a few pictures show many classes; the same ones every time."""
+    if isinstance(dataset, TensorImageDataset):
+        chosen = _classes_in_turn(dataset.labels.tolist(), count)
+        return [to_pil_image((dataset.raw_image(i) * 255).round().to(torch.uint8)) for i in chosen]
+    if isinstance(dataset, CheckedImageFolder):
+        return [dataset.samples[i][0] for i in _classes_in_turn(dataset.targets, count)]
+    return []
+
+
+def _classes_in_turn(labels: Sequence[int], count: int) -> list[int]:
+    """The first ``count`` indices ordered by (how many of its class come before it, label)."""
+    before: collections.Counter[int] = collections.Counter()
+    ranked = []
+    for index, label in enumerate(labels):
+        ranked.append((before[label], label, index))
+        before[label] += 1
+    return [index for _, _, index in sorted(ranked)[:count]]

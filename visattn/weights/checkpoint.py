@@ -45,6 +45,7 @@ from .stored_config import config_for_weights
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "check_checkpoint",
     "check_fields",
     "load_checkpoint",
     "model_from_checkpoint",
@@ -79,6 +80,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read a visattn checkpoint with `weights_only=True`; clear errors for anything else,
     including fields of the wrong type (see `check_fields`)."""
     state = read_torch_file(path, map_location, what="visattn checkpoint")
+    check_checkpoint(state, path)
+    return state
+
+
+def check_checkpoint(state: Any, path: str | os.PathLike) -> None:
+    """Refuse what `torch.load` read from `path` unless it is a visattn checkpoint of a version this
+    visattn reads, with every field visattn reads of the right type (`check_fields`)."""
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not a visattn checkpoint (no 'format': '{CHECKPOINT_FORMAT}' entry); "
@@ -90,7 +98,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if version > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} was written by a newer visattn (version {version})")
     check_fields(state, path)
-    return state
 
 
 def check_fields(state: dict[str, Any], source: str | os.PathLike) -> None:

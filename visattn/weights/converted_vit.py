@@ -2,7 +2,8 @@
 
 `VIT_ARGUMENTS` (its arguments, in order), `activation_name` (the `act_layer` name of a peer's
 activation module), `build_vit` (the model holding the converted weights, built on the meta
-device) and `reset_head` (a fresh head for another number of classes, as timm does).
+device as `create_model("vision_transformer", ...)`) and `reset_head` (a fresh head for another
+number of classes, as timm does).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from timm.layers.activations import GELU as TimmGELU
 from timm.layers.activations import GELUTanh as TimmGELUTanh
 from torch import nn
 
+from ..models.registry import create_model
 from ..models.vit import VisionTransformer
 from .state_dict import StateDict, load_state_dict_exactly
 
@@ -35,9 +37,10 @@ def activation_name(act: nn.Module) -> str | None:
 
 def build_vit(config: dict[str, Any], state: StateDict, source: str) -> VisionTransformer:
     """A :class:`VisionTransformer` of ``config`` holding copies of ``state``'s tensors, converted to
-    the default dtype; built on the meta device, so no time goes into a random initialization."""
+    the default dtype; built on the meta device, so no time goes into a random initialization.
+    Built as `create_model("vision_transformer", **config)`, which `visattn.save_pretrained` writes."""
     with torch.device("meta"):
-        model = VisionTransformer(**config)
+        model = create_model("vision_transformer", **config)
     dtype = torch.get_default_dtype()
     copies = {k: v.detach().to(dtype=dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
     load_state_dict_exactly(model, copies, source, assign=True)

@@ -1,6 +1,6 @@
 """``create_model("hf:PATH_OR_ID")``: a Hugging Face model folder or hub id, converted to visattn.
 
-A folder (``config.json`` + ``model.safetensors``, as ``save_pretrained`` writes it) is read by
+A folder (``config.json`` + ``model.safetensors``, as transformers' ``save_pretrained`` writes it) is read by
 transformers' own ``from_pretrained`` without touching the network. A hub id goes through
 transformers' loading and cache (``~/.cache/huggingface/hub``, ``$HF_HUB_CACHE``); offline
 (``HF_HUB_OFFLINE=1``) only the cache is read, and without a cached copy one error says what to
@@ -32,7 +32,6 @@ def hf_model(
     name: str,
     *,
     pretrained: bool = True,
-    pretrained_file: str | None = None,
     num_classes: int | None = None,
     in_chans: int | None = None,
     **hf_kwargs: Any,
@@ -40,7 +39,7 @@ def hf_model(
     """A transformers ViT / DeiT / DINOv2 folder or hub id, with its weights, as a visattn model.
 
     Args:
-        name: a folder written by ``save_pretrained`` (``config.json`` + weights), or a hub id
+        name: a folder written by transformers' ``save_pretrained`` (``config.json`` + weights), or a hub id
             such as ``"facebook/dinov2-small"``.
         pretrained: always loaded (an ``hf:`` name is a checkpoint); ``False`` is refused.
         num_classes: other than the checkpoint's: a fresh head on the converted backbone.
@@ -59,9 +58,9 @@ def hf_model(
         FileNotFoundError: a path that is not a folder.
         UnsupportedModelError: an architecture or feature visattn does not convert (named).
     """
-    if pretrained_file is not None or not pretrained:
+    if not pretrained:
         raise ValueError(
-            f"hf:{name} names a checkpoint and loads its own weights; drop pretrained_file/pretrained=False "
+            f"hf:{name} names a checkpoint and loads its own weights; drop pretrained=False "
             "(for random weights convert transformers.AutoModel.from_config(config) with visattn.from_transformers)"
         )
     transformers = import_transformers()

@@ -1,14 +1,15 @@
 """timm and torchvision ViT names for `create_model`: the peer built (or its weights fetched or read) and converted.
 
-`pretrained_model` is what `create_model(name, pretrained=..., pretrained_file=...)` runs for a
-timm name (tags too: `"vit_small_patch16_224.dino"`) or a torchvision ViT name (`"vit_b_16"`);
-this module registers it with the registry (`visattn.models.registry.register_peer_loader`) when
-it is imported, which `visattn.weights` does, so every import of the weights layer registers it.
+`pretrained_model` is what `create_model(name, pretrained=...)` runs for a timm name (tags too:
+`"vit_small_patch16_224.dino"`) or a torchvision ViT name (`"vit_b_16"`); this module registers it
+with the registry (`visattn.models.registry.register_peer_loader`) when it is imported, which
+`visattn.weights` does, so every import of the weights layer registers it.
+`peer_state_dict_model` is what `create_model(name, pretrained_file=...)` runs for a timm or
+torchvision state dict (read by `visattn.weights.hub`).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import timm
@@ -18,11 +19,11 @@ from ..models.registry import PeerLoader, register_peer_loader
 from ..models.vit import VisionTransformer
 from .converted_vit import reset_head
 from .errors import PretrainedUnavailableError
-from .state_dict import load_weights_file
+from .state_dict import StateDict
 from .timm_vit import from_timm
 from .torchvision_vit import TORCHVISION_VITS, from_torchvision, is_torchvision_state_dict, torchvision_pretrained_cfg
 
-__all__ = ["is_convertible_name", "pretrained_model"]
+__all__ = ["is_convertible_name", "peer_state_dict_model", "pretrained_model"]
 
 
 def is_convertible_name(name: str) -> bool:
@@ -41,8 +42,10 @@ def _unavailable(name: str, url: str | None, err: Exception) -> PretrainedUnavai
     )
 
 
-def _from_file(name: str, path: str | os.PathLike, kwargs: dict[str, Any]) -> VisionTransformer:
-    state = load_weights_file(path)
+def peer_state_dict_model(name: str, state: StateDict, source: str, **kwargs: Any) -> VisionTransformer:
+    """The timm or torchvision ViT `name` with the weights `state` (read from `source`), converted:
+    a torchvision state dict is renamed, and `kwargs` are the peer's arguments (a torchvision
+    state dict takes only `num_classes`; one other than the weights' gets a fresh head)."""
     if name in TORCHVISION_VITS:
         num_classes = kwargs.pop("num_classes", None)
         if kwargs:
@@ -53,7 +56,7 @@ def _from_file(name: str, path: str | os.PathLike, kwargs: dict[str, Any]) -> Vi
         if is_torchvision_state_dict(state):
             model.pretrained_cfg = torchvision_pretrained_cfg(model)
     if model.pretrained_cfg is not None:
-        model.pretrained_cfg["file"] = str(path)
+        model.pretrained_cfg["file"] = source
     return model
 
 
@@ -61,7 +64,6 @@ def pretrained_model(
     name: str,
     *,
     pretrained: bool = False,
-    pretrained_file: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> VisionTransformer:
     """A timm or torchvision ViT by name, converted to visattn (what ``create_model`` runs).
@@ -71,8 +73,6 @@ def pretrained_model(
             ``"deit_tiny_patch16_224"``), or a torchvision name (``"vit_b_16"``).
         pretrained: fetch the weights through timm's (or torchvision's) own machinery: the
             network or the local cache.
-        pretrained_file: load a local ``.safetensors`` / ``.pth`` / ``.bin`` state dict instead
-            (timm or torchvision names); wins over ``pretrained``.
         kwargs: the peer's constructor arguments (timm: ``img_size``, ``drop_path_rate``, ...).
             ``num_classes`` different from the weights' replaces the head with a fresh one,
             as timm does.
@@ -80,8 +80,6 @@ def pretrained_model(
     Raises:
         PretrainedUnavailableError: offline without a cached copy; says how to pass a file.
     """
-    if pretrained_file is not None:
-        return _from_file(name, pretrained_file, dict(kwargs))
     if name in TORCHVISION_VITS:
         num_classes = kwargs.pop("num_classes", None)
         weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None

@@ -1,10 +1,11 @@
 """State dicts as converters read them: from files and wrappers, renamed, fitted, loaded with every name checked.
 
 What the timm, torchvision and Hugging Face converters share: `load_weights_file` (a
-`.safetensors` / `.pth` / `.bin` file read without pickle), `unwrap_state_dict` (common checkpoint
-wrappers), `rename_by_table` (a peer's names to visattn's), `adapt_input_channels` (the patch
-embedding fitted to other input channels), `head_classes` and `load_state_dict_exactly` (a load
-that refuses any missing, unexpected or mis-shaped entry, naming it).
+`.safetensors` / `.pth` / `.bin` file read without pickle), `read_weights_file` (the mapping such
+a file holds, wrapper and all), `unwrap_state_dict` (common checkpoint wrappers),
+`rename_by_table` (a peer's names to visattn's), `adapt_input_channels` (the patch embedding
+fitted to other input channels), `head_classes` and `load_state_dict_exactly` (a load that refuses
+any missing, unexpected or mis-shaped entry, naming it).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "head_classes",
     "load_state_dict_exactly",
     "load_weights_file",
+    "read_weights_file",
     "rename_by_table",
     "unwrap_state_dict",
 ]
@@ -78,6 +80,12 @@ def unwrap_state_dict(state: Mapping[str, Any]) -> dict[str, Tensor]:
 def load_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a state dict from ``.safetensors`` (safetensors) or ``.pth`` / ``.bin`` / ``.pt``
     (``torch.load(weights_only=True)``: no pickled code runs), unwrapping ``{"model": ...}``."""
+    return unwrap_state_dict(read_weights_file(path))
+
+
+def read_weights_file(path: str | os.PathLike) -> Mapping[str, Any]:
+    """The mapping a ``.safetensors`` file or a ``.pth`` / ``.bin`` / ``.pt`` file holds (read with
+    ``torch.load(weights_only=True)``: no pickled code runs), as it is: a state dict or a wrapper."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder; a folder written by save_pretrained loads with visattn.load_pretrained")
@@ -98,7 +106,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
         state = read_torch_file(path, what="weights file")
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
-    return unwrap_state_dict(state)
+    return state
 
 
 def rename_by_table(key: str, table: Sequence[tuple[str, str]]) -> str | None:

@@ -1,9 +1,10 @@
-"""A model config read from a checkpoint is data: checked before anything is built.
+"""A model config read from a checkpoint or a model folder is data: checked before anything is built.
 
-A visattn checkpoint names the model its weights belong to: `model_config` = `{"name": ...,
-**create_model keyword arguments}`. Building a model runs code that those values steer (timm's
-`checkpoint_path` reads a file, `pretrained=True` reaches the network, an edited `embed_dim`
-allocates gigabytes), so a stored config is checked first, in three steps:
+A visattn checkpoint, and a folder written by `visattn.save_pretrained`, names the model its
+weights belong to: `model_config` = `{"name": ..., **create_model keyword arguments}`. Building
+a model runs code that those values steer (timm's `checkpoint_path` reads a file,
+`pretrained=True` reaches the network, an edited `embed_dim` allocates gigabytes), so a stored
+config is checked first, in three steps:
 
 1. **The name** must build without files or the network: visattn's own names, `timm:NAME` and
    `torchvision:NAME`, and the timm and torchvision ViT names visattn converts. `hf:` names read
