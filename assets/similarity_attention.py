@@ -23,7 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from visattn import SelfAttention2d, load_image
-from visattn.explain.overlay import Preprocess, attention_panels, overlay_grid
+from visattn.explain.inputs import Preprocess
+from visattn.explain.overlay import attention_panels
+from visattn.explain.render import overlay_grid
 
 #: (colour scale, position scale) of each head's kernel
 HEADS = {"colour": (40.0, 0.0), "position": (0.0, 60.0), "colour + position": (40.0, 30.0)}

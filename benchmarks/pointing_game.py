@@ -28,8 +28,8 @@ from visattn._io import atomic_save_image, check_output, image_format
 from visattn.cli import main as visattn_main
 from visattn.explain.evaluate import ink_map
 from visattn.explain.metrics import attention_map
-from visattn.explain.overlay import overlay_grid
-from visattn.train.data import DigitsCanvas
+from visattn.explain.render import overlay_grid
+from visattn.train.digits import DigitsCanvas
 from visattn.weights.checkpoint import load_checkpoint, model_from_checkpoint
 
 

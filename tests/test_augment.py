@@ -10,8 +10,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from visattn.train.augment import AffineParams, BatchAugment, apply_affine
 from visattn.train.config import load_config
-from visattn.train.data import TensorImageDataset, build_datasets
+from visattn.train.data import build_datasets
 from visattn.train.distributed import Processes, eval_loader, train_loader
+from visattn.train.tensor_dataset import TensorImageDataset
 
 B, C, H, W = 5, 2, 12, 16  # non-square, several channels
 

@@ -18,12 +18,8 @@ from torch import nn
 
 from visattn import SelfAttention2d, create_model, load_image
 from visattn.cli import main
-from visattn.explain.overlay import (
-    Preprocess,
-    attention_overlay,
-    attention_panels,
-    default_data_config,
-)
+from visattn.explain.inputs import Preprocess, default_data_config
+from visattn.explain.overlay import attention_overlay, attention_panels
 from visattn.models import registry
 from visattn.models.vit import VisionTransformer
 from visattn.weights.checkpoint import save_checkpoint
@@ -258,7 +254,7 @@ def test_pretrained_file_for_any_name_create_model_accepts(tmp_path, cat, capsys
     import timm
     from safetensors.torch import save_file
 
-    from visattn.weights.convert import from_timm
+    from visattn.weights.timm_vit import from_timm
 
     x = torch.randn(2, 3, 32, 48)
     peer = timm.create_model("test_resnet").eval()

@@ -20,11 +20,8 @@ from torch import nn
 import visattn
 from visattn import create_model, from_timm, from_torchvision
 from visattn.layers.attention import RecordingRequest
-from visattn.weights.convert import (
-    PretrainedUnavailableError,
-    UnsupportedModelError,
-    torchvision_to_timm_names,
-)
+from visattn.weights.errors import PretrainedUnavailableError, UnsupportedModelError
+from visattn.weights.torchvision_vit import torchvision_to_timm_names
 
 TOL = dict(atol=1e-4, rtol=0)  # float32 logits and features
 ATTN_TOL = dict(atol=1e-5, rtol=0)  # attention weights

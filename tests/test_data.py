@@ -10,15 +10,8 @@ import torch
 from sklearn.datasets import load_digits
 
 from visattn.train.config import load_config
-from visattn.train.data import (
-    DigitsCanvas,
-    _build_canvases,
-    build_datasets,
-    digits_images,
-    digits_split,
-    held_out_pictures,
-    input_shape,
-)
+from visattn.train.data import build_datasets, held_out_pictures, input_shape
+from visattn.train.digits import DigitsCanvas, _build_canvases, digits_images, digits_split
 
 
 def data_cfg(*overrides):

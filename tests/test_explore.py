@@ -23,7 +23,7 @@ from visattn.cli import main
 from visattn.explain import explore as explore_module
 from visattn.explain import maps
 from visattn.explain.explore import dequantize, explore, quantize, read_page_data
-from visattn.explain.overlay import Preprocess
+from visattn.explain.inputs import Preprocess
 from visattn.weights.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from torch import nn
 from visattn import SelfAttention2d, VisionTransformer, record_attention
 from visattn.explain import maps
 from visattn.explain.explore import explore
-from visattn.explain.overlay import Preprocess
+from visattn.explain.inputs import Preprocess
 
 INSTALL = (
     "install Chromium and its driver (Debian/Ubuntu: apt-get install -y chromium chromium-driver) "

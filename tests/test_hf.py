@@ -20,7 +20,7 @@ import visattn
 from visattn import create_model, from_transformers, load_pretrained, record_attention, save_pretrained
 from visattn.cli import main
 from visattn.explain.maps import cls_attention, rollout
-from visattn.weights.convert import PretrainedUnavailableError, UnsupportedModelError
+from visattn.weights.errors import PretrainedUnavailableError, UnsupportedModelError
 
 transformers = pytest.importorskip("transformers")
 

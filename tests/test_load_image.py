@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from visattn._io import BACKGROUND, ImageFileError, load_image, to_rgb, verify_image
-from visattn.explain.overlay import Preprocess
+from visattn.explain.inputs import Preprocess
 from visattn.train.imagefolder import CheckedImageFolder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,8 @@ from visattn._io import UnsafeOutputError, file_kind
 from visattn.cli import main
 from visattn.explain import evaluate
 from visattn.explain.explore import explore
-from visattn.explain.overlay import Preprocess, attention_overlay, default_data_config
+from visattn.explain.inputs import Preprocess, default_data_config
+from visattn.explain.overlay import attention_overlay
 from visattn.train import run_folder
 
 MODEL = ["--model", "vit_digits_patch4_16"]

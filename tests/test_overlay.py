@@ -10,15 +10,10 @@ from PIL import Image
 from torch import nn
 
 from visattn import SelfAttention2d, load_image
+from visattn.explain.inputs import Preprocess
 from visattn.explain.maps import to_image
-from visattn.explain.overlay import (
-    Preprocess,
-    attention_overlay,
-    attention_panels,
-    normalize_map,
-    overlay,
-    overlay_grid,
-)
+from visattn.explain.overlay import attention_overlay, attention_panels
+from visattn.explain.render import normalize_map, overlay, overlay_grid
 
 DIGITS_LIKE = {
     "name": "digits_canvas",

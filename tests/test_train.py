@@ -23,7 +23,7 @@ import visattn.train.precision
 from visattn import CheckpointError, create_model, load_pretrained
 from visattn.cli import _write_run_explorer, main
 from visattn.explain.explore import read_page_data
-from visattn.explain.overlay import Preprocess
+from visattn.explain.inputs import Preprocess
 from visattn.train.config import ConfigError, load_config
 from visattn.train.data import build_datasets, held_out_pictures
 from visattn.train.engine import NonFiniteLossError, fit

@@ -7,8 +7,8 @@ The package is layered (imports only go down): the leaves ``_io`` and ``_utils``
 
 from ._io import CheckpointError, load_image
 from .explain.explore import explore
-from .explain.overlay import overlay, overlay_grid
 from .explain.recording import AttentionRecording, record_attention
+from .explain.render import overlay, overlay_grid
 from .layers.attention import AttentionRecord, MultiHeadAttention, SelfAttention2d
 from .layers.blocks import EncoderBlock
 from .layers.patch_embed import PatchEmbed
@@ -18,9 +18,10 @@ from .models.hybrid import HybridEmbed, HybridViT
 from .models.insert import AttentionSite, attention_sites, format_sites, insert_attention
 from .models.registry import create_model, list_models, register_model, register_source
 from .models.vit import VisionTransformer
-from .weights.convert import from_timm, from_torchvision
 from .weights.hf import from_transformers
 from .weights.hub import load_pretrained, save_pretrained
+from .weights.timm_vit import from_timm
+from .weights.torchvision_vit import from_torchvision
 
 __version__ = "0.1.0"
 

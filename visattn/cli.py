@@ -65,7 +65,7 @@ def _positive_int(text: str) -> int:
 def _model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, str]:
     """``--checkpoint`` or ``--model [--pretrained | --pretrained-file]``: (model in eval mode, its
     data_config, a name for it)."""
-    from .explain.overlay import default_data_config, pretrained_data_config
+    from .explain.inputs import default_data_config, pretrained_data_config
     from .weights.checkpoint import load_checkpoint, model_from_checkpoint
 
     if args.checkpoint:
@@ -117,8 +117,9 @@ def _check_output(args: argparse.Namespace, out: str | Path, kind: str) -> None:
 def _cmd_overlay(args: argparse.Namespace) -> int:
     """Draw an attention map of one picture (see visattn.explain.overlay.attention_overlay)."""
     from ._io import image_format, load_image
+    from .explain.inputs import Preprocess
     from .explain.maps import METHODS
-    from .explain.overlay import OVERLAY_MAX_SIDE, Preprocess, attention_overlay
+    from .explain.overlay import OVERLAY_MAX_SIDE, attention_overlay
 
     spec = METHODS[args.method]
     if spec.needs_query != (args.query is not None):

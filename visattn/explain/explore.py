@@ -44,7 +44,7 @@ from .._io import atomic_write_text, check_output, load_image
 from .._utils import require_finite
 from ..layers.attention import SelfAttention2d
 from . import maps
-from .overlay import Preprocess, default_data_config, picture_file
+from .inputs import Preprocess, default_data_config, picture_file
 from .recording import AttentionRecording, record_attention
 
 __all__ = [

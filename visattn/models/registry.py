@@ -46,7 +46,7 @@ _WEIGHTS_READERS: list[WeightsReader] = []
 @dataclass(frozen=True)
 class PeerLoader:
     """How names of another library's models are built and converted (registered by
-    :mod:`visattn.weights.convert` for timm and torchvision ViTs)."""
+    `visattn.weights.peer_names` for timm and torchvision ViTs)."""
 
     knows: Callable[[str], bool]  # whether a name is one of its models
     load: Callable[..., nn.Module]  # (name, *, pretrained, **kwargs) -> model

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, Subset
 
-from .data import TensorImageDataset
 from .imagefolder import collate_readable
+from .tensor_dataset import TensorImageDataset
 
 __all__ = [
     "Processes",

@@ -39,14 +39,9 @@ import torch
 from torch import Tensor, nn
 
 from ..models.vit import VisionTransformer
-from .convert import (
-    VIT_ARGUMENTS,
-    UnsupportedModelError,
-    adapt_input_channels,
-    build_vit,
-    rename_by_table,
-    unwrap_state_dict,
-)
+from .converted_vit import VIT_ARGUMENTS, build_vit
+from .errors import UnsupportedModelError
+from .state_dict import adapt_input_channels, rename_by_table, unwrap_state_dict
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",

@@ -16,7 +16,8 @@ from typing import Any
 
 from ..models.registry import register_source
 from ..models.vit import VisionTransformer
-from .convert import PretrainedUnavailableError, UnsupportedModelError, reset_head
+from .converted_vit import reset_head
+from .errors import PretrainedUnavailableError, UnsupportedModelError
 from .hf import SUPPORTED_ARCHITECTURES, HFArchitecture, convert_parts, import_transformers
 
 __all__ = ["hf_model"]

@@ -38,13 +38,8 @@ from .._io import CheckpointError, atomic_write_json, save_safetensors
 from .._utils import to_pair
 from ..models.registry import create_model, register_weights_reader
 from .checkpoint import CHECKPOINT_FORMAT, check_checkpoint, check_fields
-from .convert import (
-    is_convertible_name,
-    load_state_dict_exactly,
-    peer_state_dict_model,
-    read_weights_file,
-    unwrap_state_dict,
-)
+from .peer_names import is_convertible_name, peer_state_dict_model
+from .state_dict import load_state_dict_exactly, read_weights_file, unwrap_state_dict
 from .stored_config import config_for_weights
 
 __all__ = [

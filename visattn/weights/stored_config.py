@@ -42,7 +42,7 @@ from torch.overrides import TorchFunctionMode
 
 from .._io import CheckpointError
 from ..models.registry import create_model, list_models, model_builder
-from .convert import TORCHVISION_VITS
+from .torchvision_vit import TORCHVISION_VITS
 
 __all__ = [
     "MAX_BUILD_TENSOR",
