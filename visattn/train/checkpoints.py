@@ -61,7 +61,7 @@ class Checkpoints:
     def best(self) -> Path:
         return self.run_dir / "best.pt"
 
-    def save(self, progress: Progress) -> None:
+    def write(self, progress: Progress) -> None:
         """``last.pt``, then ``best.pt`` if the epoch just done is the best so far."""
         save_checkpoint(
             self.last,

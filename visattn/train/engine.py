@@ -171,7 +171,7 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None, at_end: RunEnd
             progress.record(epoch + 1, step, metrics["ema_test_acc1" if recipe.ema is not None else "test_acc1"])
             if procs.is_main:
                 append_metrics(run_dir, metrics)
-                checkpoints.save(progress)
+                checkpoints.write(progress)
 
         # the result: the curves, the last line, and what at_end adds for the run folder's model
         # (the best epoch's, EMA weights with EMA: written with best.pt, loaded by load_pretrained)
