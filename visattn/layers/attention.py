@@ -397,7 +397,7 @@ class SelfAttention2d(RecordableAttention):
         self.value = nn.Conv2d(channels, v_channels, 1, bias=qkv_bias)
         self.out = nn.Conv2d(v_channels, channels, 1, bias=out_bias)
         self.out_norm = nn.BatchNorm2d(channels) if out_norm == "batchnorm" else nn.Identity()
-        if out_norm == "batchnorm":
+        if isinstance(self.out_norm, nn.BatchNorm2d):
             nn.init.zeros_(self.out_norm.weight)
         if gate is None:
             self.gamma = None

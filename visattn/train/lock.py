@@ -28,7 +28,8 @@ class RunLock:
     """The lock of one run folder, held until `release` (or the end of a ``with`` block)."""
 
     def __init__(self, path: Path, fd: int) -> None:
-        self.path, self._fd = path, fd
+        self.path = path
+        self._fd: int | None = fd
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (in that order: a process that opened the file
