@@ -145,6 +145,8 @@ def _check_block(block: nn.Module, embed_dim: int, refused: list[str]) -> _Block
         return None
     if not isinstance(mlp.fc1, nn.Linear) or mlp.fc1.bias is None or mlp.fc2.bias is None:
         refused.append("a convolutional or bias-free MLP")
+    if not isinstance(mlp.fc1, nn.Linear):  # a 1×1 convolution: no MLP width to read
+        return None
     if not _is_plain(mlp.norm):
         refused.append("scale_mlp_norm=True (norm inside the MLP)")
     act = activation_name(mlp.act)
