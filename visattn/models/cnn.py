@@ -73,10 +73,10 @@ def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
     new = nn.Conv2d(
         in_chans,
         conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
+        _pair(conv.kernel_size),
+        _pair(conv.stride),
+        conv.padding if isinstance(conv.padding, str) else _pair(conv.padding),
+        _pair(conv.dilation),
         bias=conv.bias is not None,
         padding_mode=conv.padding_mode,
         device=conv.weight.device,
@@ -84,9 +84,15 @@ def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
     )
     with torch.no_grad():
         new.weight.copy_(adapt_input_conv(in_chans, conv.weight))
-        if conv.bias is not None:
+        if conv.bias is not None and new.bias is not None:  # new has a bias exactly when conv has
             new.bias.copy_(conv.bias)
     _set_submodule(model, path, new)
+
+
+def _pair(size: tuple[int, ...]) -> tuple[int, int]:
+    """A ``Conv2d``'s kernel size, stride, padding or dilation: two numbers (typed ``tuple[int, ...]``)."""
+    height, width = size
+    return height, width
 
 
 def _replace_classifier(model: nn.Module, num_classes: int) -> None:
