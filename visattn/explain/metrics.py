@@ -403,7 +403,7 @@ def cascade(model: nn.Module, images: Tensor) -> list[tuple[str, list[nn.Module]
     calls: dict[str, int] = {}
 
     def called(name: str) -> Callable[..., None]:
-        def hook(*_) -> None:  # returns None: a pre-hook's return value would replace the input
+        def hook(*_: Any) -> None:  # returns None: a pre-hook's return value would replace the input
             calls.setdefault(name, len(calls))
 
         return hook

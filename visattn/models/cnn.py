@@ -119,7 +119,7 @@ def torchvision_model(
     in_chans: int = 3,
     pretrained: bool = False,
     attention: Mapping[str, Any] | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> nn.Module:
     """A torchvision classification model by name (``"resnet50"``), optionally with attention.
 
@@ -160,7 +160,7 @@ def timm_model(
     in_chans: int = 3,
     pretrained: bool = False,
     attention: Mapping[str, Any] | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> nn.Module:
     """A timm model by name (``"convnext_atto"``), optionally with attention; see :func:`torchvision_model`
     (``num_classes=0``: no head, as in timm)."""
@@ -193,7 +193,7 @@ def resnet18_small(
     num_classes: int = 10,
     in_chans: int = 3,
     attention: Mapping[str, Any] | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> ResNet:
     """ResNet-18 for small images (CIFAR, 32×32): 3×3 stride-1 stem, no max-pool.
 

@@ -22,7 +22,7 @@ import difflib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -104,8 +104,8 @@ def _output_shapes(
     """
     seen: dict[str, tuple[int, ...] | str] = {}
 
-    def recorder(path: str):
-        def hook(module: nn.Module, args: tuple, output) -> None:
+    def recorder(path: str) -> Callable[[nn.Module, tuple, Any], None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if path not in seen:
                 is_tensor = isinstance(output, Tensor)
                 seen[path] = tuple(output.shape) if is_tensor else f"a {type(output).__name__}"
@@ -132,7 +132,7 @@ def insert_attention(
     *,
     preset: Preset | None = None,
     input_size: tuple[int, int, int] | None = None,
-    **block_kwargs,
+    **block_kwargs: Any,
 ) -> list[str]:
     """Put a :class:`~visattn.SelfAttention2d` after each named submodule of ``model``, in place.
 

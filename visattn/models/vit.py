@@ -491,38 +491,38 @@ def _vit(defaults: dict, overrides: dict) -> VisionTransformer:
 
 
 @register_model
-def vision_transformer(**kwargs) -> VisionTransformer:
+def vision_transformer(**kwargs: Any) -> VisionTransformer:
     """A `VisionTransformer` of any arguments (defaults: ViT-B/16 at 224), by name: converted timm,
     torchvision and Hugging Face ViTs are built, recorded and saved as this name."""
     return VisionTransformer(**kwargs)
 
 
 @register_model
-def vit_tiny_patch16_224(**kwargs) -> VisionTransformer:
+def vit_tiny_patch16_224(**kwargs: Any) -> VisionTransformer:
     """ViT-Ti/16 at 224 (5.7 M parameters), as timm's ``vit_tiny_patch16_224``."""
     return _vit(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), kwargs)
 
 
 @register_model
-def vit_small_patch16_224(**kwargs) -> VisionTransformer:
+def vit_small_patch16_224(**kwargs: Any) -> VisionTransformer:
     """ViT-S/16 at 224 (22 M parameters), as timm's ``vit_small_patch16_224``."""
     return _vit(dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), kwargs)
 
 
 @register_model
-def vit_base_patch16_224(**kwargs) -> VisionTransformer:
+def vit_base_patch16_224(**kwargs: Any) -> VisionTransformer:
     """ViT-B/16 at 224 (86 M parameters), as timm's ``vit_base_patch16_224``."""
     return _vit(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), kwargs)
 
 
 @register_model
-def vit_tiny_patch4_32(**kwargs) -> VisionTransformer:
+def vit_tiny_patch4_32(**kwargs: Any) -> VisionTransformer:
     """ViT-Ti width on 32×32 images (CIFAR) with 4×4 patches: an 8×8 grid of 64 tokens."""
     return _vit(dict(img_size=32, patch_size=4, num_classes=10, embed_dim=192, depth=12, num_heads=3), kwargs)
 
 
 @register_model
-def vit_digits_patch4_16(**kwargs) -> VisionTransformer:
+def vit_digits_patch4_16(**kwargs: Any) -> VisionTransformer:
     """A small ViT for the 8×8 handwritten digits upscaled to 16×16 (1 channel, 4×4 grid, mean pool).
 
     Width 64 × 4 blocks (0.14 M parameters): on the digits it beat 96 × 6 (0.45 M) in both
