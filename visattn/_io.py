@@ -75,7 +75,7 @@ class DiskFullError(OSError):
         self.path = Path(path)
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or ""  # always set by __init__; OSError types it optional
 
 
 class UnsafeOutputError(ValueError):
@@ -124,7 +124,7 @@ def _new_temporary(target: Path) -> tuple[Path, int]:
         return tmp, mode
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Call ``write(temporary_path)`` in ``path``'s folder, sync it to disk, rename it over ``path``.
 
     ``write`` may open the temporary path itself (safetensors, torch, Pillow); the file is fsynced

@@ -70,12 +70,10 @@ def check_range(
     """
     kind = numbers.Integral if integer else numbers.Real
     items = list(value) if pair and isinstance(value, (tuple, list)) and len(value) == 2 else [value]
-    valid = all(
-        isinstance(item, kind)
-        and not isinstance(item, bool)
-        and (at_least is None or item >= at_least)
-        and (above is None or item > above)
-        and (below is None or item < below)
+    # two passes: the bounds compare only numbers, and (typed Any) not as `numbers.Real`, whose
+    # stubs lack `>=` and `>`
+    valid = all(isinstance(item, kind) and not isinstance(item, bool) for item in items) and all(
+        (at_least is None or item >= at_least) and (above is None or item > above) and (below is None or item < below)
         for item in items
     )
     if not valid:

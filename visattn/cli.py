@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -269,7 +269,7 @@ def _interrupted(command: str, err: KeyboardInterrupt) -> str:
     return f"{stopped} before the first checkpoint; nothing to resume ({run_dir} was not kept)"
 
 
-def _user_errors(command):
+def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Run a sub-command so that every mistake ends in one line on stderr: ``visattn CMD: error:
     ...`` with exit status 2 (1 for an unexpected internal error); Ctrl-C exits with 130, and
     SIGTERM, handled the same way (`sigterm_raises`), with 143.

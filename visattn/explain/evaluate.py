@@ -21,6 +21,7 @@ from torchvision.transforms.v2.functional import gaussian_blur
 from .._io import atomic_write, check_output
 from .metrics import (
     METHODS,
+    Baseline,
     MapMethod,
     attention_map,
     causal_metric,
@@ -142,9 +143,9 @@ def _row_maps(
     """Each row's map method and its maps on ``images``; baselines after the methods."""
     runners = {name: _chunked(name, layer, chunk) for name in methods}
     heatmaps = {name: runners[name](model, images, target) for name in methods}
-    grid = tuple(heatmaps[methods[0]].shape[-2:])
-    heatmaps["random"] = random_map(len(images), grid, seed)
-    heatmaps["centre"] = centre_map(len(images), tuple(images.shape[-2:]))
+    first = heatmaps[methods[0]]
+    heatmaps["random"] = random_map(len(images), (first.shape[-2], first.shape[-1]), seed)
+    heatmaps["centre"] = centre_map(len(images), (images.shape[-2], images.shape[-1]))
     heatmaps["ink"] = ink_map(images)
     runners.update({name: _fixed(heatmaps[name]) for name in BASELINES})
     return runners, heatmaps
@@ -159,7 +160,7 @@ def evaluate_maps(
     boxes: Tensor | None = None,
     layer: int | str = -1,
     steps: int = 32,
-    baseline: str = "blur",
+    baseline: Baseline = "blur",
     batch_size: int = 256,
     seed: int = 0,
 ) -> MapEvaluation:
@@ -185,15 +186,26 @@ def evaluate_maps(
     chunk = max(1, min(64, batch_size))
     target = _predict(model, images, chunk)
     runners, heatmaps = _row_maps(model, images, target, methods, layer, chunk, seed)
+    size = (images.shape[-2], images.shape[-1])
     result = MapEvaluation(baselines=list(BASELINES), predictions=target)
     for name, heatmap in heatmaps.items():
         scores = result.scores.setdefault(name, {})
         if "pointing" in metrics:
-            scores["pointing"] = pointing_game(heatmap, boxes, tuple(images.shape[-2:])).double()
+            assert boxes is not None  # _check_request asked for them
+            scores["pointing"] = pointing_game(heatmap, boxes, size).double()
         for metric in ("deletion", "insertion"):
             if metric in metrics:
-                kwargs = dict(target=target, steps=steps, baseline=baseline, batch_size=batch_size, return_curves=True)
-                scores[metric], curves = causal_metric(model, images, heatmap, mode=metric, **kwargs)
+                scores[metric], curves = causal_metric(
+                    model,
+                    images,
+                    heatmap,
+                    mode=metric,
+                    target=target,
+                    steps=steps,
+                    baseline=baseline,
+                    batch_size=batch_size,
+                    return_curves=True,
+                )
                 result.curves.setdefault(name, {})[metric] = curves
         if "randomization" in metrics:
             test = randomization_test(model, images, runners[name], target=target, seed=seed)

@@ -212,9 +212,9 @@ def _layer_shapes(recording: AttentionRecording) -> list[LayerShape]:
                 path=path,
                 kind="grid" if isinstance(recording.modules[path], SelfAttention2d) else "token",
                 heads=int(rec.weights.shape[1]),
-                query_grid=tuple(rec.query_grid),
-                key_grid=tuple(rec.key_grid),
-                extent=tuple(rec.key_extent),
+                query_grid=rec.query_grid,
+                key_grid=rec.key_grid,
+                extent=rec.key_extent,
                 prefix=rec.num_prefix_tokens,
                 class_token=rec.class_token and rec.num_prefix_tokens > 0,  # a backbone block of a hybrid has none
             )
@@ -268,7 +268,7 @@ def _record_cells(
     model: nn.Module, x: Tensor, layer: LayerShape, cells: Sequence[tuple[int, int]]
 ) -> AttentionRecording:
     """A grid module's weights for exactly these query cells (one forward, ``queries=``)."""
-    points = _cell_points(layer, cells, tuple(x.shape[-2:]))
+    points = _cell_points(layer, cells, (x.shape[-2], x.shape[-1]))
     with torch.no_grad(), record_attention(model, layers=layer.path, queries=points, max_bytes=None) as rec:
         model(x)
     index = rec[layer.path].query_index
@@ -283,12 +283,13 @@ def _grid_received(model: nn.Module, x: Tensor, layer: LayerShape) -> Tensor:
     cells = layer.kept_cells(1)
     per_row = layer.heads * layer.key_grid[0] * layer.key_grid[1] * 4
     chunk = max(1, RECEIVED_CHUNK_BYTES // per_row)
-    total = None
+    total: Tensor | None = None
     for start in range(0, len(cells), chunk):
         part = cells[start : start + chunk]
         recording = _record_cells(model, x, layer, part)
         mean = maps.compute(recording, "received", layer=layer.path, per_head=True)[0].to(torch.float64) * len(part)
         total = mean if total is None else total + mean
+    assert total is not None  # a grid has at least one cell
     return total / len(cells)
 
 
@@ -584,7 +585,7 @@ def _write_page(
         for layer in view.layers:
             layer.stride = strides[layer.path]
     notes = _subsampling_notes(views[0].layers, max_mb)
-    data = {
+    data: dict[str, Any] = {
         "format": "visattn-explorer",
         "version": 1,
         "title": title,

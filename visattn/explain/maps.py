@@ -266,6 +266,7 @@ def _grid_record(recording: AttentionRecording, module: str | int | nn.Module) -
 
 
 def _to_key_grid(rows: Tensor, rec: AttentionRecord) -> Tensor:
+    assert rec.key_grid is not None  # a record from _grid_record
     kh, kw = rec.key_grid
     return rearrange(rows[..., rec.num_prefix_tokens :], "b h (y x) -> b h y x", y=kh, x=kw)
 
@@ -292,13 +293,15 @@ def query_map(
         :func:`to_image` with ``recording.extent(module)`` to put it on the image.
     """
     path, rec = _grid_record(recording, module)
+    query_grid = rec.query_grid
+    assert query_grid is not None  # _grid_record checked it
     image_size = image_size or rec.image_size
     if image_size is None:
         raise ValueError(
             "the input image size was not recorded (the model itself was not called); pass image_size=(H, W)"
         )
-    row, col = point_to_cell(point, image_size, rec.query_grid, relative=relative)
-    flat = row * rec.query_grid[1] + col
+    row, col = point_to_cell(point, image_size, query_grid, relative=relative)
+    flat = row * query_grid[1] + col
     index = rec.query_index
     if index is None:
         position = rec.num_prefix_tokens + flat
@@ -347,6 +350,21 @@ class MapRequest:
     head_fusion: Literal["mean", "max", "min"] = "mean"
     discard_ratio: float = 0.0
     layers: str | Sequence[str] | None = None
+
+    def recorded(self) -> AttentionRecording:
+        """The recording, which `compute_map` makes for every method but the gradient ones."""
+        assert self.recording is not None
+        return self.recording
+
+    def model_and_input(self) -> tuple[nn.Module, Tensor]:
+        """The model and its input, which `compute_map` passes for the gradient methods."""
+        assert self.model is not None and self.x is not None
+        return self.model, self.x
+
+    def query_point(self) -> Point:
+        """The query point, which `compute_map` requires of a method that needs one."""
+        assert self.query is not None
+        return self.query
 
 
 @dataclass(frozen=True)
@@ -398,7 +416,7 @@ METHODS: dict[str, MethodSpec] = {
     for spec in (
         MethodSpec(
             "cls",
-            lambda r: cls_attention(r.recording, r.layer),
+            lambda r: cls_attention(r.recorded(), r.layer),
             "class-token attention",
             per_head=True,
             reads_layer=True,
@@ -406,20 +424,20 @@ METHODS: dict[str, MethodSpec] = {
         ),
         MethodSpec(
             "rollout",
-            lambda r: rollout(r.recording, r.head_fusion, r.discard_ratio),
+            lambda r: rollout(r.recorded(), r.head_fusion, r.discard_ratio),
             "attention rollout, discard {discard_ratio:g}",
             label="rollout ({head_fusion})",
         ),
         MethodSpec(
             "grad_rollout",
-            lambda r: grad_rollout(r.model, r.x, r.target, layers=r.layers),
+            lambda r: grad_rollout(*r.model_and_input(), r.target, layers=r.layers),
             "gradient-weighted rollout",
             label="class {target}",
             needs_gradients=True,
         ),
         MethodSpec(
             "query",
-            lambda r: query_map(r.recording, r.layer, r.query, relative=r.relative),
+            lambda r: query_map(r.recorded(), r.layer, r.query_point(), relative=r.relative),
             "where ({x:g}, {y:g}) attends",
             per_head=True,
             reads_layer=True,
@@ -428,7 +446,7 @@ METHODS: dict[str, MethodSpec] = {
         ),
         MethodSpec(
             "received",
-            lambda r: received(r.recording, r.layer),
+            lambda r: received(r.recorded(), r.layer),
             "attention received",
             per_head=True,
             reads_layer=True,
@@ -517,24 +535,33 @@ def compute_map(
     """
     spec = method_spec(method)
     spec.check(query, per_head)
-    options = dict(layer=layer, query=query, relative=relative, target=target)
-    options.update(head_fusion=head_fusion, discard_ratio=discard_ratio, layers=layers)
+    request = MapRequest(
+        None,
+        None,
+        x,
+        layer=layer,
+        query=query,
+        relative=relative,
+        target=target,
+        head_fusion=head_fusion,
+        discard_ratio=discard_ratio,
+        layers=layers,
+    )
     if isinstance(source, AttentionRecording):
         if spec.needs_gradients:
             raise ValueError(f"{method} takes gradients through the model: pass the model and x, not a recording")
-        request = MapRequest(source, None, x, **options)
+        request = replace(request, recording=source)
     elif x is None:
         raise ValueError(f"computing {method!r} from a model needs its input images x (B, C, H, W)")
     else:
-        request = MapRequest(None, source, x, **options)
+        request = replace(request, model=source)
         if not spec.needs_gradients:
             request = replace(request, recording=_recorded(source, x, request))
     values = spec.run(request)
     if spec.per_head and not per_head:
         values = values.mean(dim=1)
-    recording = request.recording
-    path = recording.path_of(layer) if spec.reads_layer else None
-    return AttentionMap(values, recording.extent(layer) if spec.on_key_grid else None, path)
+    path = request.recorded().path_of(layer) if spec.reads_layer else None
+    return AttentionMap(values, request.recorded().extent(layer) if spec.on_key_grid else None, path)
 
 
 def compute(source: nn.Module | AttentionRecording, method: str, x: Tensor | None = None, **options: Any) -> Tensor:

@@ -85,7 +85,7 @@ def attention_map(
     heat = maps.compute_map(model, method, images, target=target, layer=layer)
     values = heat.values.detach()
     if heat.extent is not None and tuple(heat.extent) != tuple(values.shape[-2:]):
-        return maps.to_image(values, images.shape[-2:], extent=heat.extent)
+        return maps.to_image(values, (images.shape[-2], images.shape[-1]), extent=heat.extent)
     return values
 
 
@@ -306,8 +306,17 @@ def causal_metric(
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
-    options = dict(target=target, steps=steps, baseline=baseline, batch_size=batch_size, extent=extent)
-    curves = _curves(model, images, heatmaps, insert=mode == "insertion", **options)
+    curves = _curves(
+        model,
+        images,
+        heatmaps,
+        insert=mode == "insertion",
+        target=target,
+        steps=steps,
+        baseline=baseline,
+        batch_size=batch_size,
+        extent=extent,
+    )
     return (_area(curves), curves) if return_curves else _area(curves)
 
 
@@ -394,7 +403,7 @@ def cascade(model: nn.Module, images: Tensor) -> list[tuple[str, list[nn.Module]
     calls: dict[str, int] = {}
 
     def called(name: str) -> Callable[..., None]:
-        def hook(*_) -> None:  # returns None: a pre-hook's return value would replace the input
+        def hook(*_: Any) -> None:  # returns None: a pre-hook's return value would replace the input
             calls.setdefault(name, len(calls))
 
         return hook
@@ -410,7 +419,7 @@ def cascade(model: nn.Module, images: Tensor) -> list[tuple[str, list[nn.Module]
     if not ran:
         raise ValueError("the randomization test found no part of the model with parameters that runs in forward")
     own = list(model.parameters(recurse=False))
-    parts = [(name, [module], []) for _, name, module in ran]
+    parts: list[tuple[str, list[nn.Module], list[nn.Parameter]]] = [(name, [module], []) for _, name, module in ran]
     if own:
         names = ", ".join(n for n, _ in model.named_parameters(recurse=False))
         parts[0] = (f"{parts[0][0]} + {names}", parts[0][1], own)
@@ -423,8 +432,9 @@ def _reinitialize(modules: list[nn.Module], parameters: list[nn.Parameter]) -> N
     covered: set[int] = set()
     for module in modules:
         for sub in module.modules():
-            if callable(getattr(sub, "reset_parameters", None)):
-                sub.reset_parameters()
+            reset_parameters = getattr(sub, "reset_parameters", None)
+            if callable(reset_parameters):
+                reset_parameters()
                 covered.update(id(p) for p in sub.parameters(recurse=False))
     rest = [p for m in modules for p in m.parameters() if id(p) not in covered] + list(parameters)
     with torch.no_grad():

@@ -167,15 +167,26 @@ def attention_panels(
     spec = maps.method_spec(method)
     spec.check(query)
     x = preprocess(_model_view(image, preprocess))[None]
-    size = tuple(original_size or image.size)
+    width, height = original_size or image.size
+    size = (width, height)
     point = None if query is None else preprocess.to_input(query, size)
     marker = None if query is None else (query[0] * image.width / size[0], query[1] * image.height / size[1])
     with torch.no_grad(), record_attention(model, queries=maps.grid_queries(model, point)) as rec:
         logits = model(x)
     if spec.needs_gradients and target is None:
         target = int(logits.argmax(dim=-1)[0])
-    options = dict(layer=layer, query=point, target=target, head_fusion=head_fusion, discard_ratio=discard_ratio)
-    heat = maps.compute_map(model if spec.needs_gradients else rec, method, x, per_head=spec.per_head, **options)
+    source = model if spec.needs_gradients else rec
+    heat = maps.compute_map(
+        source,
+        method,
+        x,
+        per_head=spec.per_head,
+        layer=layer,
+        query=point,
+        target=target,
+        head_fusion=head_fusion,
+        discard_ratio=discard_ratio,
+    )
     label = class_names[target] if class_names and target is not None and 0 <= target < len(class_names) else target
     fields = dict(discard_ratio=discard_ratio, head_fusion=head_fusion, target=label)
     fields.update({} if query is None else dict(x=query[0], y=query[1]))

@@ -21,7 +21,7 @@ import fnmatch
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -412,8 +412,9 @@ class _Session:
             if image is None:  # not called on images: its tokens have no grid
                 self.layouts.pop(owner, None)
                 return
+            grid_model = cast(TokenGridModel, model)  # owners are chosen as TokenGridModels (_owner_path)
             with self._paused():  # a layout that runs the model's stem (a hybrid's CNN) records nothing
-                self.layouts[owner] = TokenLayout.of(model, int(image.shape[-2]), int(image.shape[-1]))
+                self.layouts[owner] = TokenLayout.of(grid_model, int(image.shape[-2]), int(image.shape[-1]))
 
         return read
 

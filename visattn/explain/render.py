@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from .._utils import require_finite
 from .inputs import Box, picture_file
 from .maps import to_image
 from .recording import Point
+
+if TYPE_CHECKING:  # matplotlib is imported where it is used
+    from matplotlib.colors import Colormap
 
 __all__ = ["check_picture_output", "normalize_map", "overlay", "overlay_grid"]
 
@@ -56,7 +59,7 @@ def normalize_map(heatmap: Tensor, how: Normalize = "minmax") -> Tensor:
     raise ValueError(f"normalize must be 'minmax', 'max' or 'none', got {how!r}")
 
 
-def _colormap(name: str):
+def _colormap(name: str) -> Colormap:
     """A matplotlib colormap by name (matplotlib is imported here: training never needs it)."""
     import matplotlib
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -397,7 +397,7 @@ class SelfAttention2d(RecordableAttention):
         self.value = nn.Conv2d(channels, v_channels, 1, bias=qkv_bias)
         self.out = nn.Conv2d(v_channels, channels, 1, bias=out_bias)
         self.out_norm = nn.BatchNorm2d(channels) if out_norm == "batchnorm" else nn.Identity()
-        if out_norm == "batchnorm":
+        if isinstance(self.out_norm, nn.BatchNorm2d):
             nn.init.zeros_(self.out_norm.weight)
         if gate is None:
             self.gamma = None
@@ -407,7 +407,7 @@ class SelfAttention2d(RecordableAttention):
     # --- presets from the literature -------------------------------------------------------
 
     @classmethod
-    def sagan(cls, channels: int, **overrides) -> SelfAttention2d:
+    def sagan(cls, channels: int, **overrides: Any) -> SelfAttention2d:
         """SAGAN / BigGAN self-attention (Zhang et al. 2019).
 
         Query/key width ``C/8``, value width ``C/2``, keys and values max-pooled 2×2, unscaled
@@ -428,7 +428,7 @@ class SelfAttention2d(RecordableAttention):
         return cls(channels, **{**kwargs, **overrides})
 
     @classmethod
-    def non_local(cls, channels: int, sub_sample: bool = False, **overrides) -> SelfAttention2d:
+    def non_local(cls, channels: int, sub_sample: bool = False, **overrides: Any) -> SelfAttention2d:
         """Embedded-Gaussian non-local block (Wang et al. 2018).
 
         θ/φ/g 1×1 convolutions at ``C/2`` with bias, unscaled ``softmax(θᵀφ)``, optional 2×2

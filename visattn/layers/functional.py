@@ -223,8 +223,8 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     if torch.is_autocast_enabled(q.device.type):  # as autocast would cast the fused kernel's inputs
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = (t.to(dtype) for t in (q, k, v))
-    folded = (t.reshape(-1, t.shape[-2], t.shape[-1]) for t in (q, k, v))
-    return chunked_attention(*folded, scale).reshape(*q.shape[:-1], v.shape[-1])
+    qf, kf, vf = (t.reshape(-1, t.shape[-2], t.shape[-1]) for t in (q, k, v))
+    return chunked_attention(qf, kf, vf, scale).reshape(*q.shape[:-1], v.shape[-1])
 
 
 def _best_seconds(fns: dict[str, Callable[[], object]], rounds: int = 2) -> dict[str, float]:

@@ -4,12 +4,35 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from einops import rearrange
 from torch import Tensor, nn
 
 from .._utils import check_images, to_pair
 
-__all__ = ["ConvStem", "PatchEmbed"]
+__all__ = ["ConvStem", "PatchEmbed", "TokenStem"]
+
+
+class TokenStem(Protocol):
+    """What a `VisionTransformer` asks of its token stem (a module): `PatchEmbed`, `ConvStem`,
+    a `HybridViT`'s CNN, or any ``embed_layer`` with these members.
+
+    Attributes:
+        in_chans: image channels it takes.
+        patch_size: ``(ph, pw)``, the input pixels per token along each side.
+    """
+
+    in_chans: int
+    patch_size: tuple[int, int]
+
+    def tokenize(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Images ``(B, C, H, W)`` → tokens ``(B, gh·gw, D)`` and their grid ``(gh, gw)``."""
+        ...
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """The token grid ``(gh, gw)`` for an input of ``height × width``."""
+        ...
 
 
 class PatchEmbed(nn.Module):
@@ -24,7 +47,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.patch_size = to_pair(patch_size)
         self.in_chans = in_chans
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.proj: nn.Module = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
 
     def tokenize(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Images → tokens ``(B, gh·gw, D)`` and their grid ``(gh, gw)`` (the token-stem interface)."""

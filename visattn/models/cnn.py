@@ -73,10 +73,10 @@ def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
     new = nn.Conv2d(
         in_chans,
         conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
+        _pair(conv.kernel_size),
+        _pair(conv.stride),
+        conv.padding if isinstance(conv.padding, str) else _pair(conv.padding),
+        _pair(conv.dilation),
         bias=conv.bias is not None,
         padding_mode=conv.padding_mode,
         device=conv.weight.device,
@@ -84,9 +84,15 @@ def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
     )
     with torch.no_grad():
         new.weight.copy_(adapt_input_conv(in_chans, conv.weight))
-        if conv.bias is not None:
+        if conv.bias is not None and new.bias is not None:  # new has a bias exactly when conv has
             new.bias.copy_(conv.bias)
     _set_submodule(model, path, new)
+
+
+def _pair(size: tuple[int, ...]) -> tuple[int, int]:
+    """A ``Conv2d``'s kernel size, stride, padding or dilation: two numbers (typed ``tuple[int, ...]``)."""
+    height, width = size
+    return height, width
 
 
 def _replace_classifier(model: nn.Module, num_classes: int) -> None:
@@ -113,7 +119,7 @@ def torchvision_model(
     in_chans: int = 3,
     pretrained: bool = False,
     attention: Mapping[str, Any] | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> nn.Module:
     """A torchvision classification model by name (``"resnet50"``), optionally with attention.
 
@@ -154,7 +160,7 @@ def timm_model(
     in_chans: int = 3,
     pretrained: bool = False,
     attention: Mapping[str, Any] | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> nn.Module:
     """A timm model by name (``"convnext_atto"``), optionally with attention; see :func:`torchvision_model`
     (``num_classes=0``: no head, as in timm)."""
@@ -187,7 +193,7 @@ def resnet18_small(
     num_classes: int = 10,
     in_chans: int = 3,
     attention: Mapping[str, Any] | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> ResNet:
     """ResNet-18 for small images (CIFAR, 32×32): 3×3 stride-1 stem, no max-pool.
 

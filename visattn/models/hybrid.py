@@ -185,7 +185,7 @@ class HybridViT(VisionTransformer):
         in_chans: int = 3,
         embed_dim: int = 192,
         backbone_kwargs: Mapping[str, Any] | None = None,
-        **vit_kwargs,
+        **vit_kwargs: Any,
     ) -> None:
         if "patch_size" in vit_kwargs or "embed_layer" in vit_kwargs:
             raise ValueError("HybridViT takes its tokens from the backbone: drop patch_size / embed_layer")
@@ -205,7 +205,7 @@ class HybridViT(VisionTransformer):
 
 
 @register_model
-def hybrid_resnet18_small_vit(**kwargs) -> HybridViT:
+def hybrid_resnet18_small_vit(**kwargs: Any) -> HybridViT:
     """CIFAR-size hybrid: ``resnet18_small`` up to ``layer3`` (8×8 grid at 32×32) → 6 blocks of 192."""
     defaults = dict(
         backbone="resnet18_small", out_layer="layer3", img_size=32, num_classes=10, embed_dim=192, depth=6, num_heads=3

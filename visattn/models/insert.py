@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,12 @@ from ..layers.functional import attention_matrix_bytes
 __all__ = ["AttentionSite", "attention_sites", "format_sites", "hooked_blocks", "insert_attention"]
 
 Preset = Literal["sagan", "non_local"]
+#: the block of each ``insert_attention(preset=...)``
+_PRESETS: dict[str | None, Callable[..., SelfAttention2d]] = {
+    None: SelfAttention2d,
+    "sagan": SelfAttention2d.sagan,
+    "non_local": SelfAttention2d.non_local,
+}
 
 
 class _RunBlock:
@@ -98,8 +104,8 @@ def _output_shapes(
     """
     seen: dict[str, tuple[int, ...] | str] = {}
 
-    def recorder(path: str):
-        def hook(module: nn.Module, args: tuple, output) -> None:
+    def recorder(path: str) -> Callable[[nn.Module, tuple, Any], None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if path not in seen:
                 is_tensor = isinstance(output, Tensor)
                 seen[path] = tuple(output.shape) if is_tensor else f"a {type(output).__name__}"
@@ -126,7 +132,7 @@ def insert_attention(
     *,
     preset: Preset | None = None,
     input_size: tuple[int, int, int] | None = None,
-    **block_kwargs,
+    **block_kwargs: Any,
 ) -> list[str]:
     """Put a :class:`~visattn.SelfAttention2d` after each named submodule of ``model``, in place.
 
@@ -186,7 +192,7 @@ def insert_attention(
                 f"cannot put attention after {path!r}: SelfAttention2d needs a (B, C, H, W) output "
                 f"and {path!r} gave {seen}. Pick a site from visattn.attention_sites(model)."
             )
-        make = {None: SelfAttention2d, "sagan": SelfAttention2d.sagan, "non_local": SelfAttention2d.non_local}[preset]
+        make = _PRESETS[preset]
         block = make(shape[1], **block_kwargs)
         if param is not None:
             block.to(device=param.device, dtype=param.dtype)

@@ -120,7 +120,8 @@ def create_model(
         return _WEIGHTS_READERS[0](name, pretrained_file, kwargs)
     model = _with_published_weights(name, kwargs) if pretrained else model_builder(name)(**kwargs)
     if getattr(model, "model_config", None) is None:
-        model.model_config = {"name": name, **kwargs}
+        # torch's stubs type Module attribute assignment for tensors and modules only; any value works
+        model.model_config = {"name": name, **kwargs}  # type: ignore[assignment]
     return model
 
 
@@ -130,7 +131,8 @@ def update_model_config(model: nn.Module, **changes: Any) -> None:
     A model not from `create_model` has no record and is left alone."""
     config = getattr(model, "model_config", None)
     if config is not None:
-        model.model_config = {**config, **changes}
+        # torch's stubs type Module attribute assignment for tensors and modules only; any value works
+        model.model_config = {**config, **changes}  # type: ignore[assignment]
 
 
 def _with_published_weights(name: str, kwargs: dict[str, Any]) -> nn.Module:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from einops import rearrange
@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .._utils import check_range, to_pair
 from ..layers.attention import check_heads
 from ..layers.blocks import EncoderBlock
-from ..layers.patch_embed import ConvStem, PatchEmbed
+from ..layers.patch_embed import ConvStem, PatchEmbed, TokenStem
 from ..layers.pos_embed import resample_pos_embed, sincos_2d
 from .registry import register_model, update_model_config
 
@@ -154,7 +154,7 @@ class VisionTransformer(nn.Module):
         norm_eps: float = 1e-6,
         norm_layer: Callable[[int], nn.Module] | None = None,
         stem: Literal["patch", "conv"] = "patch",
-        embed_layer: nn.Module | None = None,
+        embed_layer: TokenStem | None = None,
     ) -> None:
         check_vit_arguments(locals())  # first statement: the arguments exactly as given
         super().__init__()
@@ -175,20 +175,23 @@ class VisionTransformer(nn.Module):
         embed_layer = _token_stem(stem, patch_size, in_chans, embed_dim) if embed_layer is None else embed_layer
         self._build_tokens(class_token, dist_token, reg_tokens, embed_layer)
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        blocks = dict(norm=norm, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate)
+        blocks: dict[str, Any] = dict(
+            norm=norm, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate
+        )
         blocks.update(layer_scale=layer_scale, act_layer=act_layer, norm_layer=norm_layer)
         self._build_blocks(partial(EncoderBlock, embed_dim, num_heads, mlp_ratio, **blocks), depth, drop_path_rate)
         self._build_head(norm_layer, final_norm and norm == "pre", fc_norm, drop_rate)
         self.init_weights()
 
-    def _build_tokens(self, class_token: bool, dist_token: bool, reg_tokens: int, embed_layer: nn.Module) -> None:
+    def _build_tokens(self, class_token: bool, dist_token: bool, reg_tokens: int, embed_layer: TokenStem) -> None:
         """The token stem, the class/distillation/register tokens and the learned positions (or none)."""
         embed_dim = self.embed_dim
-        self.patch_embed = embed_layer
+        self.patch_embed: TokenStem = embed_layer  # a module: nn.Module registers it
         self.grid_size = self.patch_embed.grid_size(*self.img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if dist_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        self.pos_embed: nn.Parameter | None
         if self.pos_embed_kind == "learned":
             embedded_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
             num_pos = embedded_prefix + self.grid_size[0] * self.grid_size[1]
@@ -275,11 +278,12 @@ class VisionTransformer(nn.Module):
             tokens = torch.cat([*prefix, tokens], dim=1) + pos
         return self.pos_drop(tokens), grid
 
-    def _run_block(self, block: EncoderBlock, tokens: Tensor) -> Tensor:
-        """One block; under :meth:`set_grad_checkpointing` its activations are recomputed in the
-        backward pass instead of kept (not while its attention is being recorded: the recomputation
-        would record it twice)."""
-        if self.grad_checkpointing and torch.is_grad_enabled() and block.attn.recording is None:
+    def _run_block(self, block: nn.Module, tokens: Tensor) -> Tensor:
+        """One block (an `EncoderBlock` of ``self.blocks``); under :meth:`set_grad_checkpointing`
+        its activations are recomputed in the backward pass instead of kept (not while its
+        attention is being recorded: the recomputation would record it twice)."""
+        # cast: nn.Sequential yields its blocks as nn.Module
+        if self.grad_checkpointing and torch.is_grad_enabled() and cast(EncoderBlock, block).attn.recording is None:
             return checkpoint(block, tokens, use_reentrant=False)
         return block(tokens)
 
@@ -293,10 +297,10 @@ class VisionTransformer(nn.Module):
     def pool_tokens(self, tokens: Tensor) -> Tensor:
         """Tokens ``(B, N, D)`` → one vector per image ``(B, head_hidden_size)``: the class token,
         the mean of the patch tokens, or both concatenated (``pool="cls_mean"``)."""
-        mean = tokens[:, self.num_prefix_tokens :].mean(dim=1) if self.pool != "cls" else None
-        if self.pool == "mean":
-            return mean
-        return tokens[:, 0] if mean is None else torch.cat([tokens[:, 0], mean], dim=-1)
+        if self.pool == "cls":
+            return tokens[:, 0]
+        mean = tokens[:, self.num_prefix_tokens :].mean(dim=1)
+        return mean if self.pool == "mean" else torch.cat([tokens[:, 0], mean], dim=-1)
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens ``(B, N, D)`` → logits ``(B, num_classes)``, or pooled features with ``pre_logits``.
@@ -475,7 +479,7 @@ def _activation(act_layer: str | Callable[..., nn.Module]) -> Callable[..., nn.M
 # --- named configurations -------------------------------------------------------------------
 
 
-def _token_stem(stem: str, patch_size: int | tuple[int, int], in_chans: int, embed_dim: int) -> nn.Module:
+def _token_stem(stem: str, patch_size: int | tuple[int, int], in_chans: int, embed_dim: int) -> PatchEmbed:
     """The token stem named by ``VisionTransformer(stem=...)``."""
     if stem not in STEMS:
         raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
@@ -487,38 +491,38 @@ def _vit(defaults: dict, overrides: dict) -> VisionTransformer:
 
 
 @register_model
-def vision_transformer(**kwargs) -> VisionTransformer:
+def vision_transformer(**kwargs: Any) -> VisionTransformer:
     """A `VisionTransformer` of any arguments (defaults: ViT-B/16 at 224), by name: converted timm,
     torchvision and Hugging Face ViTs are built, recorded and saved as this name."""
     return VisionTransformer(**kwargs)
 
 
 @register_model
-def vit_tiny_patch16_224(**kwargs) -> VisionTransformer:
+def vit_tiny_patch16_224(**kwargs: Any) -> VisionTransformer:
     """ViT-Ti/16 at 224 (5.7 M parameters), as timm's ``vit_tiny_patch16_224``."""
     return _vit(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), kwargs)
 
 
 @register_model
-def vit_small_patch16_224(**kwargs) -> VisionTransformer:
+def vit_small_patch16_224(**kwargs: Any) -> VisionTransformer:
     """ViT-S/16 at 224 (22 M parameters), as timm's ``vit_small_patch16_224``."""
     return _vit(dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), kwargs)
 
 
 @register_model
-def vit_base_patch16_224(**kwargs) -> VisionTransformer:
+def vit_base_patch16_224(**kwargs: Any) -> VisionTransformer:
     """ViT-B/16 at 224 (86 M parameters), as timm's ``vit_base_patch16_224``."""
     return _vit(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), kwargs)
 
 
 @register_model
-def vit_tiny_patch4_32(**kwargs) -> VisionTransformer:
+def vit_tiny_patch4_32(**kwargs: Any) -> VisionTransformer:
     """ViT-Ti width on 32×32 images (CIFAR) with 4×4 patches: an 8×8 grid of 64 tokens."""
     return _vit(dict(img_size=32, patch_size=4, num_classes=10, embed_dim=192, depth=12, num_heads=3), kwargs)
 
 
 @register_model
-def vit_digits_patch4_16(**kwargs) -> VisionTransformer:
+def vit_digits_patch4_16(**kwargs: Any) -> VisionTransformer:
     """A small ViT for the 8×8 handwritten digits upscaled to 16×16 (1 channel, 4×4 grid, mean pool).
 
     Width 64 × 4 blocks (0.14 M parameters): on the digits it beat 96 × 6 (0.45 M) in both

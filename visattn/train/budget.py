@@ -108,8 +108,9 @@ def _measure(
     """The :class:`Footprint` of the model as configured, from one fake forward pass."""
     model = _meta_model(model_config)
     parameters = sum(p.numel() for p in model.parameters())
-    if checkpointing and callable(getattr(model, "set_grad_checkpointing", None)):
-        model.set_grad_checkpointing(True)
+    set_checkpointing = getattr(model, "set_grad_checkpointing", None)
+    if checkpointing and callable(set_checkpointing):
+        set_checkpointing(True)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device=device).train()
         with _counting_saved_bytes(model) as saved:

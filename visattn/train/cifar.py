@@ -85,7 +85,8 @@ def cifar_images(name: str, root: str, train: bool, download: bool) -> tuple[Ten
             f"{base.filename} from https://www.cs.toronto.edu/~kriz/cifar.html into {root}), "
             "or set data.download=true when online"
         )
-    images, labels = [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     for file_name, _ in base.train_list if train else base.test_list:
         entry = read_cifar_batch(folder / file_name)
         try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -162,12 +162,19 @@ def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
     # A layer that names a different model replaces the model section instead of merging into it,
     # so keyword arguments of the previous model do not leak into the new one.
     if "model" in layer and "name" in layer.model and layer.model.name != base.model.name:
-        base = OmegaConf.merge(base, {})  # a copy
+        base = _merged(base, {})  # a copy
         base.model = {"name": layer.model.name}
     try:
-        return OmegaConf.merge(base, layer)
+        return _merged(base, layer)
     except OmegaConfBaseException as err:
         raise _explain(err, source) from None
+
+
+def _merged(base: DictConfig, layer: DictConfig | dict[str, Any]) -> DictConfig:
+    """``OmegaConf.merge`` of two dict configs, typed as the dict config it is."""
+    merged = OmegaConf.merge(base, layer)
+    assert isinstance(merged, DictConfig)
+    return merged
 
 
 def _refuse(key: str, value: Any, choices: tuple[str, ...] | list[str], listed_by: str = "") -> None:
@@ -210,7 +217,7 @@ def _optimizer_name(opt: str) -> str:
 def _optimizer_names() -> list[str]:
     from timm.optim import list_optimizers
 
-    return list(list_optimizers())
+    return list(cast(list[str], list_optimizers()))  # timm: names only, unless with_description=True
 
 
 def _check_ranges(cfg: DictConfig) -> None:
@@ -354,4 +361,5 @@ def _check_augmentation_applies(data: DictConfig) -> None:
 
 def config_to_dict(cfg: DictConfig) -> dict[str, Any]:
     """A plain, resolved ``dict`` copy of ``cfg`` (for checkpoints and JSON)."""
-    return OmegaConf.to_container(cfg, resolve=True)
+    # a DictConfig's container is a dict; its keys are strings (config sections and fields)
+    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))

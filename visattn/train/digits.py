@@ -112,8 +112,8 @@ class DigitsCanvas(TensorImageDataset):
 
 @functools.lru_cache(maxsize=4)
 def _build_canvases(split: str, size: int, seed: int, copies: int) -> tuple[Tensor, Tensor, Tensor]:
-    digits, labels = digits_images(split, size=8)
-    digits, labels = digits[:, 0].numpy(), labels.numpy()
+    digit_images, digit_labels = digits_images(split, size=8)
+    digits, labels = digit_images[:, 0].numpy(), digit_labels.numpy()
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, size])
     scaled = {
         s: F.interpolate(torch.from_numpy(digits)[:, None], scale_factor=s, mode="bilinear").clamp(0, 1)[:, 0].numpy()

@@ -10,6 +10,7 @@ so one process and many see the same images in the same order.
 from __future__ import annotations
 
 import os
+from collections.abc import Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from .tensor_dataset import TensorImageDataset
 
 __all__ = [
     "Processes",
+    "dataset_size",
     "end_processes",
     "eval_loader",
     "from_main",
@@ -107,6 +109,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def dataset_size(dataset: Dataset) -> int:
+    """``len(dataset)``: visattn's datasets are map-style, so sized; torch's `Dataset` type leaves
+    ``__len__`` to its subclasses."""
+    assert isinstance(dataset, Sized)
+    return len(dataset)
+
+
 def train_loader(
     dataset: Dataset, batch_size: int, workers: int, seed: int, procs: Processes
 ) -> tuple[DataLoader, DistributedSampler]:
@@ -115,17 +124,22 @@ def train_loader(
     global one; the last incomplete batch is dropped."""
     if batch_size % procs.world_size:
         raise ValueError(f"train.batch_size={batch_size} is not divisible by the {procs.world_size} processes")
-    if len(dataset) < batch_size:
-        raise ValueError(f"train.batch_size={batch_size} is larger than the {len(dataset)} training images")
+    if dataset_size(dataset) < batch_size:
+        raise ValueError(f"train.batch_size={batch_size} is larger than the {dataset_size(dataset)} training images")
     # One sampler for one or many processes: its order depends only on (seed, epoch).
-    sampler = DistributedSampler(dataset, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=seed)
+    sampler: DistributedSampler = DistributedSampler(
+        dataset, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=seed
+    )
     return _loader(dataset, sampler, batch_size // procs.world_size, True, workers, procs), sampler
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int, procs: Processes) -> DataLoader:
     """This process's shard of the held-out ``dataset`` (every ``world_size``-th image), in order,
     in batches twice this process's share of the training ``batch_size``."""
-    shard = Subset(dataset, range(procs.rank, len(dataset), procs.world_size)) if procs.distributed else dataset
+    shard = (
+        Subset(dataset, range(procs.rank, dataset_size(dataset), procs.world_size)) if procs.distributed else dataset
+    )
+    assert isinstance(shard, Sized)  # a Subset, or the (sized) dataset itself
     per_process = max(batch_size // procs.world_size, 1) * 2
     return _loader(shard, SequentialSampler(shard), per_process, False, workers, procs)
 
@@ -136,7 +150,9 @@ def _loader(
     """A ``DataLoader``; an in-memory `TensorImageDataset` gets whole index batches (its
     ``dataset[indices]`` builds the batch at once, with nothing to collate); other datasets are
     collated by `collate_readable`, which keeps the names of pictures that could not be read."""
-    common = dict(num_workers=workers, pin_memory=procs.device.type == "cuda", persistent_workers=workers > 0)
+    common: dict[str, Any] = dict(
+        num_workers=workers, pin_memory=procs.device.type == "cuda", persistent_workers=workers > 0
+    )
     shard_of = dataset.dataset if isinstance(dataset, Subset) else dataset
     if isinstance(shard_of, TensorImageDataset):
         return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last), batch_size=None, **common)

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from .config import config_to_dict
 from .data import build_datasets
 from .distributed import (
     Processes,
+    dataset_size,
     end_processes,
     eval_loader,
     init_processes,
@@ -126,7 +127,7 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None, at_end: RunEnd
             enable_grad_checkpointing(model, model_config["name"])
         amp_dtype, reason = run_precision(t.amp, model, (in_chans, *data_config["img_size"]), procs, state)
         log(f"precision {DTYPE_NAMES[amp_dtype]}: {reason}")
-        log(_sizes_line(model, model_config["name"], data_config, len(train_set), len(test_set)))
+        log(_sizes_line(model, model_config["name"], data_config, dataset_size(train_set), dataset_size(test_set)))
 
         # optimizer, schedule, loss, EMA; resumed: the state of last.pt
         recipe = build_recipe(t, model, len(train_batches), num_classes, amp_dtype)
@@ -147,7 +148,8 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None, at_end: RunEnd
         # the epochs: train, evaluate, log, checkpoint
         train_model = DistributedDataParallel(model) if procs.distributed else model
         if t.compile:  # the training forward and backward; evaluation and checkpoints use the module itself
-            train_model = torch.compile(train_model)
+            # a compiled module is a module (OptimizedModule); torch's stubs type the result as a callable
+            train_model = cast(nn.Module, torch.compile(train_model))
         metrics: dict[str, Any] = {}
         started = time.perf_counter()
         for epoch in range(progress.epoch, t.epochs):
@@ -202,12 +204,13 @@ def build_model(model_config: dict[str, Any]) -> nn.Module:
 def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
     """``train.grad_checkpointing=true``: timm's ``set_grad_checkpointing``, which visattn's ViTs
     and timm's models have; any other model is refused by name."""
-    if not callable(getattr(model, "set_grad_checkpointing", None)):
+    set_checkpointing = getattr(model, "set_grad_checkpointing", None)
+    if not callable(set_checkpointing):
         raise ValueError(
             f"train.grad_checkpointing=true: model {name!r} ({type(model).__name__}) has no set_grad_checkpointing; "
             "visattn's ViTs and HybridViT and timm models have it, torchvision models do not"
         )
-    model.set_grad_checkpointing(True)
+    set_checkpointing(True)
 
 
 def train_one_epoch(
@@ -238,7 +241,7 @@ def train_one_epoch(
     model.train()
     total_loss, images, data_seconds, started = 0.0, 0, 0.0, time.perf_counter()
     batches = _with_bar(loader, epoch, progress_bar, procs.is_main)
-    skips = UnreadableImages.training(epoch + 1, len(loader.dataset) // procs.world_size)
+    skips = UnreadableImages.training(epoch + 1, dataset_size(loader.dataset) // procs.world_size)
     waited = time.perf_counter()
     batch = -1
     for batch, (x, y) in enumerate(skips.batches(batches, procs.distributed)):
@@ -315,7 +318,7 @@ def evaluate(
             per_class_correct.index_add_(0, y, hit1.double())
             per_class_count.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
     totals = torch.stack([loss_sum, top1, top5])
-    count = torch.tensor(float(len(loader.dataset)), dtype=torch.float64, device=procs.device)
+    count = torch.tensor(float(dataset_size(loader.dataset)), dtype=torch.float64, device=procs.device)
     sum_over_processes([totals, count, per_class_correct, per_class_count], procs)
     return {
         "loss": (totals[0] / count).item(),

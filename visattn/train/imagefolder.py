@@ -177,7 +177,8 @@ class CheckedImageFolder(tv_datasets.ImageFolder):
         strict: bool = False,
         samples: list[tuple[str, int]] | None = None,
     ) -> None:
-        self._given, self._strict, self._notes = samples, strict, []
+        self._given, self._strict = samples, strict
+        self._notes: list[str] = []
         super().__init__(str(root), transform=transform, loader=load_image)
         for note in self._notes:
             warnings.warn(note, stacklevel=2)

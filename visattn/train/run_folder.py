@@ -106,7 +106,8 @@ def _agreed_run_dir(
     """The main process claims the folder and locks it; the other processes agree on it, and fail
     with the main one when it cannot have it. Returns the folder and its lock (a do-nothing
     context in the other processes)."""
-    run_dir, lock, failure = Path(), contextlib.nullcontext(), None
+    run_dir, failure = Path(), None
+    lock: contextlib.AbstractContextManager = contextlib.nullcontext()
     if procs.is_main:
         try:
             run_dir = _resumed_folder(resume) if resume is not None else _new_folder(out_dir / name)

@@ -41,6 +41,7 @@ def build_vit(config: dict[str, Any], state: StateDict, source: str) -> VisionTr
     Built as `create_model("vision_transformer", **config)`, which `visattn.save_pretrained` writes."""
     with torch.device("meta"):
         model = create_model("vision_transformer", **config)
+    assert isinstance(model, VisionTransformer)  # the registered builder of that name
     dtype = torch.get_default_dtype()
     copies = {k: v.detach().to(dtype=dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
     load_state_dict_exactly(model, copies, source, assign=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -94,7 +95,7 @@ class MissingExtraError(ImportError):
     """An optional dependency is not installed; the message says how to install it."""
 
 
-def import_transformers():
+def import_transformers() -> ModuleType:
     """The ``transformers`` module, or a `MissingExtraError` saying how to install it."""
     try:
         import transformers
@@ -140,7 +141,7 @@ def _architecture_of_state(config: Any, state: StateDict) -> HFArchitecture:
     raise UnsupportedModelError(f"model_type {model_type!r} is not convertible; visattn converts {_supported_list()}")
 
 
-def _as_config(config: Any):
+def _as_config(config: Any) -> Any:
     """A transformers config from a config object or a ``config.json`` mapping (defaults filled in)."""
     if isinstance(config, Mapping):
         if "model_type" not in config:

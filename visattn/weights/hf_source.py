@@ -78,7 +78,7 @@ def hf_model(
     preprocessing = _preprocessing(transformers, source, local_only, loading)
     if "input_size" in preprocessing:
         preprocessing["input_size"] = [model.patch_embed.in_chans, *preprocessing["input_size"]]
-    model.pretrained_cfg = {**model.pretrained_cfg, **preprocessing, "source": f"hf:{name}"}
+    model.pretrained_cfg = {**(model.pretrained_cfg or {}), **preprocessing, "source": f"hf:{name}"}
     return reset_head(model, num_classes).train()
 
 
@@ -129,7 +129,9 @@ def _preprocessing(transformers: Any, source: str, local_only: bool, loading: di
     if path is None:
         return {}
     pre = json.loads(Path(path).read_text(encoding="utf-8"))
-    cfg = {key: list(pre[hf]) for key, hf in (("mean", "image_mean"), ("std", "image_std")) if hf in pre}
+    cfg: dict[str, Any] = {
+        key: list(pre[hf]) for key, hf in (("mean", "image_mean"), ("std", "image_std")) if hf in pre
+    }
     if pre.get("resample") in _INTERPOLATION:
         cfg["interpolation"] = _INTERPOLATION[pre["resample"]]
     crop = pre.get("crop_size") if pre.get("do_center_crop") else pre.get("size")

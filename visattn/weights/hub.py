@@ -250,6 +250,7 @@ def _read_folder(directory: Path) -> StoredModel:
         hint = f"; a transformers folder loads with create_model('hf:{directory}')" if transformers else ""
         raise CheckpointError(f"{path} is not a visattn pretrained config (no 'format': '{PRETRAINED_FORMAT}'){hint}")
     version = meta.get("version")
+    model_config: Any  # as read: check_fields checks it
     if version == 1:  # a VisionTransformer's arguments and its pretrained_cfg
         if meta.get("architecture") != "VisionTransformer" or not isinstance(meta.get("config"), dict):
             raise CheckpointError(f"{path}: a version 1 config needs 'architecture': 'VisionTransformer' and 'config'")
@@ -285,7 +286,11 @@ def _stored_model(stored: StoredModel, kwargs: dict[str, Any]) -> nn.Module:
             "number of classes, load it as saved and call model.reset_classifier(N))"
         ) from err
     if stored.data_config:
-        model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **_timm_terms(stored.data_config)}
+        # torch's stubs type Module attribute assignment for tensors and modules only; any value works
+        model.pretrained_cfg = {  # type: ignore[assignment]
+            **(getattr(model, "pretrained_cfg", None) or {}),
+            **_timm_terms(stored.data_config),
+        }
     return model
 
 

@@ -86,7 +86,7 @@ def pretrained_model(
         try:
             peer = torchvision.models.get_model(name, weights=weights, **kwargs)
         except OSError as err:
-            raise _unavailable(name, weights.url, err) from err
+            raise _unavailable(name, weights.url if weights is not None else None, err) from err
         return reset_head(from_torchvision(peer), num_classes)
     if not pretrained:
         return from_timm(timm.create_model(name, pretrained=False, **kwargs))
@@ -97,7 +97,7 @@ def pretrained_model(
         url = (
             f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors"
             if cfg and cfg.hf_hub_id
-            else (cfg.url if cfg else None)
+            else (cfg.url if cfg and isinstance(cfg.url, str) else None)  # timm allows a (url, url) pair
         )
         raise _unavailable(name, url, err) from err
     return from_timm(peer)

@@ -10,7 +10,7 @@ an `UnsupportedModelError` naming it — never a silent partial load.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import timm
 import torch
@@ -40,6 +40,11 @@ def _is_plain(module: nn.Module) -> bool:
     return isinstance(module, nn.Identity)
 
 
+def _is_timm_vit(model: nn.Module) -> TypeGuard[TimmVisionTransformer]:
+    """``model`` is timm's ViT or DeiT class itself (not a subclass, which may change what it computes)."""
+    return type(model) in (TimmVisionTransformer, TimmVisionTransformerDistilled)
+
+
 class _BlockSignature(NamedTuple):
     """What all blocks of a convertible timm ViT share: one visattn ``EncoderBlock`` config."""
 
@@ -58,7 +63,7 @@ def timm_config(model: nn.Module) -> dict[str, Any]:
     Raises:
         UnsupportedModelError: naming every feature of ``model`` visattn does not implement.
     """
-    if type(model) not in (TimmVisionTransformer, TimmVisionTransformerDistilled):
+    if not _is_timm_vit(model):
         raise UnsupportedModelError(
             f"{type(model).__name__} is not timm's VisionTransformer; visattn converts timm "
             "VisionTransformer models (ViT, DeiT with or without distillation token, DINO, AugReg, ...)"
@@ -140,6 +145,8 @@ def _check_block(block: nn.Module, embed_dim: int, refused: list[str]) -> _Block
         return None
     if not isinstance(mlp.fc1, nn.Linear) or mlp.fc1.bias is None or mlp.fc2.bias is None:
         refused.append("a convolutional or bias-free MLP")
+    if not isinstance(mlp.fc1, nn.Linear):  # a 1×1 convolution: no MLP width to read
+        return None
     if not _is_plain(mlp.norm):
         refused.append("scale_mlp_norm=True (norm inside the MLP)")
     act = activation_name(mlp.act)
@@ -213,6 +220,8 @@ def _layout_arguments(model: TimmVisionTransformer) -> dict[str, Any]:
 def _dropout_arguments(model: TimmVisionTransformer) -> dict[str, Any]:
     """The dropout rates, and stochastic depth as the last block's (it rises linearly to it)."""
     last = model.blocks[-1]
+    # timm_config refused any other block or attention before
+    assert isinstance(last, TimmBlock) and isinstance(last.attn, TimmAttention)
     return dict(
         drop_rate=model.head_drop.p,
         pos_drop_rate=model.pos_drop.p,
@@ -283,6 +292,7 @@ def from_timm(
         num_classes = timm_kwargs.pop("num_classes", None)
         peer = _timm_peer(name, num_classes=head_classes(raw), **timm_kwargs)
         timm_config(peer)  # refuse unsupported architectures before touching the weights
+        assert _is_timm_vit(peer)  # timm_config refused anything else
         state = adapt_input_channels(checkpoint_filter_fn(raw, peer), peer.patch_embed.proj.in_channels)
         source = f"a state dict for timm's {name!r}"
     model = build_vit(timm_config(peer), state, source)
