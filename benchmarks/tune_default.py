@@ -98,8 +98,9 @@ def machine() -> dict:
     return {"cpu": model, "isa": isa, "cores": os.cpu_count(), "load": f"load average {load} at the start"}
 
 
-def measurement_file(seeds: list[int], results: dict[str, list[dict]], command: str) -> dict:
-    """The runs of every candidate as one measurement file for the docs."""
+def measurement_file(seeds: list[int], results: dict[str, list[dict]], command: str, started_on: dict) -> dict:
+    """The runs of every candidate as one measurement file for the docs; ``started_on``: `machine()`
+    before the first run."""
     env = " ".join(f"{k}={os.environ[k]}" for k in KERNEL_ENV if k in os.environ)
     columns = [["recipe", "recipe"], *[[f"seed{s}", f"seed {s}"] for s in seeds]]
     columns += [["mean", "mean ± sd"], ["min", "min"], ["wall", "wall s, mean (max)"], ["precision", "precision"]]
@@ -114,7 +115,7 @@ def measurement_file(seeds: list[int], results: dict[str, list[dict]], command: 
     return {
         "title": f"The default job over seeds {', '.join(map(str, seeds))}" + (f" ({env})" if env else ""),
         "command": f"{env} {command}".strip(),
-        "machine": machine(),
+        "machine": {**started_on, "load": f"{started_on['load']}, {machine()['load'].split(' at ')[0]} at the end"},
         "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
         "columns": columns,
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the table as a docs measurement file")
     args = parser.parse_args(argv)
     results: dict[str, list[dict]] = {}
+    started_on = machine()
     chosen = select(args.only) if args.only else CANDIDATES
     print(
         "| recipe | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± sd | min | wall s (max) | precision |"
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.json is not None:
         command = "python -m benchmarks.tune_default " + " ".join(argv if argv is not None else sys.argv[1:])
-        atomic_write_json(args.json, measurement_file(args.seeds, results, command))
+        atomic_write_json(args.json, measurement_file(args.seeds, results, command, started_on))
 
 
 if __name__ == "__main__":

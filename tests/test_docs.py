@@ -70,7 +70,7 @@ def test_the_readme_links_point_at_existing_files() -> None:
 
 def test_the_readme_quotes_the_figures_of_the_data_files() -> None:
     text = README.read_text()
-    default = _data("docs/data/default_job.json")["rows"][0]
+    default = _data("docs/data/default_job_xeon.json")["rows"][0]
     assert default["mean"].replace(" %", "") in text and default["wall"].split()[0] in text
     bench = _data("assets/bench/bench-cpu.json")["parts"]
     block = next(r for r in bench["selfattention2d"]["rows"] if r["grid"] == "64x64" and r["contender"] == "visattn")
