@@ -64,6 +64,7 @@ def test_command_line_options_win_over_the_suite(capsys, monkeypatch) -> None:
         assert f"\n  {key} = {value}\n" in text, key
 
 
+@pytest.mark.slow
 def test_gpu_script_dry_run_is_the_gpu_suites_with_the_options_passed_on(capsys, tmp_path: Path) -> None:
     """``bash benchmarks/gpu.sh --dry-run`` plans what ``python -m benchmarks --suite gpu --device
     cuda`` plans with the same options and ``OUT`` as its results folder, then stops: nothing written."""

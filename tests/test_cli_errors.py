@@ -511,6 +511,7 @@ def run_process(args: list[str], **extra_env: str) -> subprocess.CompletedProces
     )
 
 
+@pytest.mark.slow
 def test_real_processes_exit_2_with_one_line_and_traceback_on_request(tmp_path):
     procs = [
         subprocess.Popen(
@@ -583,6 +584,7 @@ cli.run(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_a_bug_exits_1_with_one_line_asking_for_the_traceback(tmp_path):
     """A real process whose code has a bug (a ``KeyError``, which the command line once took for
     the user's mistake) exits with status 1 and one line; with ``--traceback`` the traceback."""
@@ -637,6 +639,7 @@ def imagefolder_checkpoint(tmp: Path, class_names: list[str]) -> Path:
     return tmp / "run.pt"
 
 
+@pytest.mark.slow
 def test_python_m_visattn_is_the_visattn_command_and_eval_prints_folder_names_escaped(tmp_path):
     """``python -m visattn`` runs the console script's entry point: its help, an error row (exit 2,
     one line) and ``eval`` of a checkpoint on the folder given with ``--data-root``, whose class

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 
@@ -10,6 +11,7 @@ from visattn.train.engine import fit
 from visattn.weights.checkpoint import model_from_checkpoint
 
 
+@pytest.mark.slow
 def test_finetune_timm_weights_from_a_local_file(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
