@@ -491,6 +491,7 @@ def test_every_row_has_its_own_name():
     assert len({name for name, _, _ in ROWS}) == len(ROWS)
 
 
+@pytest.mark.slow  # the table's child process: seconds for imports and the rows together
 @pytest.mark.parametrize(("name", "argv", "names"), ROWS, ids=[row[0] for row in ROWS])
 def test_a_bad_input_ends_in_one_line(results, name, argv, names):
     table, tmp = results
@@ -615,6 +616,7 @@ def test_the_entry_point_exits_with_mains_code_after_freezing_the_collector(monk
     assert stopped.value.code == 3 and calls == [["models"], "freeze"]
 
 
+@pytest.mark.slow
 def test_error_lines_escape_what_a_terminal_would_act_on(results):
     """Names from checkpoints, folders and the command line cannot send escape sequences or
     bidirectional overrides through an error line: every line of the table is printable text."""
