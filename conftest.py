@@ -7,11 +7,23 @@ would, and whatever they write (run folders, PNGs, HTML pages) is left in the te
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker computes on one thread (and so do the processes it starts):
+    two workers with torch's default of one thread per core would oversubscribe the cores and spin
+    against each other. No test depends on the thread count."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -86,6 +86,7 @@ for (d, dv), block in zip(widths, blocks):
 """
 
 
+@pytest.mark.slow
 def test_memory_stays_far_below_the_weight_matrix_forward_and_backward():
     """A 128×128 grid is 16,384 tokens: its float32 weight matrix is 1 GiB per head (the unfused
     kernel stored three times that, forward and backward, before the fix). A child process runs

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import benchmarks.__main__ as bench_main
 from benchmarks import report
-from benchmarks.__main__ import SUITES, main
+from benchmarks.__main__ import PARTS, SUITES, main
+from benchmarks.common import results_path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,34 +27,62 @@ def test_cuda_without_a_gpu_is_a_clear_error() -> None:
         main(["--device", "cuda", "--only", "vit"])
 
 
-def test_gpu_suite_dry_run_prints_the_preset_and_runs_nothing(capsys, tmp_path: Path) -> None:
-    assert main(["--suite", "gpu", "--device", "cuda", "--dry-run", "--out", str(tmp_path)]) == 0
+def _planned_and_run(monkeypatch, capsys, argv: list[str]) -> tuple[str, object, list[str]]:
+    """The dry run's text for ``argv``, and the settings and parts the same command line hands to
+    the suite when it really runs (the suite itself replaced: nothing is measured)."""
+    assert main([*argv, "--dry-run"]) == 0
     text = capsys.readouterr().out
-    for part in SUITES["gpu"]["only"]:
-        assert f"\n  {part}: Part" in text
-    assert "grids = [64, 96, 128, 192, 256]" in text and "bf16 = on" in text
-    assert "models = ['vit_small_patch16_224', 'vit_base_patch16_224']" in text
-    assert f"writes: {tmp_path / 'bench-cuda.json'}" in text
+    handed = []
+    monkeypatch.setattr(bench_main, "run_suite", lambda config, only, command="": handed.append((config, only)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the real run checks for a GPU first
+    assert main(argv) == 0
+    ((config, only),) = handed
+    return text, config, only
+
+
+def test_gpu_suite_dry_run_prints_what_the_run_would_do_and_runs_nothing(capsys, monkeypatch, tmp_path: Path) -> None:
+    text, config, only = _planned_and_run(
+        monkeypatch, capsys, ["--suite", "gpu", "--device", "cuda", "--out", str(tmp_path)]
+    )
+    assert only == SUITES["gpu"]["only"]  # the suite's preset
+    for key in ("grids", "models", "bf16", "max_memory_gb", "repeats"):
+        assert getattr(config, key) == SUITES["gpu"][key], key
+    for part in only:
+        assert f"\n  {part}: {PARTS[part].TITLE}\n" in text
+    for key, value in vars(config).items():
+        assert f"\n  {key} = {value}\n" in text, key
+    assert str(results_path(config)) in text and results_path(config).parent == tmp_path
     assert not list(tmp_path.iterdir())  # nothing was written
 
 
-def test_command_line_options_win_over_the_suite(capsys) -> None:
-    main(["--suite", "gpu", "--device", "cpu", "--grids", "32", "--bf16", "off", "--compile", "--dry-run"])
-    text = capsys.readouterr().out
-    assert "grids = [32]" in text and "bf16 = off" in text and "compile = True" in text
-    assert "max_memory_gb = 40.0" in text  # from the preset
+def test_command_line_options_win_over_the_suite(capsys, monkeypatch) -> None:
+    argv = ["--suite", "gpu", "--device", "cpu", "--grids", "32", "--bf16", "off", "--compile"]
+    text, config, _ = _planned_and_run(monkeypatch, capsys, argv)
+    assert config.grids == [32] and config.bf16 == "off" and config.compile is True
+    assert config.max_memory_gb == SUITES["gpu"]["max_memory_gb"]  # what the command line left out: the preset's
+    for key, value in vars(config).items():
+        assert f"\n  {key} = {value}\n" in text, key
 
 
-def test_gpu_script_dry_run() -> None:
+@pytest.mark.slow
+def test_gpu_script_dry_run_is_the_gpu_suites_with_the_options_passed_on(capsys, tmp_path: Path) -> None:
+    """``bash benchmarks/gpu.sh --dry-run`` plans what ``python -m benchmarks --suite gpu --device
+    cuda`` plans with the same options and ``OUT`` as its results folder, then stops: nothing written."""
     done = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "gpu.sh"), "--dry-run"],
+        ["bash", str(REPO / "benchmarks" / "gpu.sh"), "--compile", "--dry-run"],
         capture_output=True,
         text=True,
-        env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+        env={
+            "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
+            "PYTHONPATH": str(REPO),
+            "OUT": str(tmp_path),
+        },
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert "--suite gpu --device cuda" in done.stdout and "renders on docs/performance.md" in done.stdout
+    assert main(["--suite", "gpu", "--device", "cuda", "--out", str(tmp_path), "--compile", "--dry-run"]) == 0
+    assert done.stdout.startswith(capsys.readouterr().out)
+    assert not list(tmp_path.iterdir())
 
 
 def _results() -> dict:

@@ -23,6 +23,7 @@ from visattn.train.precision import BF16_MIN_FLOPS
 MB = 2**20
 
 
+@pytest.mark.slow
 def test_quick_suite_runs_and_writes_valid_json(tmp_path: Path) -> None:
     assert (
         main(

@@ -81,6 +81,7 @@ print(json.dumps({"grew": status("VmHWM:") - before}))
 """
 
 
+@pytest.mark.slow
 def test_the_estimate_is_close_to_the_memory_training_takes():
     """1,024 tokens of 4 heads: the unfused kernel would save 16 MiB of weights per image and
     block, ten times what the fused one keeps; the estimate must count what training really

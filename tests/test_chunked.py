@@ -199,15 +199,24 @@ def test_auto_does_not_measure_what_only_the_fused_kernel_does(auto, monkeypatch
 
 @pytest.mark.parametrize("fused,chunked_s,expected", [(1.0, 0.5, "chunked"), (1.0, 0.95, "fused"), (1.0, 2.0, "fused")])
 def test_measurement_keeps_chunked_only_when_clearly_faster(monkeypatch, fused, chunked_s, expected):
+    """The "auto" chooser's first call of a shape times both paths (the clock stubbed with the
+    given seconds) and keeps chunked only when it is clearly faster; the timing runs on copies, so
+    the caller's tensor still gets its gradient."""
+
     def timed(fns):
         assert list(fns) == ["fused", "chunked"]
         for fn in fns.values():
             fn()  # the paths run on copies of the inputs
         return {"fused": fused, "chunked": chunked_s}
 
+    monkeypatch.setattr(functional, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(functional, "_choices", {})
     monkeypatch.setattr(functional, "_best_seconds", timed)
-    q = torch.randn(1, 1, 32, 8, dtype=torch.bfloat16)
-    assert functional._measure_paths(q, q, q, 0.3, with_grad=True) == expected
+    q = torch.randn(1, 1, 128, 8, dtype=torch.bfloat16, requires_grad=True)  # MIN_MEASURED_SCORES scores
+    with attention_backend("auto"):
+        attention(q, q, q).float().sum().backward()
+    assert list(functional.attention_choices().values()) == [expected]
+    assert q.grad is not None and torch.isfinite(q.grad.float()).all()
 
 
 def test_the_measurement_is_invisible_to_the_callers_flop_counter(monkeypatch):

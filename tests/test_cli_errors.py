@@ -485,10 +485,13 @@ def results(tmp_path_factory):
     return out, tmp
 
 
-def test_the_table_is_large():
-    assert len(ROWS) >= 40 and len({name for name, _, _ in ROWS}) == len(ROWS)
+def test_every_row_has_its_own_name():
+    """The results are looked up by row name: a repeated name would check one row's outcome twice
+    and the other's never."""
+    assert len({name for name, _, _ in ROWS}) == len(ROWS)
 
 
+@pytest.mark.slow  # the table's child process: seconds for imports and the rows together
 @pytest.mark.parametrize(("name", "argv", "names"), ROWS, ids=[row[0] for row in ROWS])
 def test_a_bad_input_ends_in_one_line(results, name, argv, names):
     table, tmp = results
@@ -509,6 +512,7 @@ def run_process(args: list[str], **extra_env: str) -> subprocess.CompletedProces
     )
 
 
+@pytest.mark.slow
 def test_real_processes_exit_2_with_one_line_and_traceback_on_request(tmp_path):
     procs = [
         subprocess.Popen(
@@ -581,6 +585,7 @@ cli.run(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_a_bug_exits_1_with_one_line_asking_for_the_traceback(tmp_path):
     """A real process whose code has a bug (a ``KeyError``, which the command line once took for
     the user's mistake) exits with status 1 and one line; with ``--traceback`` the traceback."""
@@ -611,6 +616,7 @@ def test_the_entry_point_exits_with_mains_code_after_freezing_the_collector(monk
     assert stopped.value.code == 3 and calls == [["models"], "freeze"]
 
 
+@pytest.mark.slow
 def test_error_lines_escape_what_a_terminal_would_act_on(results):
     """Names from checkpoints, folders and the command line cannot send escape sequences or
     bidirectional overrides through an error line: every line of the table is printable text."""
@@ -635,6 +641,7 @@ def imagefolder_checkpoint(tmp: Path, class_names: list[str]) -> Path:
     return tmp / "run.pt"
 
 
+@pytest.mark.slow
 def test_python_m_visattn_is_the_visattn_command_and_eval_prints_folder_names_escaped(tmp_path):
     """``python -m visattn`` runs the console script's entry point: its help, an error row (exit 2,
     one line) and ``eval`` of a checkpoint on the folder given with ``--data-root``, whose class

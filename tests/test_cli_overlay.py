@@ -208,6 +208,7 @@ def peak_of_child(argv: list[str], tmp_path: Path, timeout: float = 180) -> tupl
     return child.returncode, usage.ru_maxrss * 1024.0, (tmp_path / "stderr.txt").read_text()  # ru_maxrss: KiB
 
 
+@pytest.mark.slow
 def test_a_large_picture_is_drawn_at_its_own_size_and_the_query_stays_in_its_pixels(tmp_path):
     """A 6000×4000 JPEG (24 megapixels): the overlay is a 6000×4000 PNG, made without a float
     copy of the picture (the model input comes from a copy of at most 2048 pixels, the map is

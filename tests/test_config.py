@@ -8,6 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import visattn.train.engine as engine
+from visattn.cli import main
 from visattn.train.config import ConfigError, load_config
 from visattn.train.data import input_shape
 from visattn.train.engine import build_model
@@ -15,9 +17,14 @@ from visattn.train.engine import build_model
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_default_yaml_is_the_builtin_default():
-    builtin = OmegaConf.to_container(load_config())
-    shipped = OmegaConf.to_container(load_config(CONFIGS / "default.yaml"))
+def test_the_default_job_is_configs_default_yaml(monkeypatch):
+    """``python train.py`` with no arguments trains with the config ``--config configs/default.yaml``
+    gives: the whole resolved config, every key (not only those the file names), is the same."""
+    trained_with = []
+    monkeypatch.setattr(engine, "fit", lambda cfg, **kwargs: trained_with.append(OmegaConf.to_container(cfg)))
+    assert main(["train"]) == 0
+    assert main(["train", "--config", str(CONFIGS / "default.yaml")]) == 0
+    builtin, shipped = trained_with
     assert shipped == builtin
 
 

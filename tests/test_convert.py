@@ -60,13 +60,15 @@ def _visattn_attention(model: visattn.VisionTransformer, x: torch.Tensor) -> lis
     return weights
 
 
+#: the named peers as timm builds them; the ViT-S and ViT-B ones with 2 blocks at 64 px (their width,
+#: heads and patch are what differs from ViT-Ti, which is converted at its full size)
 TIMM_PEERS = [
     ("vit_tiny_patch16_224", {}),
-    ("vit_small_patch16_224", {}),
+    ("vit_small_patch16_224", dict(depth=2, img_size=64)),
     ("deit_tiny_patch16_224", {}),
     ("deit_tiny_distilled_patch16_224", {}),  # distillation token and head_dist
-    ("vit_small_patch16_224.dino", {}),  # num_classes=0: logits are the class token features
-    ("vit_base_patch32_224", {}),
+    ("vit_small_patch16_224.dino", dict(depth=2, img_size=64)),  # num_classes=0: logits are the class token features
+    ("vit_base_patch32_224", dict(depth=2, img_size=64)),
     ("vit_tiny_patch16_224", dict(global_pool="avg", class_token=False, img_size=64)),  # fc_norm
     ("vit_tiny_patch16_224", dict(img_size=(48, 80), reg_tokens=2, init_values=0.1, qk_norm=True, no_embed_class=True)),
     ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, global_pool="avg", fc_norm=False, act_layer="gelu_tanh")),
@@ -157,8 +159,13 @@ def test_non_vit_timm_models_are_refused():
 
 @pytest.fixture(scope="module")
 def torchvision_vit_b_32() -> nn.Module:
+    """torchvision's ViT-B/32 (width 768, 12 heads, 32-pixel patches) with 2 layers at 64 px."""
     torch.manual_seed(0)
-    return _perturb(torchvision.models.vit_b_32())
+    return _perturb(
+        torchvision.models.VisionTransformer(
+            image_size=64, patch_size=32, num_layers=2, num_heads=12, hidden_dim=768, mlp_dim=3072
+        )
+    )
 
 
 def _torchvision_features(peer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +177,7 @@ def _torchvision_features(peer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_torchvision_vit_b_32(torchvision_vit_b_32):
     peer = torchvision_vit_b_32
     ours = from_torchvision(peer).eval()
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(ours(x), peer(x), **TOL)
     torch.testing.assert_close(ours.forward_features(x), _torchvision_features(peer, x), **TOL)
     assert ours.blocks[0].norm1.eps == 1e-6 and ours.model_config["num_heads"] == 12
@@ -200,12 +207,12 @@ def test_torchvision_files_through_create_model(torchvision_vit_b_32, tmp_path):
     peer = torchvision_vit_b_32
     path = tmp_path / "vit_b_32.safetensors"
     save_file(peer.state_dict(), str(path))
-    x = torch.randn(1, 3, 224, 224)
-    same = create_model("vit_b_32", pretrained_file=path).eval()
+    x = torch.randn(1, 3, 64, 64)
+    same = create_model("vit_b_32", pretrained_file=path).eval()  # the architecture read from the file's shapes
     torch.testing.assert_close(same(x), peer(x), **TOL)
     assert same.pretrained_cfg["mean"] == [0.485, 0.456, 0.406]
     as_timm = create_model(
-        "vit_base_patch32_224", pretrained_file=path, num_classes=10
+        "vit_base_patch32_224", pretrained_file=path, num_classes=10, depth=2, img_size=64
     ).eval()  # timm name, torchvision file
     torch.testing.assert_close(as_timm.forward_features(x), _torchvision_features(peer, x), **TOL)
     assert as_timm(x).shape == (1, 10) and as_timm.pretrained_cfg["mean"] == [0.485, 0.456, 0.406]

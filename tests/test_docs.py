@@ -137,6 +137,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def on_the_site(test):
+    """A test of the built site: ``slow`` unless ``VISATTN_DOCS_SITE`` names a built site (the
+    `site` fixture otherwise runs ``mkdocs build`` first, about ten seconds)."""
+    return test if os.environ.get("VISATTN_DOCS_SITE") else pytest.mark.slow(test)
+
+
+@on_the_site
 def test_the_site_shows_no_raw_sphinx_role(site: Path) -> None:
     files = [*site.rglob("*.html"), *site.rglob("search_index.json")]
     assert len(files) > 10
@@ -144,6 +151,7 @@ def test_the_site_shows_no_raw_sphinx_role(site: Path) -> None:
     assert not raw, f"pages that show a raw Sphinx role: {raw}"
 
 
+@on_the_site
 @pytest.mark.parametrize("page", ["results", "performance"])
 def test_every_measured_table_names_its_command_and_machine(site: Path, page: str) -> None:
     html = (site / page / "index.html").read_text()
@@ -157,6 +165,7 @@ def test_every_measured_table_names_its_command_and_machine(site: Path, page: st
         assert described or ("Command:" in context and "Machine:" in context), context[-400:]
 
 
+@on_the_site
 def test_the_command_line_page_documents_every_sub_command(site: Path) -> None:
     import argparse
 
@@ -168,6 +177,7 @@ def test_the_command_line_page_documents_every_sub_command(site: Path) -> None:
         assert f"usage: visattn {name}" in html, name
 
 
+@on_the_site
 def test_the_api_reference_renders_signatures_and_links(site: Path) -> None:
     html = (site / "api" / "models" / "index.html").read_text()
     assert 'id="visattn.models.registry.create_model"' in html
@@ -176,6 +186,7 @@ def test_the_api_reference_renders_signatures_and_links(site: Path) -> None:
     assert 'href="#visattn.models.insert.insert_attention"' in html
 
 
+@on_the_site
 def test_every_public_name_has_a_heading_on_the_api_pages(site: Path) -> None:
     """Each name of ``visattn.__all__`` is rendered on an API page: under its defining module's
     path, or (for the two defined in a private module) under ``visattn.NAME``."""
@@ -243,6 +254,7 @@ def served(site: Path):
     server.server_close()
 
 
+@pytest.mark.slow
 def test_the_site_opens_in_a_browser_with_its_navigation_and_a_signature(served: str, browser) -> None:
     from selenium.webdriver.common.by import By
 

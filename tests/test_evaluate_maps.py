@@ -26,13 +26,6 @@ def test_the_bootstrap_interval_has_the_width_of_the_normal_approximation():
     assert evaluate.bootstrap_interval(torch.tensor([0.5, float("nan"), 0.5])) == (0.5, 0.5, 0.5)
 
 
-def test_the_baselines_know_nothing_of_the_model():
-    assert evaluate.random_map(2, (3, 4)).shape == (2, 3, 4)
-    centre = evaluate.centre_map(1, (5, 8))
-    assert centre[0].flatten().argmax().item() == 2 * 8 + 3  # the first of the four central pixels
-    assert torch.equal(centre[0], centre[0].flip(0, 1))
-
-
 @pytest.fixture(scope="module")
 def evaluated():
     torch.manual_seed(0)

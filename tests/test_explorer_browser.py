@@ -32,6 +32,7 @@ INSTALL = (
     "and selenium (pip install selenium)"
 )
 CONFIG = {"img_size": [16, 24], "in_chans": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+pytestmark = pytest.mark.slow  # a browser session: seconds to start, before the first test
 
 
 def _missing() -> str | None:

@@ -169,6 +169,7 @@ def point_and_pin(browser, check) -> None:
         assert f"weight given to {PREFIX_NAMES[0]} " in text_of(browser, "#readout")
 
 
+@pytest.mark.slow
 def test_hostile_strings_stay_text_in_the_browser(browser, hostile):
     open_page(browser, hostile["patched"])
 

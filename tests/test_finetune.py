@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 
@@ -10,19 +11,20 @@ from visattn.train.engine import fit
 from visattn.weights.checkpoint import model_from_checkpoint
 
 
+@pytest.mark.slow
 def test_finetune_timm_weights_from_a_local_file(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        peer = timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=1000)
-        weights = tmp_path / "vit_tiny_depth2.pth"
+        peer = timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=1000)
+        weights = tmp_path / "vit_tiny_depth1.pth"
         torch.save(peer.state_dict(), weights)
         cfg = load_config(
             overrides=[
                 "model.name=vit_tiny_patch16_224",
                 f"model.pretrained_file={weights}",
-                "model.depth=2",
+                "model.depth=1",
                 "model.img_size=16",
                 "model.patch_size=4",
                 "train.epochs=3",

@@ -22,7 +22,16 @@ from visattn.cli import main
 from visattn.explain.maps import cls_attention, rollout
 from visattn.weights.errors import PretrainedUnavailableError, UnsupportedModelError
 
-transformers = pytest.importorskip("transformers")
+transformers = None  # the module, once the first test here runs (the fixture below)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _transformers():
+    """transformers (the ``hf`` extra; without it these tests skip), imported when this module's
+    first test runs rather than while pytest collects, which every xdist worker does (seconds)."""
+    global transformers
+    transformers = pytest.importorskip("transformers")
+
 
 EXACT = dict(atol=1e-12, rtol=0)  # float64, same arithmetic
 #: ViT and DeiT resample positions in the model's dtype, visattn (timm) in float32

@@ -34,7 +34,13 @@ def forward(model: nn.Module, x: torch.Tensor, seed: int = 7) -> torch.Tensor:
     return model(x)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+#: VGG's 100-million-parameter classifier makes it seconds to build and copy: a slow test
+SLOW_MODELS = {"torchvision:vgg11_bn"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW_MODELS else []) for name in MODELS]
+)
 def test_identity_at_insertion_keys_and_the_block_runs(name):
     model = create_model(name, num_classes=5)
     with torch.no_grad():  # non-trivial BatchNorm statistics, as in a trained network
@@ -78,6 +84,7 @@ def test_identity_at_insertion_keys_and_the_block_runs(name):
     assert not torch.allclose(forward(model, x), forward(original, x))
 
 
+@pytest.mark.slow
 def test_digits_training_with_attention_learns_and_the_gate_moves():
     # Margins no CPU's float rounding can cross: both reach about 98 % here, and chance is 10 %.
     # Whether attention helps is a statistical question: benchmarks/insert_digits.py compares

@@ -168,6 +168,7 @@ for path in sys.argv[1:]:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
 def test_a_fifo_or_a_device_is_refused_before_it_is_opened(tmp_path):
     """Opening a FIFO blocks until a writer comes and `/dev/zero` never ends: both are refused

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import visattn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +52,7 @@ def test_star_import_gives_exactly_the_public_names():
     assert set(namespace) - {"__builtins__"} == set(visattn.__all__)
 
 
+@pytest.mark.slow
 def test_every_module_is_known_by_the_path_of_its_file_only():
     done = subprocess.run(
         [sys.executable, "-c", LOADED],

@@ -77,6 +77,7 @@ def test_a_run_started_while_another_builds_gets_its_own_folder(tmp_path, monkey
         assert [row["epoch"] for row in metrics(folder)] == [1]
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_with_one_name_end_in_two_folders(tmp_path):
     args = [*ONE_EPOCH, f"run.out_dir={tmp_path}", "run.name=same"]
     procs = [
@@ -346,6 +347,7 @@ def resume_process(run: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_a_second_process_cannot_train_in_a_run_folder_in_use(run):
     holder = holding(run)
     before = {p.name: p.read_bytes() for p in run.iterdir()}
@@ -362,6 +364,7 @@ def test_a_second_process_cannot_train_in_a_run_folder_in_use(run):
     assert not (run / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_the_lock_ends_with_its_process(run):
     holder = holding(run)
     holder.kill()  # SIGKILL: no clean-up runs
@@ -395,6 +398,7 @@ def terminated_at(tmp_path: Path, line: str) -> tuple[subprocess.CompletedProces
     return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(seen) + out, err), tmp_path / "t"
 
 
+@pytest.mark.slow
 def test_sigterm_keeps_the_checkpoint_and_names_the_run_to_resume(tmp_path):
     done, run = terminated_at(tmp_path, "  epoch 2 step 1/")  # logged after epoch 1's checkpoint
     assert (done.returncode, done.stderr) == (
@@ -407,6 +411,7 @@ def test_sigterm_keeps_the_checkpoint_and_names_the_run_to_resume(tmp_path):
     load_run_config(run)  # resumable
 
 
+@pytest.mark.slow
 def test_sigterm_before_the_first_checkpoint_keeps_no_folder(tmp_path):
     done, run = terminated_at(tmp_path, "  epoch 1 step 1/")
     assert (done.returncode, done.stderr) == (

@@ -137,6 +137,7 @@ def test_the_run_folder_holds_the_best_model_not_the_last(tmp_path, monkeypatch,
         assert not torch.equal(logits, model_from_checkpoint(last)(x))
 
 
+@pytest.mark.slow
 def test_default_config_shortened_learns(tmp_path, one_thread):
     # the default recipe and model, 8 epochs instead of 55
     result = fit(load_config(overrides=["train.epochs=8", "train.warmup_epochs=1", f"run.out_dir={tmp_path}"]))
@@ -159,6 +160,7 @@ def child_env():
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     args = [*TINY, "train.batch_size=32", "train.ema_decay=0.9"]  # 2 epochs of 44 steps
     # the reference runs in a process like the killed one: same threads, same kernels
@@ -235,6 +237,7 @@ def test_config_errors_reach_the_command_line(capsys):
         fit(load_config(overrides=["model.dept=2", "train.epochs=1"]))
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_trains_and_writes_one_folder(tmp_path):
     cmd = [
         sys.executable,

@@ -33,14 +33,16 @@ def test_matches_timm_with_mean_pool_fc_norm_registers_and_layer_scale():
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-4)
 
 
-SMALL_INPUT = {"vit_base_patch16_224": (3, 64, 96), "vit_small_patch16_224": (3, 96, 64)}
+#: ViT-S and ViT-B at their width and heads, on 2 of their 12 identical blocks and a small non-square input
+SMALLER = {"vit_base_patch16_224": ((3, 64, 96), {"depth": 2}), "vit_small_patch16_224": ((3, 96, 64), {"depth": 2})}
 
 
 @pytest.mark.parametrize("name", [n for n in list_models() if n.startswith("vit_")])
 def test_every_registered_vit(name):
     """Shape, no NaN, a gradient for every parameter, fused == explicit-weights attention."""
-    model = create_model(name, num_classes=7)
-    c, h, w = SMALL_INPUT.get(name, (model.patch_embed.in_chans, *model.img_size))
+    size, kwargs = SMALLER.get(name, (None, {}))
+    model = create_model(name, num_classes=7, **kwargs)
+    c, h, w = size or (model.patch_embed.in_chans, *model.img_size)
     x = torch.randn(2, c, h, w)
     model.eval()
     fused = model(x)
@@ -77,20 +79,35 @@ def test_variants_any_size_and_channels(pos_embed, pool, norm):
         assert model.forward_head(tokens, pre_logits=True).shape == (2, 32)
 
 
+def _added_positions(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """What ``model.embed`` adds to the class token and the patch tokens of ``x``: the positions
+    it uses for ``x``'s grid, ``(1, 1 + gh·gw, D)``."""
+    patches, _ = model.patch_embed.tokenize(x)
+    embedded, _ = model.eval().embed(x)
+    return (embedded - torch.cat([model.cls_token.expand(len(x), -1, -1), patches], dim=1))[:1]
+
+
 def test_learned_positions_resampled_and_untouched_at_native_size():
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2).eval()
-    native = model._positions((4, 4), torch.zeros(1))
-    assert native is model.pos_embed
-    resampled = model._positions((2, 6), torch.zeros(1))
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    with torch.no_grad():
+        native = _added_positions(model, torch.randn(2, 3, 32, 32))
+        resampled = _added_positions(model, torch.randn(2, 3, 16, 48))  # a 2×6 grid
+    torch.testing.assert_close(native, model.pos_embed.detach(), atol=1e-6, rtol=0)
     assert resampled.shape == (1, 1 + 12, 32)
-    torch.testing.assert_close(resampled[:, :1], model.pos_embed[:, :1])  # class token kept apart
+    torch.testing.assert_close(
+        resampled[:, :1], model.pos_embed[:, :1].detach(), atol=1e-6, rtol=0
+    )  # class token kept apart
+    expected = timm.layers.resample_abs_pos_embed(model.pos_embed.detach(), [2, 6], [4, 4], num_prefix_tokens=1)
+    torch.testing.assert_close(resampled, expected, atol=1e-6, rtol=0)  # timm's bicubic resampling
 
 
 def test_sincos_positions_are_the_grid_embedding():
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, pos_embed="sincos")
-    pos = model._positions((3, 5), torch.zeros(1))
-    assert pos.shape == (1, 16, 32) and torch.equal(pos[0, 0], torch.zeros(32))
-    torch.testing.assert_close(pos[0, 1:], sincos_2d(3, 5, 32))
+    with torch.no_grad():
+        pos = _added_positions(model, torch.randn(1, 3, 24, 40))  # a 3×5 grid
+    assert pos.shape == (1, 16, 32)
+    torch.testing.assert_close(pos[0, 0], torch.zeros(32), atol=1e-6, rtol=0)  # none on the class token
+    torch.testing.assert_close(pos[0, 1:], sincos_2d(3, 5, 32), atol=1e-6, rtol=0)
     emb = sincos_2d(3, 5, 32)
     torch.testing.assert_close(emb[5 * 2 + 3, 0], torch.sin(torch.tensor(2.0)))  # row y=2, channel 0: sin(y)
     torch.testing.assert_close(emb[5 * 2 + 3, 16], torch.sin(torch.tensor(3.0)))  # column x=3
