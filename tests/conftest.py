@@ -19,3 +19,12 @@ def _fused_attention():
     forces another (``attention_backend("chunked")``) or tests the chooser itself."""
     with attention_backend("fused"):
         yield
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (restored after it): for tests that time or train."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

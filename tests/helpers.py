@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 
 import torch
 
@@ -28,3 +29,16 @@ def assert_every_parameter_gets_gradient(model: torch.nn.Module) -> None:
         n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
     ]
     assert not missing, f"parameters without gradient: {missing}"
+
+
+def browser_missing() -> str | None:
+    """Why a headless-Chromium test cannot run here (no selenium, no Chromium, no chromedriver), or None."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed"
+    if not any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")):
+        return "no Chromium browser on PATH"
+    if not shutil.which("chromedriver"):
+        return "no chromedriver on PATH"
+    return None

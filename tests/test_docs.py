@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import browser_missing
+
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 ROLE = re.compile(r":(?:py:)?(?:func|class|meth|attr|data|mod|exc|obj|const):`")
@@ -201,22 +203,10 @@ def test_every_public_name_has_a_heading_on_the_api_pages(site: Path) -> None:
     assert not missing, f"public names without a heading on the API pages: {missing}"
 
 
-def _browser_missing() -> str | None:
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed"
-    if not any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")):
-        return "no Chromium browser on PATH"
-    if not shutil.which("chromedriver"):
-        return "no chromedriver on PATH"
-    return None
-
-
 @pytest.fixture(scope="module")
 def browser():
     """One headless Chromium (skipped, or failed under VISATTN_REQUIRE_BROWSER=1, without it)."""
-    missing = _browser_missing()
+    missing = browser_missing()
     if missing:
         message = f"the docs' browser test needs Chromium: {missing}; {INSTALL}"
         if os.environ.get("VISATTN_REQUIRE_BROWSER") == "1":

@@ -27,6 +27,8 @@ from visattn.explain import maps
 from visattn.explain.explore import explore
 from visattn.explain.inputs import Preprocess
 
+from .helpers import browser_missing
+
 INSTALL = (
     "install Chromium and its driver (Debian/Ubuntu: apt-get install -y chromium chromium-driver) "
     "and selenium (pip install selenium)"
@@ -35,22 +37,10 @@ CONFIG = {"img_size": [16, 24], "in_chans": 3, "mean": [0.5] * 3, "std": [0.25] 
 pytestmark = pytest.mark.slow  # a browser session: seconds to start, before the first test
 
 
-def _missing() -> str | None:
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed"
-    if not any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")):
-        return "no Chromium browser on PATH"
-    if not shutil.which("chromedriver"):
-        return "no chromedriver on PATH"
-    return None
-
-
 def headless_chromium():
     """A headless Chromium session while the generator runs (skipped, or failed under
     VISATTN_REQUIRE_BROWSER=1, without it): the body of each test module's `browser` fixture."""
-    missing = _missing()
+    missing = browser_missing()
     if missing:
         message = f"browser tests need Chromium: {missing}; {INSTALL}"
         if os.environ.get("VISATTN_REQUIRE_BROWSER") == "1":

@@ -234,14 +234,6 @@ def test_an_epoch_skips_unreadable_pictures_and_never_gives_their_labels_away(tm
         list(UnreadableImages.training(1, len(folder)).batches(loader))
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_a_run_names_the_pictures_it_skipped_in_its_log(tmp_path, capsys, one_thread):
     """A JPEG cut short passes the check when the folder is built and fails every time it is read
     (201 training pictures in 3 whole batches: every one is read)."""

@@ -32,14 +32,6 @@ from .test_train import ROOT, TINY, child_env, metrics
 ONE_EPOCH = [*TINY, "train.epochs=1", "run.progress=lines"]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A finished one-epoch run (``train.epochs=1``), shared read-only by the tests below."""

@@ -55,14 +55,6 @@ def metrics(run_dir) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_run_folder_is_complete_and_reproducible(tmp_path, one_thread, capsys):
     recipe = ["train.ema_decay=0.9", "train.mixup=0.2", "train.cutmix=0.2"]
     first = fit(tiny(tmp_path, "run.name=a", *recipe))
