@@ -18,14 +18,17 @@ ROOT = Path(__file__).resolve().parent
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist each worker computes on one thread (and so do the processes it starts):
-    two workers with torch's default of one thread per core would oversubscribe the cores and spin
-    against each other. No test depends on the thread count."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    """Under pytest-xdist the workers share the cores: each computes on its share of them (one
+    thread each for two workers on two cores), and so do the processes it starts, unless
+    ``OMP_NUM_THREADS`` says otherwise. Workers with torch's default of a thread per core would
+    oversubscribe the cores and spin against each other. No test depends on the thread count."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
         import torch
 
-        os.environ["OMP_NUM_THREADS"] = "1"
-        torch.set_num_threads(1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
