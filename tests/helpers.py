@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+from collections.abc import Iterator
+from typing import Any
 
+import pytest
 import torch
 
 from visattn.layers.attention import RecordableAttention, RecordingRequest
+
+BROWSER_INSTALL = (
+    "install Chromium and its driver (Debian/Ubuntu: apt-get install -y chromium chromium-driver) "
+    "and selenium (pip install selenium)"
+)
 
 
 @contextlib.contextmanager
@@ -42,3 +51,31 @@ def browser_missing() -> str | None:
     if not shutil.which("chromedriver"):
         return "no chromedriver on PATH"
     return None
+
+
+def headless_chromium(width: int = 1200, height: int = 800) -> Iterator[Any]:
+    """A headless Chromium session (a selenium driver, its browser log kept) while the generator
+    runs: the body of each test module's `browser` fixture. Skipped without Chromium, or failed
+    under VISATTN_REQUIRE_BROWSER=1 (CI installs it)."""
+    missing = browser_missing()
+    if missing:
+        message = f"browser tests need Chromium: {missing}; {BROWSER_INSTALL}"
+        if os.environ.get("VISATTN_REQUIRE_BROWSER") == "1":
+            pytest.fail(message + " (VISATTN_REQUIRE_BROWSER=1 makes this a failure)")
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.add_argument(f"--window-size={width},{height}")
+    options.binary_location = next(
+        shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)
+    )
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -19,7 +19,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -27,16 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import browser_missing
+from .helpers import headless_chromium
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 ROLE = re.compile(r":(?:py:)?(?:func|class|meth|attr|data|mod|exc|obj|const):`")
 QUICK_START = 'pip install -e ".[dev]" && python train.py\npython -m pytest -q\n'
-INSTALL = (
-    "install Chromium and its driver (Debian/Ubuntu: apt-get install -y chromium chromium-driver) "
-    "and selenium (pip install selenium)"
-)
 
 
 def _tool(name: str):
@@ -205,26 +200,8 @@ def test_every_public_name_has_a_heading_on_the_api_pages(site: Path) -> None:
 
 @pytest.fixture(scope="module")
 def browser():
-    """One headless Chromium (skipped, or failed under VISATTN_REQUIRE_BROWSER=1, without it)."""
-    missing = browser_missing()
-    if missing:
-        message = f"the docs' browser test needs Chromium: {missing}; {INSTALL}"
-        if os.environ.get("VISATTN_REQUIRE_BROWSER") == "1":
-            pytest.fail(message + " (VISATTN_REQUIRE_BROWSER=1 makes this a failure)")
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    flags = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,900")
-    for flag in flags:
-        options.add_argument(flag)
-    options.binary_location = next(
-        shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)
-    )
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-    yield driver
-    driver.quit()
+    """One headless Chromium for the module."""
+    yield from headless_chromium(1300, 900)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -13,9 +13,6 @@ session serves the whole module.
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -27,46 +24,10 @@ from visattn.explain import maps
 from visattn.explain.explore import explore
 from visattn.explain.inputs import Preprocess
 
-from .helpers import browser_missing
+from .helpers import headless_chromium
 
-INSTALL = (
-    "install Chromium and its driver (Debian/Ubuntu: apt-get install -y chromium chromium-driver) "
-    "and selenium (pip install selenium)"
-)
 CONFIG = {"img_size": [16, 24], "in_chans": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
 pytestmark = pytest.mark.slow  # a browser session: seconds to start, before the first test
-
-
-def headless_chromium():
-    """A headless Chromium session while the generator runs (skipped, or failed under
-    VISATTN_REQUIRE_BROWSER=1, without it): the body of each test module's `browser` fixture."""
-    missing = browser_missing()
-    if missing:
-        message = f"browser tests need Chromium: {missing}; {INSTALL}"
-        if os.environ.get("VISATTN_REQUIRE_BROWSER") == "1":
-            pytest.fail(message + " (VISATTN_REQUIRE_BROWSER=1 makes this a failure)")
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1200,800",
-    ):
-        options.add_argument(flag)
-    options.binary_location = next(
-        shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)
-    )
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture(scope="module")

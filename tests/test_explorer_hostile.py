@@ -28,7 +28,8 @@ from visattn import SelfAttention2d, VisionTransformer
 from visattn.explain import explore as explore_module
 from visattn.explain.explore import explore, read_page_data
 
-from .test_explorer_browser import CONFIG, headless_chromium, open_page
+from .helpers import headless_chromium
+from .test_explorer_browser import CONFIG, open_page
 
 # event handlers are sloppy-mode scripts: `__pwned=1` sets window.__pwned (a ModuleDict key may hold no dot)
 CLASS_NAMES = [
