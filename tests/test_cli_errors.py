@@ -190,6 +190,9 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("sites empty input", ["sites", "resnet18_small", "--input-size", "3", "0", "0"], "input_size"),
     ("sites zero heads", ["sites", "resnet18_small", "--heads", "0"], "--heads"),
     ("sites zero kv-pool", ["sites", "resnet18_small", "--kv-pool", "0"], "--kv-pool"),
+    ("sites unknown block", ["sites", "resnet18_small", "--block", "windw"], "unknown attention block 'windw'"),
+    ("sites block-arg without =", ["sites", "resnet18_small", "--block-arg", "window_size"], "KEY=VALUE"),
+    ("sites unknown block option", ["sites", "resnet18_small", "--block-arg", "kv_pol=3"], "did you mean 'kv_pool'"),
     ("overlay empty img-size", drawn("model:vit_digits_patch4_16", "--img-size", "0,16"), "--img-size"),
     # non-finite scores and maps: no page, no picture
     ("explore NaN weights", ["explore", "--checkpoint", "{tmp}/nan.pt", *PAGE],

@@ -196,6 +196,10 @@ def test_errors_name_the_problem():
         insert_attention(model, ["layer1", "layer1"])
     with pytest.raises(ValueError, match="preset"):
         insert_attention(model, "layer1", preset="cbam")
+    with pytest.raises(ValueError, match=r"unknown attention block 'globl' \(did you mean 'global'\?\)"):
+        insert_attention(model, "layer1", block="globl")
+    with pytest.raises(ValueError, match="has no attention_cost"):
+        insert_attention(model, "layer1", block=nn.Conv2d)
     with pytest.raises(ValueError, match="root is a Sequential"):
         insert_attention(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), "0")
     with pytest.raises(ValueError, match="input_size"):
@@ -204,6 +208,14 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="inserted before"):
         insert_attention(model, "layer1")
     assert [n for n, m in model.named_modules() if isinstance(m, SelfAttention2d)] == ["layer1_attn"]
+
+
+def test_a_block_by_name_or_class_is_the_same_block():
+    by_name, by_class = TinyResNet(), TinyResNet()
+    insert_attention(by_name, "layer1", block="global", num_heads=2)
+    insert_attention(by_class, "layer1", block=SelfAttention2d, num_heads=2)
+    assert type(by_name.layer1_attn) is type(by_class.layer1_attn) is SelfAttention2d
+    assert by_name.state_dict().keys() == by_class.state_dict().keys()
 
 
 def test_attention_config_forms():
@@ -245,6 +257,11 @@ def test_sites_depth_and_the_cli(capsys):
     assert main(["sites", "resnet18_small", "--input-size", "1", "32", "40", "--depth", "1", "--kv-pool", "2"]) == 0
     out = capsys.readouterr().out
     assert "| `layer2` | Sequential | 128 × 16 × 20 | 320 | 80 | 100.0 KiB |" in out
+    assert (
+        main(["sites", "resnet18_small", "--input-size", "1", "32", "40", "--depth", "1", "--block-arg", "kv_pool=2"])
+        == 0
+    )
+    assert "| `layer2` | Sequential | 128 × 16 × 20 | 320 | 80 | 100.0 KiB |" in capsys.readouterr().out
 
 
 def test_sites_skip_inserted_blocks():

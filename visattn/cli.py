@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import os
 import signal
@@ -60,6 +61,17 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _block_argument(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` → ``(key, value)``: a Python literal (``8``, ``0.5``, ``False``, ``None``) or a word."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY an option name (window_size=8), got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def _model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, str]:
@@ -198,13 +210,17 @@ def _cmd_sites(args: argparse.Namespace) -> int:
     from .models.insert import attention_sites, format_sites
 
     model = create_model(args.model, in_chans=args.input_size[0]).eval()
+    options = dict(args.block_arg or ())
+    if args.kv_pool is not None:
+        options["kv_pool"] = args.kv_pool
     sites = attention_sites(
         model,
         tuple(args.input_size),
+        block=args.block,
         num_heads=args.heads,
-        kv_pool=args.kv_pool,
         leaves=args.leaves,
         max_depth=args.depth,
+        **options,
     )
     print(format_sites(sites))
     return 0
@@ -668,7 +684,15 @@ def build_parser() -> argparse.ArgumentParser:
     sites.add_argument("model", help="e.g. torchvision:resnet50, timm:convnext_atto, resnet18_small")
     sites.add_argument("--input-size", type=int, nargs=3, default=[3, 224, 224], metavar=("C", "H", "W"))
     sites.add_argument("--heads", type=_positive_int, default=1)
-    sites.add_argument("--kv-pool", type=_positive_int, default=1)
+    sites.add_argument("--block", default="global", help="the attention family: global (default), window, ...")
+    sites.add_argument("--kv-pool", type=_positive_int, default=None, help="global attention: pool keys and values")
+    sites.add_argument(
+        "--block-arg",
+        type=_block_argument,
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of the block, e.g. window_size=8 (repeatable)",
+    )
     sites.add_argument("--depth", type=_positive_int, default=None, help="only paths with at most this many parts")
     sites.add_argument("--leaves", action="store_true", help="also list single layers")
     _with_traceback(sites).set_defaults(func=_user_errors(_cmd_sites))

@@ -23,6 +23,7 @@ from .pos_embed import sincos_2d
 
 __all__ = [
     "AttentionRecord",
+    "GridAttentionCost",
     "MultiHeadAttention",
     "RecordableAttention",
     "RecordingRequest",
@@ -144,6 +145,22 @@ def place_keys(weights: Tensor, key_index: Tensor, num_keys: int) -> Tensor:
     spare = torch.where(index < 0, num_keys, index)  # empty slots go to one extra column, dropped below
     full = weights.new_zeros(*weights.shape[:-1], num_keys + 1).scatter(-1, spare, weights)
     return full[..., :num_keys]
+
+
+@dataclass(frozen=True)
+class GridAttentionCost:
+    """What a grid attention block computes on one ``H × W`` grid, per head and image.
+
+    Attributes:
+        keys: keys of the largest key set of a query (all positions for global attention).
+        scores: query·key products the block computes (its masked ones included).
+        key_cells: key/value cells it gathers (``keys`` for global attention; the windows or
+            halos of every tile for a local family).
+    """
+
+    keys: int
+    scores: int
+    key_cells: int
 
 
 @dataclass
@@ -468,6 +485,11 @@ class SelfAttention2d(RecordableAttention):
     def key_grid_size(self, height: int, width: int) -> tuple[int, int]:
         """The key/value grid ``(h, w)`` for a query grid ``(height, width)`` (pooling, ceil mode)."""
         return pooled_grid(height, width, self.kv_pool)
+
+    def attention_cost(self, height: int, width: int) -> GridAttentionCost:
+        """Keys, scores and key cells on a ``height × width`` grid (see :class:`GridAttentionCost`)."""
+        keys = math.prod(self.key_grid_size(height, width))
+        return GridAttentionCost(keys=keys, scores=height * width * keys, key_cells=keys)
 
     def _pool(self, t: Tensor) -> Tensor:
         if self.kv_pool == 1:
