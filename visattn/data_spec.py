@@ -3,7 +3,7 @@
 `DataSpec` is the one description of a model's data. Training makes one for its dataset
 (`visattn.train.data.build_datasets`), the explain tools make one for a model without one
 (`visattn.explain.inputs.default_data_config`) and turn one into preprocessing
-(`visattn.explain.inputs.Preprocess`). On disk (a checkpoint's ``data_config`` field,
+(`visattn.explain.inputs.Preprocess.from_spec`). On disk (a checkpoint's ``data_config`` field,
 the ``data_config`` object of a model folder's ``config.json``) it is a plain dict,
 `DataSpec.to_dict`'s, read back with `DataSpec.from_dict`::
 
@@ -148,6 +148,14 @@ class DataSpec:
 
     Lists are taken for tuples and an `int` for a square `img_size`; the spec holds tuples and
     floats. Change one with `dataclasses.replace`, which checks the result again.
+
+    Attributes:
+        img_size: ``(height, width)`` of the model input, in pixels.
+        in_chans: channels of the model input (1 for gray, 3 for RGB).
+        mean, std: per channel, the input is ``(x - mean) / std`` of pixels scaled to [0, 1].
+        name: the dataset's name (``"digits"``), if known.
+        num_classes: the number of classes of the model's head, if known.
+        class_names: one name per class, in label order, if known.
 
     Raises:
         DataSpecError: a field that breaks a rule (see the module's docstring), naming it, its

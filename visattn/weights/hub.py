@@ -97,10 +97,10 @@ def save_pretrained(
     config = _recorded_config(model)
     if data_config is None:
         stored = _data_config_of(getattr(model, "pretrained_cfg", None))
-        data_config = None if stored is None else DataSpec.from_dict(stored, "the model's pretrained_cfg")
-    elif not isinstance(data_config, DataSpec):
-        data_config = DataSpec.from_dict(data_config, "save_pretrained")
-    data = None if data_config is None else data_config.to_dict()
+        spec = None if stored is None else DataSpec.from_dict(stored, "the model's pretrained_cfg")
+    else:
+        spec = data_config if isinstance(data_config, DataSpec) else DataSpec.from_dict(data_config, "save_pretrained")
+    data = None if spec is None else spec.to_dict()
     try:
         checked = config_for_weights(config, model.state_dict(), "save_pretrained")
         check_fields({"model_config": checked, "data_config": data}, "save_pretrained")
