@@ -238,7 +238,7 @@ def test_a_large_picture_is_drawn_at_its_own_size_and_the_query_stays_in_its_pix
     assert small.size == (2048, 1365) and small.info["original_size"] == (6000, 4000)
     torch.manual_seed(0)  # the command's untrained model (--seed 0)
     model = create_model("vit_digits_patch4_16").eval()
-    prep = Preprocess.from_data_config(default_data_config(model))
+    prep = Preprocess.from_spec(default_data_config(model))
     kwargs = {"preprocess": prep, "query": query, "original_size": (6000, 4000)}
     panels = attention_panels(model, small, "query", **kwargs)
     assert panels.marker == pytest.approx((5990 * 2048 / 6000, 3990 * 1365 / 4000))  # same relative spot

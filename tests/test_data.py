@@ -60,11 +60,12 @@ def test_default_dataset_config():
     assert (len(train), len(test)) == (1437, 360)
     x, y = test[0]
     assert x.shape == (1, 16, 16) and isinstance(y, int)
-    assert set(data_config) == {"name", "img_size", "in_chans", "mean", "std", "num_classes", "class_names"}
-    assert data_config["img_size"] == [16, 16] and data_config["in_chans"] == 1 and data_config["num_classes"] == 10
+    assert set(data_config.to_dict()) == {"name", "img_size", "in_chans", "mean", "std", "num_classes", "class_names"}
+    assert data_config.img_size == (16, 16) and data_config.in_chans == 1 and data_config.num_classes == 10
+    assert data_config.name == "digits" and data_config.class_names == tuple("0123456789")
     # test images are only normalized: undoing it gives the upscaled digits back
     raw = test.raw_image(0)
-    assert torch.allclose(x * data_config["std"][0] + data_config["mean"][0], raw, atol=1e-6)
+    assert torch.allclose(x * data_config.std[0] + data_config.mean[0], raw, atol=1e-6)
 
 
 def test_canvas_boxes_hold_the_source_digit_and_clutter_is_other_ink():
@@ -129,10 +130,10 @@ def test_cifar10_reads_the_pickle_format(tmp_path):
     batches, names = write_cifar10(tmp_path)
     train, test, data_config = build_datasets(data_cfg("data.name=cifar10", f"data.root={tmp_path}"))
     assert (len(train), len(test)) == (15, 3)
-    assert data_config["class_names"] == names and data_config["img_size"] == [32, 32]
+    assert data_config.class_names == tuple(names) and data_config.img_size == (32, 32)
     data, labels = batches["test_batch"]
-    mean = torch.tensor(data_config["mean"])[:, None, None]
-    std = torch.tensor(data_config["std"])[:, None, None]
+    mean = torch.tensor(data_config.mean)[:, None, None]
+    std = torch.tensor(data_config.std)[:, None, None]
     for i in range(3):
         x, y = test[i]
         expected = (torch.from_numpy(data[i].reshape(3, 32, 32)).float() / 255 - mean) / std  # CHW row-major
@@ -170,7 +171,7 @@ class Payload:
 def test_cifar100_reads_the_pickle_format(tmp_path):
     folder = write_cifar100(tmp_path)
     train, test, data_config = build_datasets(data_cfg("data.name=cifar100", f"data.root={tmp_path}"))
-    assert (len(train), len(test)) == (4, 4) and data_config["num_classes"] == 100
+    assert (len(train), len(test)) == (4, 4) and data_config.num_classes == 100
     with open(folder / "train", "rb") as handle:
         entry = pickle.load(handle)
     assert torch.equal(train.images, torch.from_numpy(entry["data"].reshape(4, 3, 32, 32)))
@@ -227,11 +228,7 @@ def test_input_shape_is_what_the_built_datasets_report(overrides):
     cfg = data_cfg(*overrides)
     _, _, data_config = build_datasets(cfg)
     chans, classes, side = input_shape(cfg)
-    assert (chans, classes, [side, side]) == (
-        data_config["in_chans"],
-        data_config["num_classes"],
-        data_config["img_size"],
-    )
+    assert (chans, classes, (side, side)) == (data_config.in_chans, data_config.num_classes, data_config.img_size)
 
 
 def test_held_out_pictures_show_each_class_in_turn_as_stored():

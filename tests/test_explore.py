@@ -9,6 +9,7 @@ page is read back from the HTML text with :func:`read_page_data` and :func:`dequ
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from torch import nn
 
 from visattn import HybridViT, SelfAttention2d, VisionTransformer, record_attention
 from visattn.cli import main
+from visattn.data_spec import DataSpec
 from visattn.explain import explore as explore_module
 from visattn.explain import maps
 from visattn.explain.explore import dequantize, explore, quantize, read_page_data
@@ -27,7 +29,7 @@ from visattn.explain.inputs import Preprocess
 from visattn.weights.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-RGB_CONFIG = {"img_size": [16, 24], "in_chans": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+RGB_SPEC = DataSpec(img_size=(16, 24), in_chans=3, mean=(0.5,) * 3, std=(0.25,) * 3)
 
 
 def assert_quantized(entry: dict, expected, what: str = "") -> None:
@@ -53,7 +55,7 @@ def small_vit(**kwargs) -> VisionTransformer:
 
 
 def recorded(model: nn.Module, picture: Image.Image) -> tuple[torch.Tensor, maps.AttentionRecording, torch.Tensor]:
-    x = Preprocess.from_data_config(RGB_CONFIG)(picture)[None]
+    x = Preprocess.from_spec(RGB_SPEC)(picture)[None]
     with torch.no_grad(), record_attention(model) as rec:
         logits = model(x)
     return x, rec, logits
@@ -75,7 +77,7 @@ def test_quantize_keeps_each_map_to_half_a_step_of_its_own_range():
 def test_vit_page_holds_the_recorded_weights(tmp_path):
     """Class token and two registers, a 4×6 patch grid, two pictures of other aspect ratios."""
     model = small_vit(reg_tokens=2)
-    page = explore(model, pictures(), tmp_path / "vit.html", data_config=RGB_CONFIG, class_names=list("abcdef"))
+    page = explore(model, pictures(), tmp_path / "vit.html", data_config=RGB_SPEC, class_names=list("abcdef"))
     data = read_page_data(tmp_path / "vit.html")
     assert page.bytes == (tmp_path / "vit.html").stat().st_size and not page.notes
     paths = [f"blocks.{i}.attn" for i in range(3)]
@@ -106,7 +108,7 @@ def test_vit_page_holds_the_recorded_weights(tmp_path):
 
 def test_mean_pooled_vit_without_class_token(tmp_path):
     model = small_vit(pool="mean", class_token=False, depth=2)
-    explore(model, pictures()[:1], tmp_path / "mean.html", data_config=RGB_CONFIG)
+    explore(model, pictures()[:1], tmp_path / "mean.html", data_config=RGB_SPEC)
     image = read_page_data(tmp_path / "mean.html")["images"][0]
     x, rec, _ = recorded(model, pictures()[0])
     for layer in image["layers"]:
@@ -133,7 +135,7 @@ class GridCNN(nn.Module):
 def test_cnn_page_holds_the_recorded_weights(tmp_path):
     """A 6×8 query grid with keys pooled to 3×4: rows and attention received per head."""
     model = GridCNN().eval()
-    explore(model, pictures(), tmp_path / "cnn.html", data_config=RGB_CONFIG)
+    explore(model, pictures(), tmp_path / "cnn.html", data_config=RGB_SPEC)
     for picture, image in zip(pictures(), read_page_data(tmp_path / "cnn.html")["images"], strict=True):
         _, rec, _ = recorded(model, picture)
         (layer,) = image["layers"]
@@ -156,14 +158,14 @@ def test_the_budget_subsamples_query_cells_and_says_so(tmp_path, monkeypatch):
     received still averages every query (computed a chunk of cells at a time)."""
     monkeypatch.setattr(explore_module, "RECEIVED_CHUNK_BYTES", 300 * 1024 * 4)  # chunks of 300, 300, 300, 124 cells
     model = GridCNN(stride=1, heads=1, kv_pool=1).eval()
-    config = {**RGB_CONFIG, "img_size": [32, 32]}
+    config = dataclasses.replace(RGB_SPEC, img_size=(32, 32))
     page = explore(model, pictures()[:1], tmp_path / "small.html", data_config=config, max_mb=0.4)
     assert page.bytes <= 0.4e6 and page.strides["attn"] >= 2
     data = read_page_data(tmp_path / "small.html")
     assert data["notes"] == page.notes and "one cell in every" in page.notes[0] and "0.4 MB" in page.notes[0]
     layer = data["images"][0]["layers"][0]
     s, offset = layer["stride"], layer["offset"]
-    x = Preprocess.from_data_config(config)(pictures()[0])[None]
+    x = Preprocess.from_spec(config)(pictures()[0])[None]
     with torch.no_grad(), record_attention(model) as rec:
         model(x)
     full = rec["attn"].weights[0, 0].reshape(32, 32, 32 * 32)
@@ -178,7 +180,7 @@ def test_hybrid_page_has_grid_and_token_layers(tmp_path):
     backbone = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), SelfAttention2d(8, num_heads=2, qk_channels=4))
     model = HybridViT(backbone, out_layer=None, img_size=(16, 24), embed_dim=16, depth=2, num_heads=2, num_classes=3)
     nn.init.ones_(backbone[1].gamma)
-    explore(model.eval(), pictures()[:1], tmp_path / "hybrid.html", data_config=RGB_CONFIG)
+    explore(model.eval(), pictures()[:1], tmp_path / "hybrid.html", data_config=RGB_SPEC)
     image = read_page_data(tmp_path / "hybrid.html")["images"][0]
     _, rec, _ = recorded(model, pictures()[0])
     kinds = {layer["path"]: layer["kind"] for layer in image["layers"]}
@@ -190,7 +192,7 @@ def test_hybrid_page_has_grid_and_token_layers(tmp_path):
 
 
 def test_the_page_is_one_self_contained_file_shipped_with_the_package(tmp_path):
-    explore(small_vit(depth=1), pictures()[:1], tmp_path / "p.html", data_config=RGB_CONFIG, title="a </script> b")
+    explore(small_vit(depth=1), pictures()[:1], tmp_path / "p.html", data_config=RGB_SPEC, title="a </script> b")
     text = (tmp_path / "p.html").read_text()
     assert "http://" not in text and "https://" not in text and 'src="//' not in text  # nothing to fetch
     assert text.count("</script>") == 2 and "a &lt;/script&gt; b" in text
@@ -207,7 +209,7 @@ def test_explore_command_with_a_checkpoint_and_a_pretrained_file(tmp_path, capsy
     model = small_vit(depth=1, num_classes=3)
     model_config = dict(name="vit_digits_patch4_16", img_size=[16, 24], patch_size=4, num_classes=3, in_chans=3,
                         embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0, class_token=True, pool="cls")  # fmt: skip
-    data_config = {**RGB_CONFIG, "class_names": ["cat", "dog", "fox"]}
+    data_config = {**RGB_SPEC.to_dict(), "class_names": ["cat", "dog", "fox"]}  # as stored
     save_checkpoint(tmp_path / "best.pt", model, model_config, data_config=data_config)
     pictures()[1].save(tmp_path / "tall.png")
     argv = ["explore", "--checkpoint", str(tmp_path), "--image", str(tmp_path / "tall.png"), "--out"]
@@ -231,7 +233,7 @@ def test_a_model_with_nan_weights_gets_no_page(tmp_path):
         model.head.weight[2, 0] = float("nan")  # one class score of six is NaN
     message = r"the model's output for picture 1: 1 of 6 values are NaN or infinite; the model's weights"
     with pytest.raises(ValueError, match=message):
-        explore(model, pictures()[:1], tmp_path / "nan.html", data_config=RGB_CONFIG)
+        explore(model, pictures()[:1], tmp_path / "nan.html", data_config=RGB_SPEC)
     assert not list(tmp_path.iterdir())
 
 
@@ -248,7 +250,7 @@ def test_a_map_that_is_not_finite_is_refused_by_name(tmp_path, monkeypatch):
     # head 1, the mean and the max of the heads: 3 of the 4 × 4 × 6 values of the first layer's maps
     message = r"the attention received in blocks\.0\.attn: 3 of 96 values are NaN or infinite"
     with pytest.raises(ValueError, match=message):
-        explore(small_vit(depth=2), pictures()[:1], tmp_path / "inf.html", data_config=RGB_CONFIG)
+        explore(small_vit(depth=2), pictures()[:1], tmp_path / "inf.html", data_config=RGB_SPEC)
     assert not list(tmp_path.iterdir())
 
 
@@ -258,5 +260,5 @@ def test_the_page_data_is_strict_json(tmp_path):
         with pytest.raises(ValueError, match="not JSON compliant"):
             explore_module._fill_template({"p": bad}, "title")
     with pytest.raises(ValueError, match="max_mb must be a positive number of megabytes, got inf"):
-        explore(small_vit(depth=1), pictures()[:1], tmp_path / "p.html", data_config=RGB_CONFIG, max_mb=float("inf"))
+        explore(small_vit(depth=1), pictures()[:1], tmp_path / "p.html", data_config=RGB_SPEC, max_mb=float("inf"))
     assert not list(tmp_path.iterdir())

@@ -20,13 +20,14 @@ from PIL import Image
 from torch import nn
 
 from visattn import SelfAttention2d, VisionTransformer, record_attention
+from visattn.data_spec import DataSpec
 from visattn.explain import maps
 from visattn.explain.explore import explore
 from visattn.explain.inputs import Preprocess
 
 from .helpers import headless_chromium
 
-CONFIG = {"img_size": [16, 24], "in_chans": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+SPEC = DataSpec(img_size=(16, 24), in_chans=3, mean=(0.5,) * 3, std=(0.25,) * 3)
 pytestmark = pytest.mark.slow  # a browser session: seconds to start, before the first test
 
 
@@ -64,10 +65,10 @@ def pages(tmp_path_factory):
         for block in vit.blocks:
             block.attn.qkv.weight.mul_(6.0)
     cnn = GridCNN().eval()
-    explore(vit, [picture()], folder / "vit.html", data_config=CONFIG, class_names=list("abcde"))
-    page = explore(cnn, [picture()], folder / "cnn.html", data_config=CONFIG, max_mb=0.12)
+    explore(vit, [picture()], folder / "vit.html", data_config=SPEC, class_names=list("abcde"))
+    page = explore(cnn, [picture()], folder / "cnn.html", data_config=SPEC, max_mb=0.12)
     assert page.strides["attn"] > 1  # the CNN page keeps a subsampled grid of query cells
-    x = Preprocess.from_data_config(CONFIG)(picture())[None]
+    x = Preprocess.from_spec(SPEC)(picture())[None]
     recordings = {}
     for name, model in (("vit", vit), ("cnn", cnn)):
         with torch.no_grad(), record_attention(model) as rec:

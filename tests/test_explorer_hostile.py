@@ -29,7 +29,7 @@ from visattn.explain import explore as explore_module
 from visattn.explain.explore import explore, read_page_data
 
 from .helpers import headless_chromium
-from .test_explorer_browser import CONFIG, open_page
+from .test_explorer_browser import SPEC, open_page
 
 # event handlers are sloppy-mode scripts: `__pwned=1` sets window.__pwned (a ModuleDict key may hold no dot)
 CLASS_NAMES = [
@@ -90,7 +90,7 @@ def hostile(tmp_path_factory) -> dict[str, Path]:
         Image.fromarray(rng.integers(0, 256, (60, 140, 3), dtype=np.uint8)).save(folder / name, format="PNG")
         files.append(folder / name)
     page = explore(
-        HostileModel().eval(), files, folder / "page.html", data_config=CONFIG, class_names=CLASS_NAMES,
+        HostileModel().eval(), files, folder / "page.html", data_config=SPEC, class_names=CLASS_NAMES,
         max_mb=0.5, title=TITLE,
     )  # fmt: skip
     assert page.strides[PATHS[0]] > 1 and GRID_KEY in page.notes[0]

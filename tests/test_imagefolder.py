@@ -76,7 +76,7 @@ def test_hidden_files_and_folders_are_skipped_and_named(tmp_path):
     (tmp_path / "cat" / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble")  # macOS resource fork
     make_folder(tmp_path / "dog" / ".thumbnails")
     train, test, data_config, messages = built(data_cfg(tmp_path, "data.val_fraction=0.5"))
-    assert data_config["class_names"] == ["cat", "dog"]
+    assert data_config.class_names == ("cat", "dog")
     assert sorted(real_paths(train) + real_paths(test)) == sorted(os.path.realpath(p) for p in written)
     [message] = messages
     assert message.startswith(f"skipping 4 hidden file(s) and folder(s) under {tmp_path}: ")

@@ -105,7 +105,7 @@ def test_the_library_functions_refuse_their_inputs_too(files):
     with pytest.raises(UnsafeOutputError, match="holds text, not an HTML page.*force=True"):
         explore(model, [files / "pic.png"], files / "important.txt")
     with Image.open(files / "pic.png") as picture:
-        preprocess = Preprocess.from_data_config(default_data_config(model))
+        preprocess = Preprocess.from_spec(default_data_config(model))
         with pytest.raises(UnsafeOutputError, match="link.png is the input"):
             attention_overlay(model, picture, "rollout", preprocess=preprocess, out=files / "link.png", force=True)
     metrics = files / "metrics.jsonl"

@@ -10,6 +10,7 @@ from PIL import Image
 from torch import nn
 
 from visattn import SelfAttention2d, load_image
+from visattn.data_spec import DataSpec
 from visattn.explain.inputs import Preprocess
 from visattn.explain.maps import to_image
 from visattn.explain.overlay import attention_overlay, attention_panels
@@ -96,8 +97,13 @@ def test_preprocess_follows_the_data_config_exactly():
     torch.testing.assert_close(gray[0, 3, 3], torch.tensor((luma / 255 - 0.2) / 0.4))
     with pytest.raises(ValueError, match="lacks std"):
         Preprocess.from_data_config({"img_size": [8, 8], "in_chans": 1, "mean": [0.5]})
-    with pytest.raises(ValueError, match="need 3 value"):
+    with pytest.raises(ValueError, match=r"holds 1 value\(s\) but data_config\['in_chans'\] is 3"):
         Preprocess.from_data_config({"img_size": 8, "in_chans": 3, "mean": [0.5], "std": [0.5]})
+    with pytest.raises(ValueError, match="unknown key"):
+        Preprocess.from_data_config({**DIGITS_LIKE, "interpolation": "bicubic"})
+    two = DataSpec(img_size=(8, 8), in_chans=2, mean=(0.5, 0.5), std=(0.5, 0.5))
+    with pytest.raises(ValueError, match=r"in_chans 1 \(gray\) or 3 \(RGB\) pictures; the spec has 2"):
+        Preprocess.from_spec(two)
 
 
 def test_normalize_map():

@@ -25,6 +25,7 @@ from visattn import (
     load_pretrained,
     save_pretrained,
 )
+from visattn.data_spec import DataSpec
 from visattn.weights.checkpoint import save_checkpoint
 from visattn.weights.hub import CONFIG_NAME, WEIGHTS_NAME
 
@@ -149,6 +150,25 @@ def test_version_1_folders_are_read(tmp_path):
     assert loaded.pretrained_cfg == {"mean": [0.2], "std": [0.3], "input_size": [1, 16, 16]}
 
 
+def test_the_data_spec_is_stored_as_training_wrote_it_and_older_data_configs_still_load(digits, tmp_path):
+    model, folder = digits
+    written = {**DATA, "class_names": list("abcdefghij")}
+    spec = DataSpec.from_dict(written)
+    save_pretrained(model, tmp_path / "spec", data_config=spec)
+    for saved in (folder, tmp_path / "spec"):  # from the dict and from the spec: the same file
+        stored = json.loads((saved / CONFIG_NAME).read_text())["data_config"]
+        assert stored == written and list(stored) == list(written)
+    assert (tmp_path / "spec" / CONFIG_NAME).read_bytes() == (folder / CONFIG_NAME).read_bytes()
+    # an earlier save_pretrained took any of the keys: such a folder loads and keeps its class names
+    _edit(folder, data_config=None)
+    _edit(folder, data_config={"class_names": list("abcdefghij")})
+    assert load_pretrained(folder).pretrained_cfg == {"label_names": list("abcdefghij")}
+    # a pretrained_cfg without a mean and std (a transformers model's) describes no input: none is written
+    model.pretrained_cfg = {"input_size": [1, 16, 16], "source": "transformers:x"}
+    save_pretrained(model, tmp_path / "no_stats")
+    assert json.loads((tmp_path / "no_stats" / CONFIG_NAME).read_text())["data_config"] is None
+
+
 # --- create_model(name, pretrained_file=...) -----------------------------------------------------
 
 
@@ -256,6 +276,12 @@ EDITS = [
         dict(data_config={"class_names": [1, 2]}),
         "data_config['class_names'] must be a list of strings",
     ),
+    (
+        "data config typo",
+        dict(data_config={"img_sise": [16, 16]}),
+        "data_config has the unknown key(s) 'img_sise'; the known keys are name, img_size",
+    ),
+    ("mean per channel", dict(data_config={"mean": [0.3, 0.3]}), "data_config['mean'] holds 2 value(s)"),
     ("format", dict(format="something-else"), "not a visattn pretrained config"),
     ("version", dict(version=99), "format version 99"),
 ]

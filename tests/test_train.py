@@ -370,7 +370,7 @@ def test_the_train_command_ends_with_where_the_run_folders_model_looks_in_held_o
     # the run folder's model (the best epoch's EMA weights here), as load_pretrained reads it, gives the class scores
     model = load_pretrained(run)
     with torch.no_grad():
-        probs = model(Preprocess.from_data_config(data_config)(expected[0])[None]).softmax(-1)[0]
+        probs = model(Preprocess.from_spec(data_config)(expected[0])[None]).softmax(-1)[0]
     top = probs.sort(descending=True)
     assert [p["label"] for p in shown[0]["predictions"]] == [str(i) for i in top.indices[:5].tolist()]
     assert [p["p"] for p in shown[0]["predictions"]] == pytest.approx(top.values[:5].tolist(), abs=1e-6)

@@ -1,11 +1,12 @@
 """visattn: vision self-attention modules and Vision Transformers around one attention core.
 
-The package is layered (imports only go down): the leaves ``_io`` and ``_utils``; ``layers``
-(the attention arithmetic and modules); ``models`` (named models, CNN insertion); ``weights``
-(conversion, save/load, checkpoints); ``explain`` and ``train``; and ``cli`` on top.
+The package is layered (imports only go down): the leaves ``_io``, ``_utils`` and ``data_spec``;
+``layers`` (the attention arithmetic and modules); ``models`` (named models, CNN insertion);
+``weights`` (conversion, save/load, checkpoints); ``explain`` and ``train``; and ``cli`` on top.
 """
 
 from ._io import CheckpointError, load_image
+from .data_spec import DataSpec
 from .explain.explore import explore
 from .explain.recording import AttentionRecording, record_attention
 from .explain.render import overlay, overlay_grid
@@ -30,6 +31,7 @@ __all__ = [
     "AttentionRecording",
     "AttentionSite",
     "CheckpointError",
+    "DataSpec",
     "EncoderBlock",
     "HybridEmbed",
     "HybridViT",

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import torch
 
 from ._utils import sigterm_raises
+from .data_spec import DataSpec
 from .models.registry import create_model, list_models
 
 
@@ -74,9 +75,9 @@ def _block_argument(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def _model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, str]:
+def _model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, DataSpec, str]:
     """``--checkpoint`` or ``--model [--pretrained | --pretrained-file]``: (model in eval mode, its
-    data_config, a name for it)."""
+    data spec, a name for it)."""
     from .explain.inputs import default_data_config, pretrained_data_config
     from .weights.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -87,11 +88,12 @@ def _model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, str]
             raise ValueError("--pretrained and --pretrained-file are for --model; a checkpoint holds its own weights")
         state = load_checkpoint(_checkpoint_file(args.checkpoint))
         model = model_from_checkpoint(state, source=args.checkpoint)
-        data_config = state.get("data_config")
-        if data_config is None:
-            data_config = default_data_config(model)
-            print(f"note: {args.checkpoint} has no data_config; using {data_config}", file=sys.stderr)
-        return model, data_config, str(args.checkpoint)
+        if state.get("data_config") is None:
+            spec = default_data_config(model)
+            print(f"note: {args.checkpoint} has no data_config; using {spec.to_dict()}", file=sys.stderr)
+        else:
+            spec = DataSpec.from_dict(state["data_config"], source=args.checkpoint)
+        return model, spec, str(args.checkpoint)
     if args.pretrained or args.pretrained_file:
         model = create_model(args.model, pretrained=args.pretrained, pretrained_file=args.pretrained_file).eval()
         source = args.pretrained_file or "pretrained"
@@ -146,8 +148,8 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
     if args.head != "mean" and (args.panels or not spec.per_head):
         raise ValueError(f"--head picks one head's map of --method {_methods_that('per_head')} without --panels")
     _check_output(args, args.out, image_format(args.out))
-    model, data_config, _ = _model_source(args)
-    preprocess = Preprocess.from_data_config(data_config)
+    model, data_spec, _ = _model_source(args)
+    preprocess = Preprocess.from_spec(data_spec)
     # one overlay: the whole picture, at its own resolution; panels: a copy of at most 2048 pixels
     image = load_image(args.image, max_side=max(OVERLAY_MAX_SIDE, *preprocess.img_size) if args.panels else None)
     layer = _layer(args.layer)
@@ -162,7 +164,7 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
         target=args.target,
         head_fusion=args.head_fusion,
         discard_ratio=args.discard_ratio,
-        class_names=data_config.get("class_names"),
+        class_names=data_spec.class_names,
         cmap=args.cmap,
         alpha=args.alpha,
         panels=args.panels,
@@ -179,12 +181,12 @@ def _cmd_explore(args: argparse.Namespace) -> int:
     from .explain.explore import explore
 
     _check_output(args, args.out, "HTML")
-    model, data_config, name = _model_source(args)
+    model, data_spec, name = _model_source(args)
     page = explore(
         model,
         args.image,
         args.out,
-        data_config=data_config,
+        data_config=data_spec,
         max_mb=args.max_mb,
         title=args.title or name,
         cmap=args.cmap,
@@ -339,7 +341,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 RUN_EXPLORER_PICTURES = 8
 
 
-def _write_run_explorer(run_dir: Path, model: torch.nn.Module, test_set: Any, data_config: dict) -> None:
+def _write_run_explorer(run_dir: Path, model: torch.nn.Module, test_set: Any, data_spec: DataSpec) -> None:
     """``RUN/explorer.html`` (`visattn.explore`): where the trained model looks in a few held-out
     pictures, one of each class in turn; its path is the last line printed. Nothing for data
     that has no pictures to show (``fake``); a model that records no attention (a CNN without
@@ -350,19 +352,19 @@ def _write_run_explorer(run_dir: Path, model: torch.nn.Module, test_set: Any, da
     pictures = held_out_pictures(test_set, RUN_EXPLORER_PICTURES)
     if not pictures:
         return
-    title = f"{run_dir.name}: held-out {data_config['name']} pictures"
+    title = f"{run_dir.name}: held-out {data_spec.name} pictures"
     try:
-        page = explore(model, pictures, run_dir / "explorer.html", data_config=data_config, title=title)
+        page = explore(model, pictures, run_dir / "explorer.html", data_config=data_spec, title=title)
     except ValueError as err:  # nothing recorded, or nothing finite: the run itself is complete
         print(f"no explorer page: {_one_line(err)}")
         return
     print(f"where the model looks in {len(pictures)} held-out pictures ({page.bytes / 1e6:.2f} MB): {page.path}")
 
 
-def _held_out(args: argparse.Namespace) -> tuple[Path, dict, torch.nn.Module, Any, Any, dict]:
+def _held_out(args: argparse.Namespace) -> tuple[Path, dict, torch.nn.Module, Any, Any, DataSpec]:
     """`--checkpoint` (`--data`, `--data-root`, `--set`) → the checkpoint file, its state, its
     model (eval mode), its resolved config, the held-out split of its data set and that set's data
-    config (see `_held_out_config` for what of the stored config is used)."""
+    spec (see `_held_out_config` for what of the stored config is used)."""
     from .train.data import build_datasets
     from .weights.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -375,11 +377,11 @@ def _held_out(args: argparse.Namespace) -> tuple[Path, dict, torch.nn.Module, An
         )
     model = model_from_checkpoint(state, source=path)
     cfg = _held_out_config(args, state["config"], path)
-    _, test_set, data_config = build_datasets(cfg.data)
+    _, test_set, data_spec = build_datasets(cfg.data)
     classes = state["model_config"].get("num_classes")
-    if classes is not None and data_config["num_classes"] != classes:
-        raise ValueError(f"the model has {classes} classes but {cfg.data.name} has {data_config['num_classes']}")
-    return path, state, model, cfg, test_set, data_config
+    if classes is not None and data_spec.num_classes != classes:
+        raise ValueError(f"the model has {classes} classes but {cfg.data.name} has {data_spec.num_classes}")
+    return path, state, model, cfg, test_set, data_spec
 
 
 #: data sets read from a folder: `eval` and `evaluate-maps` read only a folder their command line names
@@ -420,14 +422,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .train.engine import evaluate
     from .train.imagefolder import collate_readable
 
-    path, _, model, cfg, test_set, data_config = _held_out(args)
+    path, _, model, cfg, test_set, data_spec = _held_out(args)
+    assert data_spec.num_classes is not None and data_spec.class_names is not None  # build_datasets sets both
     loader = DataLoader(test_set, batch_size=args.batch, collate_fn=collate_readable)
-    stats = evaluate(model, loader, num_classes=data_config["num_classes"])
+    stats = evaluate(model, loader, num_classes=data_spec.num_classes)
     print(f"{path}: {cfg.data.name} held-out split, {len(test_set)} images")
     print(f"top-1 {stats['acc1']:.2%}  top-5 {stats['acc5']:.2%}  loss {stats['loss']:.4f}")
     print(f"{'class':<16}{'images':>8}{'top-1':>9}")
     for name, correct, count in zip(
-        data_config["class_names"], stats["per_class_correct"], stats["per_class_count"], strict=True
+        data_spec.class_names, stats["per_class_correct"], stats["per_class_count"], strict=True
     ):
         acc = f"{correct / count:.2%}" if count else "-"
         print(f"{_printable(name):<16}{int(count):>8}{acc:>9}")

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from .._io import atomic_write_text, check_output, load_image
 from .._utils import require_finite
+from ..data_spec import DataSpec
 from ..layers.attention import SelfAttention2d
 from . import maps
 from .inputs import Preprocess, default_data_config, picture_file
@@ -495,7 +496,7 @@ def explore(
     images: Sequence[Image.Image | str | os.PathLike] | Image.Image | str | os.PathLike,
     out_path: str | os.PathLike,
     *,
-    data_config: dict[str, Any] | None = None,
+    data_config: DataSpec | None = None,
     class_names: Sequence[str] | None = None,
     max_mb: float = 20.0,
     title: str | None = None,
@@ -514,9 +515,10 @@ def explore(
         out_path: the HTML file to write (atomically). Never one of the picture files (nor a
             link to one); an existing file there is replaced only if it is an HTML page or empty
             (`visattn._io.check_output`).
-        data_config: ``{"img_size", "in_chans", "mean", "std", "class_names"?}`` as a visattn
-            checkpoint stores it; default from the model (:func:`default_data_config`).
-        class_names: names of the classes (default ``data_config["class_names"]`` if any).
+        data_config: how the model is fed, a :class:`~visattn.data_spec.DataSpec` (a visattn
+            checkpoint's: ``DataSpec.from_dict(state["data_config"])``); default from the model
+            (:func:`default_data_config`).
+        class_names: names of the classes (default ``data_config.class_names`` if any).
         max_mb: size budget of the page in megabytes; query rows beyond it are subsampled.
         title: the page's title (default the model's class name).
         cmap, alpha: the colormap (one of :data:`COLORMAPS`) and opacity the page opens with.
@@ -540,9 +542,9 @@ def explore(
         raise ValueError("give at least one picture")
     check_output(out_path, "HTML", [picture_file(image) for image in images], force=force)
     model.eval()
-    data_config = dict(data_config or default_data_config(model))
-    class_names = class_names or data_config.get("class_names")
-    views = _views(model, images, Preprocess.from_data_config(data_config))
+    spec = data_config or default_data_config(model)
+    class_names = class_names or spec.class_names
+    views = _views(model, images, Preprocess.from_spec(spec))
     return _write_page(model, views, Path(out_path), class_names, max_mb, title or type(model).__name__, cmap, alpha)
 
 

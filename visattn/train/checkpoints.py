@@ -44,7 +44,8 @@ class Progress:
 class Checkpoints:
     """Writes and reads the checkpoints of the run in ``run_dir``.
 
-    ``extra``: what both checkpoints carry besides the weights (``data_config``, ``config``).
+    ``extra``: what both checkpoints carry besides the weights (``data_config``, the stored form of
+    the run's `visattn.data_spec.DataSpec`, and ``config``).
     """
 
     run_dir: Path

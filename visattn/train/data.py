@@ -1,9 +1,9 @@
 """Datasets and transforms for training: digits, digits on a cluttered canvas, CIFAR, image folders, fake.
 
 :func:`build_datasets` turns the ``data`` section of a config into a training set, a held-out
-test set and a ``data_config`` dict — ``{"name", "img_size": [H, W], "in_chans", "mean", "std",
-"num_classes", "class_names"}`` — that is stored in checkpoints so that inference rebuilds the
-same preprocessing (resize to ``img_size``, grayscale when ``in_chans == 1``, normalize).
+test set and a `visattn.data_spec.DataSpec` (name, ``img_size``, ``in_chans``, mean, std, the
+classes and their names) that checkpoints store (as ``data_config``) so that inference rebuilds
+the same preprocessing (resize to ``img_size``, grayscale when ``in_chans == 1``, normalize).
 Every dataset yields ``(image (C, H, W) float tensor, label int)``. The datasets themselves
 come from `visattn.train.digits` (digits and digit canvases), `visattn.train.cifar` and
 `visattn.train.imagefolder` (indexed, checked and read there); those held in memory are
@@ -29,6 +29,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import to_pil_image
 
+from ..data_spec import DataSpec
 from .cifar import CIFAR_STATS, cifar_images
 from .digits import DigitsCanvas, digits_images
 from .imagefolder import CheckedImageFolder, build_image_folders
@@ -185,23 +186,24 @@ _BUILDERS: dict[str, Callable[[Any], DataSplits]] = {
 }
 
 
-def build_datasets(cfg: Any) -> tuple[Dataset, Dataset, dict[str, Any]]:
-    """``(train_set, test_set, data_config)`` for the ``data`` section of a config."""
+def build_datasets(cfg: Any) -> tuple[Dataset, Dataset, DataSpec]:
+    """``(train_set, test_set, data_spec)`` for the ``data`` section of a config; the spec has
+    every field (the dataset's name, its classes and their names)."""
     if cfg.name not in _BUILDERS:
         raise ValueError(f"unknown dataset {cfg.name!r}; choose one of: {', '.join(_BUILDERS)}")
     splits = _BUILDERS[cfg.name](cfg)
     if len(splits.classes) < 2:
         raise ValueError(f"data.name={cfg.name} has {len(splits.classes)} class(es); a classifier needs at least 2")
-    data_config = {
-        "name": cfg.name,
-        "img_size": list(splits.size),
-        "in_chans": splits.in_chans,
-        "mean": [float(m) for m in splits.mean],
-        "std": [float(s) for s in splits.std],
-        "num_classes": len(splits.classes),
-        "class_names": list(splits.classes),
-    }
-    return splits.train, splits.test, data_config
+    spec = DataSpec(
+        img_size=splits.size,
+        in_chans=splits.in_chans,
+        mean=tuple(splits.mean),
+        std=tuple(splits.std),
+        name=cfg.name,
+        num_classes=len(splits.classes),
+        class_names=tuple(splits.classes),
+    )
+    return splits.train, splits.test, spec
 
 
 def held_out_pictures(dataset: Dataset, count: int = 8) -> list[Image.Image | str]:

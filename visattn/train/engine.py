@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from .._io import atomic_write_text
+from ..data_spec import DataSpec
 from ..models.registry import create_model
 from ..weights.checkpoint import load_checkpoint
 from ..weights.hub import load_pretrained
@@ -75,7 +76,7 @@ __all__ = [
 ]
 
 #: what `fit` calls last, on the main process: ``(run folder, final model, held-out set, data config)``
-RunEnd = Callable[[Path, nn.Module, Dataset, dict[str, Any]], None]
+RunEnd = Callable[[Path, nn.Module, Dataset, DataSpec], None]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,7 +92,7 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None, at_end: RunEnd
     ``NAME-2`` ...) before anything is built and locks it while it trains (`visattn.train.run_folder`).
     Every epoch writes ``last.pt`` before ``best.pt``, so a run stopped between any two writes resumes.
     ``at_end``: called last on the main process with the run folder, the final model (the EMA
-    weights with EMA), the held-out set and its data config (``visattn train`` writes the explorer page).
+    weights with EMA), the held-out set and its data spec (``visattn train`` writes the explorer page).
 
     Ctrl-C (and SIGTERM, where it raises `visattn._utils.Terminated`, as in the ``visattn``
     command) raises `TrainingInterrupted` naming the folder; a full disk raises `DiskFullError`
@@ -111,12 +112,13 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None, at_end: RunEnd
 
         # data: the training loader's order depends only on (seed, epoch)
         _seed_everything(t.seed, 0, 0)
-        train_set, test_set, data_config = build_datasets(cfg.data)
+        train_set, test_set, data_spec = build_datasets(cfg.data)
         train_batches, sampler = train_loader(train_set, t.batch_size, cfg.data.workers, t.seed, procs)
         test_batches = eval_loader(test_set, t.batch_size, cfg.data.workers, procs)
 
         # model: create_model(name, num_classes=..., in_chans=..., **the config's other keys)
-        num_classes, in_chans = data_config["num_classes"], data_config["in_chans"]
+        assert data_spec.num_classes is not None  # build_datasets gives every field
+        num_classes, in_chans = data_spec.num_classes, data_spec.in_chans
         model_config = {**config_to_dict(cfg.model), "num_classes": num_classes, "in_chans": in_chans}
         # resumed: the stored config is data, checked against last.pt's weights, which replace the starting ones
         built = model_config if state is None else config_for_weights(model_config, state.get("model"), last)
@@ -125,13 +127,13 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None, at_end: RunEnd
         model = build_model(built).to(procs.device)
         if t.grad_checkpointing:
             enable_grad_checkpointing(model, model_config["name"])
-        amp_dtype, reason = run_precision(t.amp, model, (in_chans, *data_config["img_size"]), procs, state)
+        amp_dtype, reason = run_precision(t.amp, model, (in_chans, *data_spec.img_size), procs, state)
         log(f"precision {DTYPE_NAMES[amp_dtype]}: {reason}")
-        log(_sizes_line(model, model_config["name"], data_config, dataset_size(train_set), dataset_size(test_set)))
+        log(_sizes_line(model, model_config["name"], data_spec, dataset_size(train_set), dataset_size(test_set)))
 
         # optimizer, schedule, loss, EMA; resumed: the state of last.pt
         recipe = build_recipe(t, model, len(train_batches), num_classes, amp_dtype)
-        extra = {"data_config": data_config, "config": config_to_dict(cfg)}
+        extra = {"data_config": data_spec.to_dict(), "config": config_to_dict(cfg)}  # the checkpoints' form
         checkpoints = Checkpoints(run_dir, model, recipe, model_config, extra)
         progress = Progress() if state is None else checkpoints.restore(state)
         if state is not None:
@@ -182,7 +184,7 @@ def fit(cfg: DictConfig, resume: str | os.PathLike | None = None, at_end: RunEnd
             if metrics:
                 log(_final_line(metrics, recipe.ema is not None, run_dir))
             if at_end is not None and (run_dir / "config.json").is_file():
-                at_end(run_dir, load_pretrained(run_dir).to(procs.device), test_set, data_config)
+                at_end(run_dir, load_pretrained(run_dir).to(procs.device), test_set, data_spec)
         end_processes(procs)
     return {k: v for k, v in metrics.items() if "per_class" not in k} | {"run_dir": str(run_dir)}
 
@@ -358,11 +360,11 @@ def _with_bar(loader: DataLoader, epoch: int, mode: str, is_main: bool) -> Itera
     return tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
 
 
-def _sizes_line(model: nn.Module, name: str, data_config: dict[str, Any], train_images: int, test_images: int) -> str:
+def _sizes_line(model: nn.Module, name: str, data_spec: DataSpec, train_images: int, test_images: int) -> str:
     parameters = sum(p.numel() for p in model.parameters()) / 1e6
     return (
-        f"model {name}: {parameters:.2f} M parameters; data {data_config['name']}: "
-        f"{train_images} train / {test_images} test images of {data_config['img_size']}"
+        f"model {name}: {parameters:.2f} M parameters; data {data_spec.name}: "
+        f"{train_images} train / {test_images} test images of {list(data_spec.img_size)}"
     )
 
 

@@ -12,14 +12,15 @@ Python values (so ``torch.load(weights_only=True)`` reads it)::
         ...                        # optional training state (optimizer, scheduler, epoch, RNG, ...)
     }
 
-Training (:mod:`visattn.train.engine`) writes ``data_config`` = ``{"name", "img_size": [H, W],
-"in_chans", "mean", "std", "num_classes", "class_names"}`` and ``config`` (the resolved training
-config) into ``best.pt`` (plus ``epoch``, ``acc1``) and ``last.pt``; ``last.pt`` also holds the
-training state: ``optimizer``, ``scheduler``, ``ema`` (or ``None``), ``scaler`` (or ``None``),
-``epoch`` (epochs completed), ``step`` (updates done), ``best_acc1`` and ``best_epoch`` (the
-epoch whose weights ``best.pt`` holds; each epoch writes ``last.pt`` first). No random-generator
-state is stored because none is needed: training re-seeds every generator at the start of each
-epoch from ``(seed, epoch, rank)``, so ``epoch`` fixes it.
+Training (:mod:`visattn.train.engine`) writes ``data_config`` (the stored form of a
+`visattn.data_spec.DataSpec`: ``{"name", "img_size": [H, W], "in_chans", "mean", "std",
+"num_classes", "class_names"}``) and ``config`` (the resolved training config) into ``best.pt``
+(plus ``epoch``, ``acc1``) and ``last.pt``; ``last.pt`` also holds the training state:
+``optimizer``, ``scheduler``, ``ema`` (or ``None``), ``scaler`` (or ``None``), ``epoch`` (epochs
+completed), ``step`` (updates done), ``best_acc1`` and ``best_epoch`` (the epoch whose weights
+``best.pt`` holds; each epoch writes ``last.pt`` first). No random-generator state is stored
+because none is needed: training re-seeds every generator at the start of each epoch from
+``(seed, epoch, rank)``, so ``epoch`` fixes it.
 
 A checkpoint is untrusted data. `load_checkpoint` checks the type of every field visattn
 reads (`model`, `model_config`, `config`, `data_config` and its class names), and
@@ -31,7 +32,6 @@ the field.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .._io import CheckpointError, atomic_torch_save, read_torch_file
+from ..data_spec import DataSpecError, check_data_dict
 from ..models.registry import create_model
 from .stored_config import config_for_weights
 
@@ -116,46 +117,19 @@ def check_fields(state: dict[str, Any], source: str | os.PathLike) -> None:
 
 
 def _check_data_config(config: dict[str, Any], head: Any, source: str | os.PathLike) -> None:
-    """The types of a stored `data_config`, and its class names: one string per class of the
-    model's head (`head`: `model_config['num_classes']`, when it is a number)."""
-    rules = {
-        "name": (lambda v: isinstance(v, str), "a string"),
-        "img_size": (lambda v: _whole(v) or (isinstance(v, list | tuple) and len(v) == 2 and all(map(_whole, v))),
-                     "a positive whole number or a pair [height, width] of them"),
-        "in_chans": (_whole, "a positive whole number"),
-        "mean": (lambda v: isinstance(v, list | tuple) and all(map(_finite, v)), "a list of numbers"),
-        "std": (lambda v: isinstance(v, list | tuple) and all(_finite(s) and s > 0 for s in v),
-                "a list of positive numbers"),
-        "num_classes": (_whole, "a positive whole number"),
-        "class_names": (lambda v: isinstance(v, list | tuple) and all(isinstance(n, str) for n in v),
-                        "a list of strings"),
-    }  # fmt: skip
-    for key, (valid, wanted) in rules.items():
-        if key in config and not valid(config[key]):
-            raise CheckpointError(
-                f"{source}: field data_config[{key!r}] must be {wanted}, got {_described(config[key])}"
-            )
+    """A stored `data_config` by the rules of `visattn.data_spec.DataSpec` (any of its keys: older
+    files may lack the input keys), and one class name per class of the model's head (`head`:
+    `model_config['num_classes']`, when it is a number)."""
+    try:
+        check_data_dict(config, source)
+    except DataSpecError as err:
+        raise CheckpointError(str(err)) from err
     names = config.get("class_names")
-    for what, count in (("data_config['num_classes']", config.get("num_classes")), ("the model's head", head)):
-        if names is not None and _whole(count) and len(names) != count:
-            raise CheckpointError(
-                f"{source}: field data_config['class_names'] holds {len(names)} names but {what} has {count} classes"
-            )
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _described(value: Any) -> str:
-    if isinstance(value, list | tuple):
-        kinds = sorted({type(item).__name__ for item in value})
-        return f"a {type(value).__name__} of {len(value)} ({', '.join(kinds) or 'empty'})"
-    return type(value).__name__
+    if names is not None and type(head) is int and head > 0 and len(names) != head:  # not a bool: a number
+        raise CheckpointError(
+            f"{source}: field data_config['class_names'] holds {len(names)} names but the model's head has "
+            f"{head} classes"
+        )
 
 
 def model_from_checkpoint(

@@ -5,20 +5,21 @@ Layout of `DIR` (`save_pretrained` writes it; training writes one into each run 
 
     DIR/config.json        {"format": "visattn-pretrained", "version": 2,
                             "model_config": {"name": "vit_digits_patch4_16", "embed_dim": 32, ...},
-                            "data_config": {"img_size": [16, 16], "in_chans": 1, "mean": [...], "std": [...],
-                                            "num_classes": 10, "class_names": [...], "name": "digits"}}
+                            "data_config": {"name": "digits", "img_size": [16, 16], "in_chans": 1, "mean": [...],
+                                            "std": [...], "num_classes": 10, "class_names": [...]}}
     DIR/model.safetensors  the state dict of `create_model(**model_config)`
 
 `model_config` is the record `create_model` leaves on every model it builds (`model.model_config`)
-and the field of that name in a training checkpoint; `data_config` is the checkpoint's field too
-(any of its keys, or `null`). Version 1 folders (`"config"`: a `VisionTransformer`'s arguments,
-`"pretrained_cfg"`) are read as `create_model("vision_transformer", **config)`.
+and the field of that name in a training checkpoint; `data_config` is the checkpoint's field too:
+the stored form of a `visattn.data_spec.DataSpec` (`DataSpec.to_dict`), or `null` (folders written
+before `DataSpec` may hold any of its keys). Version 1 folders (`"config"`: a `VisionTransformer`'s
+arguments, `"pretrained_cfg"`) are read as `create_model("vision_transformer", **config)`.
 
 A folder is untrusted data. `load_pretrained` and `create_model(name, pretrained_file=DIR)` check
 its `model_config` with `visattn.weights.stored_config` (allowed keys, plain values, a model no
-larger than the stored tensors, built on the meta device first), the types of its `data_config`,
-and every tensor name and shape; each refusal is one `CheckpointError` naming the file. The same
-reader serves `create_model(name, pretrained_file=...)` for checkpoints and bare state dicts.
+larger than the stored tensors, built on the meta device first), its `data_config` (`DataSpec`'s
+rules), and every tensor name and shape; each refusal is one `CheckpointError` naming the file. The
+same reader serves `create_model(name, pretrained_file=...)` for checkpoints and bare state dicts.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 from .._io import CheckpointError, atomic_write_json, save_safetensors
 from .._utils import to_pair
+from ..data_spec import DataSpec
 from ..models.registry import create_model, register_weights_reader
 from .checkpoint import CHECKPOINT_FORMAT, check_checkpoint, check_fields
 from .peer_names import is_convertible_name, peer_state_dict_model
@@ -73,7 +75,7 @@ class StoredModel:
 
 
 def save_pretrained(
-    model: nn.Module, directory: str | os.PathLike, *, data_config: Mapping[str, Any] | None = None
+    model: nn.Module, directory: str | os.PathLike, *, data_config: DataSpec | Mapping[str, Any] | None = None
 ) -> None:
     """Write `model` to `directory` (created if needed) as `config.json` + `model.safetensors`.
 
@@ -81,21 +83,24 @@ def save_pretrained(
         model: a model from `visattn.create_model`, which recorded the call that rebuilds it
             (`model.model_config`); any name it builds, converted ViTs included.
         directory: the folder; files of the same names in it are replaced atomically.
-        data_config: how the model's inputs are prepared, with any of the keys training writes:
-            `img_size` (`[H, W]`), `in_chans`, `mean`, `std`, `num_classes`, `class_names`,
-            `name`. Default: the mean, std and input size of the model's `pretrained_cfg`, if any.
+        data_config: how the model's inputs are prepared: a `DataSpec`, or its stored dict
+            (`DataSpec.from_dict`). Default: the mean, std and input size of the model's
+            `pretrained_cfg`, if it has all three.
 
     Raises:
         ValueError: `model` was not built by `create_model`, or was changed since in a way its
             arguments do not say (attention inserted by hand, a new head on a torchvision model),
-            an argument is not JSON, or `data_config` has a wrong type; one line that names it
-            and the fix. Nothing is written then: `load_pretrained` would refuse the folder.
+            or an argument is not JSON; one line that names it and the fix. Nothing is written
+            then: `load_pretrained` would refuse the folder.
+        DataSpecError: `data_config` (a dict) or the `pretrained_cfg` breaks a rule of `DataSpec`.
     """
     config = _recorded_config(model)
     if data_config is None:
-        data = _data_config_of(getattr(model, "pretrained_cfg", None))
+        stored = _data_config_of(getattr(model, "pretrained_cfg", None))
+        spec = None if stored is None else DataSpec.from_dict(stored, "the model's pretrained_cfg")
     else:
-        data = _plain(dict(data_config), "data_config")
+        spec = data_config if isinstance(data_config, DataSpec) else DataSpec.from_dict(data_config, "save_pretrained")
+    data = None if spec is None else spec.to_dict()
     try:
         checked = config_for_weights(config, model.state_dict(), "save_pretrained")
         check_fields({"model_config": checked, "data_config": data}, "save_pretrained")
@@ -197,33 +202,33 @@ def _recorded_config(model: nn.Module) -> dict[str, Any]:
             "was not built by visattn.create_model: build it with create_model(NAME, **kwargs) (any "
             "VisionTransformer: create_model('vision_transformer', ...)) and load its weights with load_state_dict"
         )
-    return _plain(dict(config), "model_config")
+    return _plain(dict(config))
 
 
-def _plain(config: dict[str, Any], what: str) -> dict[str, Any]:
-    """`config` as JSON values, or one `ValueError` naming the first key that is not JSON."""
+def _plain(config: dict[str, Any]) -> dict[str, Any]:
+    """A model config as JSON values, or one `ValueError` naming the first key that is not JSON."""
     for key, value in config.items():
         try:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError):
-            fix = (
-                "pass it to create_model by name (act_layer='gelu', backbone='resnet18_small', ...) to save the model"
-                if what == "model_config"
-                else "give plain numbers, text and lists"
-            )
-            raise ValueError(f"save_pretrained: {what}[{key!r}] = {value!r} cannot be written to JSON; {fix}") from None
+            raise ValueError(
+                f"save_pretrained: model_config[{key!r}] = {value!r} cannot be written to JSON; pass it to "
+                "create_model by name (act_layer='gelu', backbone='resnet18_small', ...) to save the model"
+            ) from None
     return json.loads(json.dumps(config))
 
 
 def _data_config_of(cfg: Any) -> dict[str, Any] | None:
-    """The data config of a timm-style `pretrained_cfg` (mean, std, input size), if it has one."""
+    """The stored data config of a timm-style `pretrained_cfg` that has a mean, a std and an
+    input size (`(C, H, W)`), unchecked; `None` for one without all three."""
     if not isinstance(cfg, Mapping):
         return None
-    data = {key: list(cfg[key]) for key in ("mean", "std") if isinstance(cfg.get(key), list | tuple)}
-    size = cfg.get("input_size")
-    if isinstance(size, list | tuple) and len(size) == 3:
-        data.update(in_chans=size[0], img_size=list(size[1:]))
-    return data or None
+    mean, std, size = cfg.get("mean"), cfg.get("std"), cfg.get("input_size")
+    if not (isinstance(mean, list | tuple) and isinstance(std, list | tuple)):
+        return None
+    if not (isinstance(size, list | tuple) and len(size) == 3):
+        return None
+    return {"img_size": list(size[1:]), "in_chans": size[0], "mean": list(mean), "std": list(std)}
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -295,7 +300,8 @@ def _stored_model(stored: StoredModel, kwargs: dict[str, Any]) -> nn.Module:
 
 
 def _timm_terms(data_config: Mapping[str, Any]) -> dict[str, Any]:
-    """A checked data config as timm's `pretrained_cfg` keys (`resolve_model_data_config` reads them)."""
+    """A checked stored data config (any of `DataSpec`'s keys: older folders may lack some) as timm's
+    `pretrained_cfg` keys (`resolve_model_data_config` reads them)."""
     cfg = {key: list(data_config[key]) for key in ("mean", "std") if key in data_config}
     if "img_size" in data_config:
         channels = data_config.get("in_chans", len(cfg.get("mean", ())) or 3)
