@@ -37,11 +37,12 @@ __all__ = [
 
 #: ``train.amp=auto`` on a CPU with native bf16 picks bf16 for models of at least this many
 #: forward FLOPs per image (`forward_flops`). Read off ``python -m benchmarks --only precision``,
-#: which prints the bf16/fp32 step-time ratio of models of increasing size: on the AMD EPYC
-#: (Zen 4, AVX512-BF16, no AMX, 2 threads) the shipped configs of 2.4-31 MFLOP per image took
-#: 1.14-2.07x their fp32 step time in bf16, those of 278-1116 MFLOP 0.40-0.67x; the threshold
-#: lies between the two.
-BF16_MIN_FLOPS = 100e6
+#: which prints the bf16/fp32 step-time ratio of models of increasing size (2 threads): on the
+#: AMD EPYC (Zen 4, AVX512-BF16, no AMX) the shipped configs of 2.4-31 MFLOP per image took
+#: 1.14-2.07x their fp32 step time in bf16, those of 278-1116 MFLOP 0.40-0.67x; on the Intel Xeon
+#: with AMX models up to 112 MFLOP took 1.14-1.9x, those from 245 MFLOP 0.43-0.87x. The
+#: threshold lies between on both (docs/data/precision.json, docs/data/precision_xeon.json).
+BF16_MIN_FLOPS = 200e6
 
 #: the name of each autocast dtype (``None``: no autocast, fp32), as logs and ``last.pt`` say it
 DTYPE_NAMES: dict[torch.dtype | None, str] = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
