@@ -11,6 +11,7 @@ from .explain.recording import AttentionRecording, record_attention
 from .explain.render import overlay, overlay_grid
 from .layers.attention import AttentionRecord, MultiHeadAttention, SelfAttention2d
 from .layers.blocks import EncoderBlock
+from .layers.local import WindowAttention2d
 from .layers.patch_embed import PatchEmbed
 from .layers.pos_embed import resample_pos_embed, sincos_2d
 from .models.cnn import resnet18_small
@@ -37,6 +38,7 @@ __all__ = [
     "PatchEmbed",
     "SelfAttention2d",
     "VisionTransformer",
+    "WindowAttention2d",
     "attention_sites",
     "create_model",
     "explore",

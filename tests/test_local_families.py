@@ -1,0 +1,52 @@
+"""What the local families share through their kernel: torch.compile(fullgraph=True) and ONNX
+export at a fixed grid size, and the tiling's cost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visattn import WindowAttention2d
+from visattn.layers.local import WindowAxis
+from visattn.layers.local_kernel import AxisTiles
+
+from .helpers import randomize
+
+FAMILIES = {
+    "window": lambda: WindowAttention2d(16, 4, 2, num_heads=2),
+}
+
+
+def opened(name: str) -> torch.nn.Module:
+    return randomize(FAMILIES[name]()).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_compiles_as_one_graph(name):
+    block = opened(name)
+    x = torch.randn(2, 16, 9, 11)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_exports_to_onnx(name, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    block = opened(name)
+    x = torch.randn(1, 16, 9, 11)
+    torch.onnx.export(block, (x,), dynamo=True).save(tmp_path / "block.onnx")
+    session = onnxruntime.InferenceSession(tmp_path / "block.onnx")
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), block(x), atol=1e-5, rtol=1e-4)
+
+
+def test_windows_gather_each_key_once():
+    """A window is its own tile and region: the regions of one axis hold each cell once."""
+    tiles = AxisTiles.of(WindowAxis(4, 2), 11, torch.device("cpu"))
+    assert tiles.member.shape == (4, 4, 4)  # windows [0, 2), [2, 6), [6, 10), [10, 11)
+    kept = tiles.keys[tiles.keys >= 0]
+    assert sorted(kept.tolist()) == list(range(11))
