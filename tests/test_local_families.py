@@ -6,14 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visattn import WindowAttention2d
-from visattn.layers.local import WindowAxis
+from visattn import NeighborhoodAttention2d, WindowAttention2d
+from visattn.layers.local import NeighborhoodAxis, WindowAxis
 from visattn.layers.local_kernel import AxisTiles
 
 from .helpers import randomize
 
 FAMILIES = {
     "window": lambda: WindowAttention2d(16, 4, 2, num_heads=2),
+    "neighborhood": lambda: NeighborhoodAttention2d(16, 5, 2, num_heads=2),
 }
 
 
@@ -50,3 +51,13 @@ def test_windows_gather_each_key_once():
     assert tiles.member.shape == (4, 4, 4)  # windows [0, 2), [2, 6), [6, 10), [10, 11)
     kept = tiles.keys[tiles.keys >= 0]
     assert sorted(kept.tolist()) == list(range(11))
+
+
+def test_neighbourhood_tiles_stay_in_one_class_and_gather_at_most_2k_keys():
+    """Dilation 2, kernel 3, tiles of 4: the classes 0, 2, … and 1, 3, … are tiled apart, and a
+    tile's region is the union of its queries' windows (at most 2k = 6 members of its class)."""
+    tiles = AxisTiles.of(NeighborhoodAxis(3, 2, tile=4), 13, torch.device("cpu"))
+    for queries, keys in zip(tiles.queries.tolist(), tiles.keys.tolist(), strict=True):
+        real = [q for q in queries if q < 13]
+        assert len({q % 2 for q in real}) == 1 and all(k % 2 == real[0] % 2 for k in keys if k >= 0)
+    assert tiles.keys.shape[1] <= 6

@@ -19,11 +19,11 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._utils import check_range
+from .._utils import ArgumentError, check_range
 from .attention import AttentionRecord, GateKind, GridAttention
 from .local_kernel import AxisPattern, BiasFn, TileGrid, tiled_attention
 
-__all__ = ["WindowAttention2d", "WindowAxis"]
+__all__ = ["NeighborhoodAttention2d", "NeighborhoodAxis", "WindowAttention2d", "WindowAxis"]
 
 
 # --- the three key patterns, one axis each ------------------------------------------------------
@@ -255,5 +255,103 @@ class WindowAttention2d(_LocalAttention2d):
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, window_size={self.window_size}, shift={self.shift}, "
+            f"num_heads={self.num_heads}, qk_channels={self.qk_channels}, v_channels={self.v_channels}"
+        )
+
+
+class NeighborhoodAttention2d(_LocalAttention2d):
+    """Neighbourhood attention (NATTEN's ``na2d``) over a CNN feature map.
+
+    Each query cell attends the ``kernel_size × kernel_size`` window centred on it, shifted to
+    stay inside the grid, so every query sees ``kernel_size²`` keys. Per axis of length ``L``,
+    with ``d = dilation``: the query at ``i`` belongs to the class ``c = i mod d`` of positions
+    ``c, c + d, c + 2d, …`` (``L_c`` of them), is the ``t = i // d``-th member of it, and sees
+    the ``kernel_size`` consecutive members starting at ``clamp(t - kernel_size // 2, 0,
+    L_c - kernel_size)``. If its class has fewer than ``kernel_size`` members (the axis is
+    shorter than ``kernel_size · d``), the query sees every member of its class on that axis
+    (NATTEN refuses such inputs). Any ``H, W >= 1``.
+
+    With ``rel_pos_bias``, the logit of query ``(qy, qx)`` for key ``(ky, kx)`` gets NATTEN's
+    ``rpb[head, (ky - qy) / d + k - 1, (kx - qx) / d + k - 1]`` (``k = kernel_size``).
+
+    Args:
+        channels: ``C`` of the input grid.
+        kernel_size: ``k``, odd and at least 1: the window's side in keys.
+        dilation: ``d >= 1``: the step between the keys of a window.
+        rel_pos_bias: add the learned relative-position bias ``rpb`` ``(heads, 2k-1, 2k-1)``
+            (initialized from a truncated normal of std 0.02, as NATTEN does).
+        num_heads: heads; ``qk_channels`` and ``v_channels`` must be multiples of it.
+        qk_channels: total query/key width (default ``C // 8``, rounded up to the heads).
+        v_channels: total value width (default: ``qk_channels``).
+        qkv_bias: bias in the query/key/value convolutions.
+        out_bias: bias in the output convolution.
+        gate: ``"scalar"`` (one ``γ``) or ``"channel"`` (one per channel), zero at creation.
+        attn_drop: dropout on the attention weights.
+        scale: multiplies ``q kᵀ``; ``None`` is ``1/sqrt(head width)``.
+
+    Shapes:
+        ``(B, C, H, W)`` → ``(B, C, H, W)``.
+
+    Cost: queries are tiled ``(k + 1) × (k + 1)`` (``8 × 8`` for ``k = 7``) among the members
+    of one class per axis, and a tile's keys are the union of its queries' windows: at most
+    ``2k`` members per axis. So each query computes at most ``4k²`` scores per head, ``k²`` of
+    them kept (the mask or bias is as large), and the gathered keys are about ``(2k / (k + 1))²``
+    times the grid (3 for ``k = 7``; each key lies in the regions of at most two tiles per
+    axis), never ``k²`` copies per query. Smaller tiles waste fewer scores but gather keys more
+    often, larger ones the reverse; ``k + 1`` balances the two (a count of scores and copies,
+    not a timing). Forward and backward run on CPU and GPU.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 7,
+        dilation: int = 1,
+        rel_pos_bias: bool = True,
+        *,
+        num_heads: int = 1,
+        qk_channels: int | None = None,
+        v_channels: int | None = None,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        gate: GateKind = "scalar",
+        attn_drop: float = 0.0,
+        scale: float | None = None,
+    ) -> None:
+        check_range("kernel_size", kernel_size, at_least=1, integer=True)
+        if kernel_size % 2 == 0:
+            raise ArgumentError(
+                "kernel_size",
+                f"kernel_size={kernel_size} is not valid: it must be an odd integer >= 1 (windows are centred)",
+            )
+        check_range("dilation", dilation, at_least=1, integer=True)
+        super().__init__(
+            channels,
+            num_heads=num_heads,
+            qk_channels=qk_channels,
+            v_channels=v_channels,
+            qkv_bias=qkv_bias,
+            out_bias=out_bias,
+            gate=gate,
+            attn_drop=attn_drop,
+            scale=scale,
+        )
+        self.kernel_size, self.dilation, self.rel_pos = kernel_size, dilation, rel_pos_bias
+        self.axis = NeighborhoodAxis(kernel_size, dilation, tile=kernel_size + 1)
+        self.rpb = None
+        if rel_pos_bias:
+            table = torch.empty(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1)
+            self.rpb = nn.Parameter(nn.init.trunc_normal_(table, std=0.02))
+
+    def _relative_bias(self, q: Tensor, grid: TileGrid) -> Tensor:
+        """``(heads, T, ty·tx, Ry·Rx)``: ``rpb`` at each key-query offset over the dilation."""
+        assert self.rpb is not None
+        span = 2 * self.kernel_size - 1
+        rows, cols = ((axis.offset // self.dilation + self.kernel_size - 1).clamp(0, span - 1) for axis in grid)
+        return self.rpb.flatten(1)[:, _pair_index(grid, rows, cols, span)]
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
             f"num_heads={self.num_heads}, qk_channels={self.qk_channels}, v_channels={self.v_channels}"
         )
