@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visattn import NeighborhoodAttention2d, WindowAttention2d
+from visattn import HaloAttention2d, NeighborhoodAttention2d, WindowAttention2d
 from visattn.layers.local import NeighborhoodAxis, WindowAxis
 from visattn.layers.local_kernel import AxisTiles
 
@@ -15,6 +15,8 @@ from .helpers import randomize
 FAMILIES = {
     "window": lambda: WindowAttention2d(16, 4, 2, num_heads=2),
     "neighborhood": lambda: NeighborhoodAttention2d(16, 5, 2, num_heads=2),
+    "halo masked": lambda: HaloAttention2d(16, 4, 2, num_heads=2),
+    "halo zero": lambda: HaloAttention2d(16, 4, 2, "zero", num_heads=2),
 }
 
 

@@ -14,6 +14,7 @@ queries attend the union of their keys in one call of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from einops import rearrange
@@ -23,7 +24,15 @@ from .._utils import ArgumentError, check_range
 from .attention import AttentionRecord, GateKind, GridAttention
 from .local_kernel import AxisPattern, BiasFn, TileGrid, tiled_attention
 
-__all__ = ["NeighborhoodAttention2d", "NeighborhoodAxis", "WindowAttention2d", "WindowAxis"]
+__all__ = [
+    "BlockAxis",
+    "HaloAttention2d",
+    "HaloRelPos",
+    "NeighborhoodAttention2d",
+    "NeighborhoodAxis",
+    "WindowAttention2d",
+    "WindowAxis",
+]
 
 
 # --- the three key patterns, one axis each ------------------------------------------------------
@@ -354,4 +363,136 @@ class NeighborhoodAttention2d(_LocalAttention2d):
         return (
             f"channels={self.channels}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
             f"num_heads={self.num_heads}, qk_channels={self.qk_channels}, v_channels={self.v_channels}"
+        )
+
+
+class HaloRelPos(nn.Module):
+    """HaloNet's relative logits (timm's ``PosEmbedRel``): the query ``q`` at ``(qy, qx)`` gets
+    ``q · height_rel[ky - qy + halo + w - 1] + q · width_rel[kx - qx + halo + w - 1]`` for the key
+    ``(ky, kx)`` (``w = block + 2·halo``); both tables ``(2w - 1, head width)`` are shared by the
+    heads and initialized from a truncated normal of std ``head width ** -0.5``, as in timm.
+
+    Args:
+        window: ``w``, the side of a block's key window.
+        halo: the halo in cells.
+        head_dim: the query width of one head.
+    """
+
+    def __init__(self, window: int, halo: int, head_dim: int) -> None:
+        super().__init__()
+        self.shift = halo + window - 1
+        self.height_rel = nn.Parameter(torch.empty(2 * window - 1, head_dim))
+        self.width_rel = nn.Parameter(torch.empty(2 * window - 1, head_dim))
+        for table in (self.height_rel, self.width_rel):
+            nn.init.trunc_normal_(table, std=head_dim**-0.5)
+
+    def forward(self, q: Tensor, grid: TileGrid) -> Tensor:
+        """The logits ``(B, heads, T, ty·tx, Ry·Rx)`` of the queries per tile ``q`` ``(B, heads, T, ty·tx, d)``."""
+        span = self.height_rel.shape[0]
+        rows, cols = ((axis.offset + self.shift).clamp(0, span - 1) for axis in grid)
+
+        def along(table: Tensor, index: Tensor) -> Tensor:  # index (T, ty·tx, R) → (B, heads, T, ty·tx, R)
+            logits = q @ table.t()
+            return logits.gather(-1, index.expand(*logits.shape[:-1], index.shape[-1]))
+
+        along_rows = along(self.height_rel, grid.spread_rows(rows))
+        along_cols = along(self.width_rel, grid.spread_cols(cols))
+        return (along_rows[..., :, None] + along_cols[..., None, :]).flatten(-2)
+
+
+class HaloAttention2d(_LocalAttention2d):
+    """HaloNet's blocked local attention (Vaswani et al. 2021; timm's ``HaloAttn``) over a CNN feature map.
+
+    The grid is cut into blocks of ``block_size × block_size`` query cells from the top-left (the
+    last block on an axis is shorter when the size is not a multiple); every query of a block
+    attends the ``(block_size + 2·halo_size)²`` window around its block: rows
+    ``[y0 - halo, y0 + block + halo)`` × columns ``[x0 - halo, x0 + block + halo)`` for the
+    block at ``(y0, x0)``. Any ``H, W >= 1``.
+
+    ``border`` says what the window holds outside the picture:
+
+    - ``"masked"``: nothing: only cells of the picture are keys.
+    - ``"zero"``: zero keys and values that take part in the softmax (their logit is the
+      relative logit alone), which is what timm's ``HaloAttn`` computes by zero-padding its
+      key/value map. On a grid that is not whole blocks, every cell of a short last block's
+      window past the picture is such a zero key too, as if the key/value map were zero-padded
+      to whole blocks before timm's arithmetic; the padded queries are dropped. Recorded rows
+      then hold only the weights of cells of the picture and sum to less than one.
+
+    With ``rel_pos``, :class:`HaloRelPos` adds timm's query-dependent relative logits, unscaled
+    (timm's default ``scale_pos_embed=False``). Its tables are ``pos_embed.height_rel`` and
+    ``pos_embed.width_rel``, timm's names. timm's ``q`` convolution is ``query``; its ``kv``
+    convolution holds, per head, the head's key channels then its value channels (split them
+    into ``key`` and ``value``); timm has no output convolution (make ``out`` the identity).
+
+    Args:
+        channels: ``C`` of the input grid.
+        block_size: ``b``, the side of a block of queries.
+        halo_size: ``h >= 0``, how far the key window reaches past the block on each side.
+        border: ``"masked"`` or ``"zero"`` (above).
+        rel_pos: add the relative logits of :class:`HaloRelPos`.
+        num_heads: heads; ``qk_channels`` and ``v_channels`` must be multiples of it.
+        qk_channels: total query/key width (default ``C // 8``, rounded up to the heads).
+        v_channels: total value width (default: ``qk_channels``).
+        qkv_bias: bias in the query/key/value convolutions.
+        out_bias: bias in the output convolution.
+        gate: ``"scalar"`` (one ``γ``) or ``"channel"`` (one per channel), zero at creation.
+        attn_drop: dropout on the attention weights.
+        scale: multiplies ``q kᵀ`` (not the relative logits); ``None`` is ``1/sqrt(head width)``.
+
+    Shapes:
+        ``(B, C, H, W)`` → ``(B, C, H, W)``.
+
+    Cost: the blocks are the kernel's tiles, their windows its regions: per head, ``(b + 2h)²``
+    scores per query (196 for ``b = 8, h = 3``), the same for the mask or logits, and the
+    gathered keys are ``((b + 2h) / b)²`` times the grid (about 3 for ``b = 8, h = 3``). The
+    relative logits add two ``(2(b + 2h) - 1)``-wide products per query.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        block_size: int = 8,
+        halo_size: int = 3,
+        border: Literal["masked", "zero"] = "masked",
+        rel_pos: bool = True,
+        *,
+        num_heads: int = 1,
+        qk_channels: int | None = None,
+        v_channels: int | None = None,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        gate: GateKind = "scalar",
+        attn_drop: float = 0.0,
+        scale: float | None = None,
+    ) -> None:
+        check_range("block_size", block_size, at_least=1, integer=True)
+        check_range("halo_size", halo_size, at_least=0, integer=True)
+        if border not in ("masked", "zero"):
+            raise ArgumentError("border", f"border must be 'masked' or 'zero', got {border!r}")
+        super().__init__(
+            channels,
+            num_heads=num_heads,
+            qk_channels=qk_channels,
+            v_channels=v_channels,
+            qkv_bias=qkv_bias,
+            out_bias=out_bias,
+            gate=gate,
+            attn_drop=attn_drop,
+            scale=scale,
+        )
+        self.block_size, self.halo_size, self.border, self.rel_pos = block_size, halo_size, border, rel_pos
+        self.axis = BlockAxis(block_size, halo_size, zero_keys=border == "zero")
+        window = block_size + 2 * halo_size
+        self.pos_embed = HaloRelPos(window, halo_size, self.qk_channels // num_heads) if rel_pos else None
+
+    def _relative_bias(self, q: Tensor, grid: TileGrid) -> Tensor:
+        assert self.pos_embed is not None
+        return self.pos_embed(q, grid)
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, block_size={self.block_size}, halo_size={self.halo_size}, "
+            f"border={self.border}, num_heads={self.num_heads}, qk_channels={self.qk_channels}, "
+            f"v_channels={self.v_channels}"
         )
