@@ -63,3 +63,14 @@ def test_neighbourhood_tiles_stay_in_one_class_and_gather_at_most_2k_keys():
         real = [q for q in queries if q < 13]
         assert len({q % 2 for q in real}) == 1 and all(k % 2 == real[0] % 2 for k in keys if k >= 0)
     assert tiles.keys.shape[1] <= 6
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_attention_dropout_acts_in_training_only(name):
+    block = randomize(FAMILIES[name]())
+    block.attn_drop = 0.5
+    x = torch.randn(2, 16, 9, 11)
+    evaluated = block.eval()(x)
+    torch.testing.assert_close(block(x), evaluated)
+    trained = block.train()(x)
+    assert trained.shape == x.shape and not torch.allclose(trained, evaluated)

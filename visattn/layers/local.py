@@ -133,7 +133,7 @@ class _LocalAttention2d(GridAttention):
         scale: float | None,
     ) -> None:
         if gate not in ("scalar", "channel"):
-            raise ValueError(f"gate must be 'scalar' or 'channel', got {gate!r}")
+            raise ArgumentError("gate", f"gate must be 'scalar' or 'channel', got {gate!r}")
         super().__init__(
             channels,
             num_heads=num_heads,
