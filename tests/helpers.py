@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -10,8 +11,9 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
-from visattn.layers.attention import RecordableAttention, RecordingRequest
+from visattn.layers.attention import GridAttention, RecordableAttention, RecordingRequest
 
 BROWSER_INSTALL = (
     "install Chromium and its driver (Debian/Ubuntu: apt-get install -y chromium chromium-driver) "
@@ -79,3 +81,55 @@ def headless_chromium(width: int = 1200, height: int = 800) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+def conv1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A 1×1 convolution as an einsum (float64 reference)."""
+    y = torch.einsum("bchw,oc->bohw", x, conv.weight[:, :, 0, 0])
+    return y if conv.bias is None else y + conv.bias[None, :, None, None]
+
+
+def randomize(block: nn.Module) -> nn.Module:
+    """Every parameter drawn from a normal (std 0.3; the gates std 1), so a block is far from the identity."""
+    for name, p in block.named_parameters():
+        nn.init.normal_(p, std=0.3 if "gamma" not in name else 1.0)
+    return block
+
+
+def masked_dense_attention(
+    block: GridAttention,
+    x: torch.Tensor,
+    allowed: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    pad: tuple[int, int, int, int] = (0, 0, 0, 0),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A grid block's output and weights written out densely: every query cell against every key
+    cell, ``-inf`` where ``allowed`` is False (float64 in, float64 out).
+
+    Args:
+        block: its ``query``, ``key``, ``value``, ``out`` convolutions, heads, scale and ``gamma``.
+        x: ``(B, C, H, W)``.
+        allowed: ``(H·W, Nk)`` bool: which keys each query sees, keys row-major on the key canvas.
+        bias: added to the scaled logits, broadcastable to ``(B, heads, H·W, Nk)``.
+        pad: ``(top, bottom, left, right)`` zero cells around the keys and values (the key canvas
+            is ``(H + top + bottom) × (W + left + right)``, ``Nk`` its cells).
+
+    Returns:
+        ``x + γ·out(attention)`` ``(B, C, H, W)`` and the weights ``(B, heads, H·W, Nk)``.
+    """
+    b, _, h, w = x.shape
+    heads = block.num_heads
+    top, bottom, left, right = pad
+    q = conv1x1(x, block.query).reshape(b, heads, -1, h * w)
+    k, v = (
+        torch.nn.functional.pad(conv1x1(x, conv), (left, right, top, bottom)).reshape(b, heads, -1, allowed.shape[1])
+        for conv in (block.key, block.value)
+    )
+    scale = 1 / math.sqrt(q.shape[2]) if block.scale is None else block.scale
+    scores = torch.einsum("bhdq,bhdk->bhqk", q, k) * scale
+    if bias is not None:
+        scores = scores + bias
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    y = torch.einsum("bhqk,bhdk->bhdq", weights, v).reshape(b, -1, h, w)
+    gamma = block.gamma.view(1, -1, 1, 1)
+    return x + gamma * conv1x1(y, block.out), weights

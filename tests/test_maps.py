@@ -29,6 +29,8 @@ from visattn.explain.recording import point_to_cell
 from visattn.layers.functional import attention_matrix_bytes
 from visattn.profiling import FUSED_KERNELS, UNFUSED_KERNELS, attention_kernels
 
+from .helpers import conv1x1
+
 # a non-square 2×3 token grid (8×12 pixels, 4×4 patches), three images, two heads
 VIT_KW = dict(img_size=(8, 12), patch_size=4, embed_dim=16, depth=3, num_heads=2, num_classes=5)
 IMAGES = (3, 3, 8, 12)
@@ -192,10 +194,6 @@ def test_memory_limit_bounds_the_whole_recording():
 
 
 # --- SelfAttention2d: query maps on a non-square, pooled grid -------------------------------
-
-
-def conv1x1(x, conv):
-    return torch.einsum("bchw,oc->bohw", x, conv.weight[:, :, 0, 0]) + conv.bias[None, :, None, None]
 
 
 def block_weights(block: SelfAttention2d, x: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,7 @@ from torch import nn
 from visattn import SelfAttention2d
 from visattn.profiling import FUSED_KERNELS, UNFUSED_KERNELS, attention_kernels
 
-from .helpers import assert_every_parameter_gets_gradient, explicit_attention
-
-
-def conv1x1(x, conv):
-    """A 1×1 convolution as an einsum (float64 reference)."""
-    y = torch.einsum("bchw,oc->bohw", x, conv.weight[:, :, 0, 0])
-    return y if conv.bias is None else y + conv.bias[None, :, None, None]
+from .helpers import assert_every_parameter_gets_gradient, conv1x1, explicit_attention, randomize
 
 
 def reference_block(block: SelfAttention2d, x: torch.Tensor) -> torch.Tensor:
@@ -42,12 +36,6 @@ def reference_block(block: SelfAttention2d, x: torch.Tensor) -> torch.Tensor:
         y = block.out_norm(y)
     gamma = 1.0 if block.gamma is None else block.gamma.view(1, -1, 1, 1)
     return x + gamma * y
-
-
-def randomize(block: nn.Module) -> nn.Module:
-    for name, p in block.named_parameters():
-        nn.init.normal_(p, std=0.3 if "gamma" not in name else 1.0)
-    return block
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from .explain.recording import AttentionRecording, record_attention
 from .explain.render import overlay, overlay_grid
 from .layers.attention import AttentionRecord, MultiHeadAttention, SelfAttention2d
 from .layers.blocks import EncoderBlock
+from .layers.local import HaloAttention2d, NeighborhoodAttention2d, WindowAttention2d
 from .layers.patch_embed import PatchEmbed
 from .layers.pos_embed import resample_pos_embed, sincos_2d
 from .models.cnn import resnet18_small
@@ -33,12 +34,15 @@ __all__ = [
     "CheckpointError",
     "DataSpec",
     "EncoderBlock",
+    "HaloAttention2d",
     "HybridEmbed",
     "HybridViT",
     "MultiHeadAttention",
+    "NeighborhoodAttention2d",
     "PatchEmbed",
     "SelfAttention2d",
     "VisionTransformer",
+    "WindowAttention2d",
     "attention_sites",
     "create_model",
     "explore",

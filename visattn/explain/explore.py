@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from .._io import atomic_write_text, check_output, load_image
 from .._utils import require_finite
 from ..data_spec import DataSpec
-from ..layers.attention import SelfAttention2d
+from ..layers.attention import GridAttention
 from . import maps
 from .inputs import Preprocess, default_data_config, picture_file
 from .recording import AttentionRecording, record_attention
@@ -167,7 +167,7 @@ class LayerShape:
     """
 
     path: str
-    kind: str  # "token" (MultiHeadAttention) or "grid" (SelfAttention2d)
+    kind: str  # "token" (MultiHeadAttention) or "grid" (GridAttention: SelfAttention2d, local families)
     heads: int
     query_grid: tuple[int, int]
     key_grid: tuple[int, int]
@@ -211,7 +211,7 @@ def _layer_shapes(recording: AttentionRecording) -> list[LayerShape]:
         shapes.append(
             LayerShape(
                 path=path,
-                kind="grid" if isinstance(recording.modules[path], SelfAttention2d) else "token",
+                kind="grid" if isinstance(recording.modules[path], GridAttention) else "token",
                 heads=int(rec.weights.shape[1]),
                 query_grid=rec.query_grid,
                 key_grid=rec.key_grid,
@@ -378,7 +378,7 @@ class _View:
 def _probe(model: nn.Module, x: Tensor) -> tuple[Tensor, AttentionRecording]:
     """One forward recording every Transformer layer whole and one query cell of each grid block
     (enough to learn its grids without materializing them)."""
-    grid_blocks = any(isinstance(m, SelfAttention2d) for m in model.modules())
+    grid_blocks = any(isinstance(m, GridAttention) for m in model.modules())
     queries = [(0.0, 0.0)] if grid_blocks else None
     with torch.no_grad(), record_attention(model, queries=queries) as recording:
         logits = model(x)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..layers.attention import AttentionRecord, MultiHeadAttention, SelfAttention2d
+from ..layers.attention import AttentionRecord, GridAttention, MultiHeadAttention
 from .recording import AttentionRecording, NotRecordedError, Point, point_to_cell, record_attention
 
 __all__ = [
@@ -81,8 +81,8 @@ def _token_layers(recording: AttentionRecording, method: str) -> list[tuple[str,
         raise ValueError(
             f"{method} follows attention through the token layers of a Transformer "
             "(MultiHeadAttention), and none was recorded here (recorded: "
-            f"{', '.join(recording)}); for a SelfAttention2d use query_map (where a point attends) "
-            "or received (attention each position receives)"
+            f"{', '.join(recording)}); for a grid block (SelfAttention2d, a local family) use query_map "
+            "(where a point attends) or received (attention each position receives)"
         )
     first = layers[0][1]
     for path, r in layers:
@@ -283,7 +283,8 @@ def query_map(
 
     Args:
         recording: from :func:`record_attention` (with ``queries=`` covering ``point``, or all).
-        module: a recorded ``SelfAttention2d`` (or Transformer layer): path, position or module.
+        module: a recorded grid block (``SelfAttention2d``, a local family) or Transformer layer:
+            path, position or module.
         point: ``(x, y)`` = (column, row) in pixels of the input image, or fractions of its width
             and height with ``relative=True``.
         image_size: ``(H, W)`` of the input; default the one recorded.
@@ -481,8 +482,8 @@ class AttentionMap:
 
 def grid_queries(model: nn.Module, query: Point | None) -> list[Point] | None:
     """What `record_attention(model, queries=...)` needs to serve a query map at `query`: the point,
-    where `model` has `SelfAttention2d` blocks (so only its query cells are recorded), else `None`."""
-    if query is None or not any(isinstance(m, SelfAttention2d) for m in model.modules()):
+    where `model` has grid blocks (`GridAttention`: only their query cells are recorded), else `None`."""
+    if query is None or not any(isinstance(m, GridAttention) for m in model.modules()):
         return None
     return [query]
 

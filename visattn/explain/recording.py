@@ -28,9 +28,9 @@ from torch import Tensor, nn
 
 from ..layers.attention import (
     AttentionRecord,
+    GridAttention,
     RecordableAttention,
     RecordingRequest,
-    SelfAttention2d,
 )
 
 __all__ = [
@@ -284,19 +284,21 @@ def record_attention(
 ) -> Iterator[AttentionRecording]:
     """Record the attention weights of every visattn attention module of ``model``.
 
-    While open, each ``MultiHeadAttention`` and ``SelfAttention2d`` (inside a ViT, a CNN, any
-    ``nn.Module``) computes its weights explicitly, in the arithmetic of its forward pass, and the
-    recording keeps them per module path. On close the modules return to the fused kernel and
-    keep nothing.
+    While open, each ``MultiHeadAttention`` and grid attention block (``SelfAttention2d`` and the
+    local families of :mod:`visattn.layers.local`; inside a ViT, a CNN, any ``nn.Module``)
+    computes its weights explicitly, in the arithmetic of its forward pass, and the recording
+    keeps them per module path. On close the modules return to the fused kernel and keep nothing.
 
     Args:
         model: any module; its attention modules are found through ``named_modules()``.
         layers: module paths or shell-style patterns (``"blocks.11.attn"``, ``"blocks.*"``) to
             record; default all. A filter that matches nothing is an error listing the paths.
-        queries: ``SelfAttention2d`` only: record only the query cells under these ``(x, y)``
-            points of the input image (pixels, or fractions with ``relative=True``), so a
-            ``128×128`` grid costs ``O(q·HW)`` memory instead of ``O((HW)²)``; the block's
-            output still comes from the fused kernel. Needs the model to be called on the image.
+        queries: grid blocks only (a :class:`~visattn.layers.attention.GridAttention`:
+            ``SelfAttention2d``, ``WindowAttention2d``, ``NeighborhoodAttention2d``,
+            ``HaloAttention2d``): record only the query cells under these ``(x, y)`` points of
+            the input image (pixels, or fractions with ``relative=True``), so a ``128×128`` grid
+            costs ``O(q·HW)`` memory instead of ``O((HW)²)``; the block's output still comes
+            from the fused kernel. Needs the model to be called on the image.
         relative: ``queries`` are fractions of the input's width and height.
         keep_grad: keep the weights in the autograd graph (for gradient-weighted maps);
             otherwise they are detached.
@@ -335,7 +337,7 @@ def record_attention(
         raise RuntimeError(
             f"attention of {', '.join(busy)} is already being recorded; close that record_attention first"
         )
-    grid_modules = {p: m for p, m in modules.items() if isinstance(m, SelfAttention2d)}
+    grid_modules = {p: m for p, m in modules.items() if isinstance(m, GridAttention)}
     _check_queries(queries, grid_modules)
     recording = AttentionRecording(modules)
     session = _Session(model, recording, keep_grad, queries, relative, max_bytes)
@@ -357,12 +359,13 @@ def record_attention(
             module.recording = None
 
 
-def _check_queries(queries: Sequence[Point] | None, grid_modules: dict[str, SelfAttention2d]) -> None:
+def _check_queries(queries: Sequence[Point] | None, grid_modules: dict[str, GridAttention]) -> None:
     if queries is None:
         return
     if not grid_modules:
         raise ValueError(
-            "queries= selects query cells of SelfAttention2d blocks, and none is recorded here; "
+            "queries= selects query cells of grid attention blocks (SelfAttention2d and the local families: "
+            "WindowAttention2d, NeighborhoodAttention2d, HaloAttention2d), and none is recorded here; "
             "record everything and use query_map(rec, path, point) for Transformer tokens"
         )
     if len(queries) == 0:
@@ -440,8 +443,8 @@ class _Session:
             for path, module in self.recording.modules.items():
                 module.recording = requests[path]
 
-    def choose_queries(self, module: SelfAttention2d, args: tuple) -> None:
-        """``SelfAttention2d`` pre-hook: the query cells under the asked points of this input."""
+    def choose_queries(self, module: GridAttention, args: tuple) -> None:
+        """Grid-module pre-hook: the query cells under the asked points of this input."""
         if module.recording is None:  # paused while a model finds its token grid
             return
         image_size = self.recording.image_size

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from .pos_embed import sincos_2d
 
 __all__ = [
     "AttentionRecord",
+    "GridAttention",
     "GridAttentionCost",
     "MultiHeadAttention",
     "RecordableAttention",
@@ -324,13 +325,17 @@ def _resolve_widths(channels: int, num_heads: int, qk_channels: int | None, v_ch
     return qk_channels, v_channels
 
 
-def _check_options(kv_pool: int, kv_pool_mode: str, pos: str | None, out_norm: str | None, gate: str | None) -> None:
+def _check_options(kv_pool: int, kv_pool_mode: str, pos: str | None) -> None:
     """Raise a ``ValueError`` for a :class:`SelfAttention2d` option outside its choices."""
     check_range("kv_pool", kv_pool, at_least=1, integer=True)
     if kv_pool_mode not in ("max", "avg"):
         raise ValueError(f"kv_pool_mode must be 'max' or 'avg', got {kv_pool_mode!r}")
     if pos not in (None, "sincos"):
         raise ValueError(f"pos must be None or 'sincos', got {pos!r}")
+
+
+def _check_output(out_norm: str | None, gate: str | None) -> None:
+    """Raise a ``ValueError`` for a :class:`GridAttention` output option outside its choices."""
     if out_norm not in (None, "batchnorm"):
         raise ValueError(f"out_norm must be None or 'batchnorm', got {out_norm!r}")
     if gate not in (None, "scalar", "channel"):
@@ -342,7 +347,93 @@ def _check_options(kv_pool: int, kv_pool_mode: str, pos: str | None, out_norm: s
         )
 
 
-class SelfAttention2d(RecordableAttention):
+class GridAttention(RecordableAttention):
+    """Base of the attention modules over a CNN feature map ``(B, C, H, W)``, with a gated residual.
+
+    It holds what they share: the 1×1 convolutions ``query``, ``key`` and ``value`` (grid →
+    per-head queries, keys and values), the 1×1 output convolution ``out`` with an optional
+    BatchNorm ``out_norm``, the residual gate ``gamma`` (zero at creation, so the block is
+    exactly the identity when it is inserted) and the input check. A subclass says which
+    positions attend to which; :func:`visattn.record_attention` can record only some of its
+    query cells (``queries=``).
+
+    Args:
+        channels: ``C`` of the input grid.
+        num_heads: heads; ``qk_channels`` and ``v_channels`` must be multiples of it.
+        qk_channels: total query/key width (default ``C // 8``, rounded up to the heads).
+        v_channels: total value width (default: ``qk_channels``).
+        scale: multiplies ``q kᵀ``; ``None`` is ``1/sqrt(head width)``.
+        qkv_bias: bias in the query/key/value convolutions.
+        out_bias: bias in the output convolution.
+        out_norm: ``"batchnorm"`` puts a BatchNorm after the output convolution.
+        gate: ``"scalar"`` (one ``γ``), ``"channel"`` (one ``γ`` per channel), or ``None``
+            (no gate; requires ``out_norm="batchnorm"``, whose weight starts at zero instead).
+        attn_drop: dropout on the attention weights.
+    """
+
+    record_hint = "pass record_attention(..., queries=[(x, y), ...]) to record only some query cells, "
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        num_heads: int = 1,
+        qk_channels: int | None = None,
+        v_channels: int | None = None,
+        scale: float | None = None,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        out_norm: Literal["batchnorm"] | None = None,
+        gate: GateKind | None = "scalar",
+        attn_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        qk_channels, v_channels = _resolve_widths(channels, num_heads, qk_channels, v_channels)
+        _check_output(out_norm, gate)
+        check_probabilities(attn_drop=attn_drop)
+        self.channels = channels
+        self.num_heads = num_heads
+        self.qk_channels = qk_channels
+        self.v_channels = v_channels
+        self.scale = scale
+        self.attn_drop = attn_drop
+
+        self.query = nn.Conv2d(channels, qk_channels, 1, bias=qkv_bias)
+        self.key = nn.Conv2d(channels, qk_channels, 1, bias=qkv_bias)
+        self.value = nn.Conv2d(channels, v_channels, 1, bias=qkv_bias)
+        self.out = nn.Conv2d(v_channels, channels, 1, bias=out_bias)
+        self.out_norm = nn.BatchNorm2d(channels) if out_norm == "batchnorm" else nn.Identity()
+        if isinstance(self.out_norm, nn.BatchNorm2d):
+            nn.init.zeros_(self.out_norm.weight)
+        if gate is None:
+            self.gamma = None
+        else:
+            self.gamma = nn.Parameter(torch.zeros(channels if gate == "channel" else 1))
+
+    def _check_input(self, x: Tensor) -> None:
+        name = type(self).__name__
+        if x.dim() != 4:
+            raise ValueError(
+                f"{name} expects a feature map (B, C={self.channels}, H, W), got a "
+                f"{x.dim()}-D tensor of shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.channels:
+            raise ValueError(
+                f"{name} was built for C={self.channels} channels, got input "
+                f"{tuple(x.shape)} with C={x.shape[1]}; build it with channels={x.shape[1]}"
+            )
+        check_grid_values(x, self.query.weight, name)
+
+    def _residual(self, x: Tensor, y: Tensor) -> Tensor:
+        """``x + γ·out_norm(out(y))`` for the attention result ``y`` ``(B, v_channels, H, W)``."""
+        y = self.out_norm(self.out(y))
+        if self.gamma is None:
+            return x + y
+        gamma = self.gamma.view(1, -1, 1, 1).to(y.dtype)
+        return x + gamma * y
+
+
+class SelfAttention2d(GridAttention):
     """Spatial self-attention over a CNN feature map, with a gated residual.
 
     Three 1×1 convolutions turn the grid ``x`` ``(B, C, H, W)`` into queries, keys and values;
@@ -376,8 +467,6 @@ class SelfAttention2d(RecordableAttention):
         ``(B, C, H, W)`` → ``(B, C, H, W)``.
     """
 
-    record_hint = "pass record_attention(..., queries=[(x, y), ...]) to record only some query cells, "
-
     def __init__(
         self,
         channels: int,
@@ -395,31 +484,22 @@ class SelfAttention2d(RecordableAttention):
         gate: GateKind | None = "scalar",
         attn_drop: float = 0.0,
     ) -> None:
-        super().__init__()
-        qk_channels, v_channels = _resolve_widths(channels, num_heads, qk_channels, v_channels)
-        _check_options(kv_pool, kv_pool_mode, pos, out_norm, gate)
-        check_probabilities(attn_drop=attn_drop)
-        self.channels = channels
-        self.num_heads = num_heads
-        self.qk_channels = qk_channels
-        self.v_channels = v_channels
+        _check_options(kv_pool, kv_pool_mode, pos)
+        super().__init__(
+            channels,
+            num_heads=num_heads,
+            qk_channels=qk_channels,
+            v_channels=v_channels,
+            scale=scale,
+            qkv_bias=qkv_bias,
+            out_bias=out_bias,
+            out_norm=out_norm,
+            gate=gate,
+            attn_drop=attn_drop,
+        )
         self.kv_pool = kv_pool
         self.kv_pool_mode = kv_pool_mode
         self.pos = pos
-        self.scale = scale
-        self.attn_drop = attn_drop
-
-        self.query = nn.Conv2d(channels, qk_channels, 1, bias=qkv_bias)
-        self.key = nn.Conv2d(channels, qk_channels, 1, bias=qkv_bias)
-        self.value = nn.Conv2d(channels, v_channels, 1, bias=qkv_bias)
-        self.out = nn.Conv2d(v_channels, channels, 1, bias=out_bias)
-        self.out_norm = nn.BatchNorm2d(channels) if out_norm == "batchnorm" else nn.Identity()
-        if isinstance(self.out_norm, nn.BatchNorm2d):
-            nn.init.zeros_(self.out_norm.weight)
-        if gate is None:
-            self.gamma = None
-        else:
-            self.gamma = nn.Parameter(torch.zeros(channels if gate == "channel" else 1))
 
     # --- presets from the literature -------------------------------------------------------
 
@@ -469,19 +549,6 @@ class SelfAttention2d(RecordableAttention):
 
     # --- forward -----------------------------------------------------------------------------
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(
-                f"SelfAttention2d expects a feature map (B, C={self.channels}, H, W), got a "
-                f"{x.dim()}-D tensor of shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.channels:
-            raise ValueError(
-                f"SelfAttention2d was built for C={self.channels} channels, got input "
-                f"{tuple(x.shape)} with C={x.shape[1]}; build it with channels={x.shape[1]}"
-            )
-        check_grid_values(x, self.query.weight, "SelfAttention2d")
-
     def key_grid_size(self, height: int, width: int) -> tuple[int, int]:
         """The key/value grid ``(h, w)`` for a query grid ``(height, width)`` (pooling, ceil mode)."""
         return pooled_grid(height, width, self.kv_pool)
@@ -512,15 +579,10 @@ class SelfAttention2d(RecordableAttention):
         q, k, v = (rearrange(t, to_tokens, h=self.num_heads) for t in (q, k, v))
         dropout_p = self.attn_drop if self.training else 0.0
         if self.recording is None:
-            y = attention(q, k, v, scale=self.scale, dropout_p=dropout_p)
+            y = cast(Tensor, attention(q, k, v, scale=self.scale, dropout_p=dropout_p))  # no weights asked
         else:
             y = self._attend_and_record(q, k, v, dropout_p, (height, width), (key_height, key_width))
-        y = rearrange(y, "b h (y x) d -> b (h d) y x", y=height)
-        y = self.out_norm(self.out(y))
-        if self.gamma is None:
-            return x + y
-        gamma = self.gamma.view(1, -1, 1, 1).to(y.dtype)
-        return x + gamma * y
+        return self._residual(x, rearrange(y, "b h (y x) d -> b (h d) y x", y=height))
 
     def _attend_and_record(
         self,
