@@ -11,6 +11,7 @@ from torch import nn
 
 from benchmarks.insert_digits import TinyResNet, train_digits
 from visattn import SelfAttention2d, attention_sites, create_model, format_sites, insert_attention
+from visattn.models.insert import BLOCKS
 from visattn.cli import main
 
 # model name → sites (one top-level stage, one nested block or inner index)
@@ -216,6 +217,51 @@ def test_a_block_by_name_or_class_is_the_same_block():
     insert_attention(by_class, "layer1", block=SelfAttention2d, num_heads=2)
     assert type(by_name.layer1_attn) is type(by_class.layer1_attn) is SelfAttention2d
     assert by_name.state_dict().keys() == by_class.state_dict().keys()
+
+
+@pytest.mark.parametrize(
+    ("block", "options"),
+    [("window", {"window_size": 3, "shift": 1}), ("neighborhood", {"kernel_size": 3}), ("halo", {"block_size": 2})],
+)
+def test_each_family_by_name_is_the_identity_at_insertion_and_trains(block, options):
+    model, x = TinyResNet().eval(), torch.randn(2, 1, 16, 16)
+    before = model(x)
+    assert insert_attention(model, ["layer1", "layer2"], block=block, num_heads=2, **options) == [
+        "layer1_attn",
+        "layer2_attn",
+    ]
+    assert torch.equal(model(x), before)
+    assert type(model.layer1_attn) is BLOCKS[block]
+    model.train()
+    model(x).sum().backward()
+    assert model.layer1_attn.gamma.grad is not None and model.layer1_attn.gamma.grad.abs().sum() > 0
+    config = create_model("resnet18_small", num_classes=3, attention={"at": ["layer3"], "block": block, **options})
+    assert type(config.layer3_attn) is BLOCKS[block]
+
+
+def test_a_preset_is_global_attention_only():
+    with pytest.raises(ValueError, match="preset='sagan' is a global attention block"):
+        insert_attention(TinyResNet(), "layer1", preset="sagan", block="window")
+
+
+def test_sites_of_a_local_family_count_its_tiles():
+    """Window 4: a 20×24 grid is 5×6 whole windows, 16 scores per query; an 18×18 grid has 5
+    windows per axis, the last of 2 cells padded to 4 query and key slots, which the kernel
+    computes too: (5·4·4)² scores per head."""
+    model = create_model("resnet18_small", in_chans=1)
+    (site,) = [
+        s for s in attention_sites(model, (1, 40, 48), block="window", window_size=4, max_depth=1) if s.path == "layer2"
+    ]
+    assert (site.height, site.width, site.keys) == (20, 24, 16)
+    assert site.materialized_bytes == 20 * 24 * 16 * 4  # 5 × 6 whole windows: no padded slot
+    (site,) = [
+        s for s in attention_sites(model, (1, 36, 36), block="window", window_size=4, max_depth=1) if s.path == "layer2"
+    ]
+    assert (
+        site.height == 18 and site.materialized_bytes == (5 * 4 * 4) ** 2 * 4
+    )  # 5 windows per axis, the last of 2 padded to 4
+    head_dim = 128 // 8
+    assert site.flops == 2 * 1 * (5 * 4 * 4) ** 2 * 2 * head_dim
 
 
 def test_attention_config_forms():

@@ -21,8 +21,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .._utils import ArgumentError, check_range
-from .attention import AttentionRecord, GateKind, GridAttention
-from .local_kernel import AxisPattern, BiasFn, TileGrid, tiled_attention
+from .attention import AttentionRecord, GateKind, GridAttention, GridAttentionCost
+from .local_kernel import AxisPattern, BiasFn, TileGrid, axis_cost, tiled_attention
 
 __all__ = [
     "BlockAxis",
@@ -148,6 +148,14 @@ class _LocalAttention2d(GridAttention):
 
     def _relative_bias(self, q: Tensor, grid: TileGrid) -> Tensor:
         raise NotImplementedError
+
+    def attention_cost(self, height: int, width: int) -> GridAttentionCost:
+        """Keys, scores and key cells of the kernel on a ``height × width`` grid (see
+        :class:`~visattn.layers.attention.GridAttentionCost`): the tiles' padded and masked slots count."""
+        rows, cols = axis_cost(self.axis, height), axis_cost(self.axis, width)
+        return GridAttentionCost(
+            keys=rows.keys * cols.keys, scores=rows.scores * cols.scores, key_cells=rows.key_cells * cols.key_cells
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)

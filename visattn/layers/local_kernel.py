@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .functional import attention, attention_weights
 
-__all__ = ["AxisPattern", "AxisTiles", "TileGrid", "tiled_attention"]
+__all__ = ["AxisCost", "AxisPattern", "AxisTiles", "TileGrid", "axis_cost", "tiled_attention"]
 
 
 class AxisPattern:
@@ -92,6 +92,29 @@ def _axis_table(pattern: AxisPattern, length: int) -> _AxisTable:
         offset=tuple(offset),
         inverse=tuple(inverse),
     )
+
+
+class AxisCost(NamedTuple):
+    """What one axis contributes to the kernel's cost (the grid's is the product of its two axes').
+
+    Attributes:
+        keys: the most key coordinates a query sees on the axis.
+        scores: query slots × key slots summed over the tiles (padded and masked ones included:
+            the kernel computes them).
+        key_cells: key slots summed over the tiles (how many cells it gathers).
+    """
+
+    keys: int
+    scores: int
+    key_cells: int
+
+
+def axis_cost(pattern: AxisPattern, length: int) -> AxisCost:
+    """The :class:`AxisCost` of ``pattern`` on an axis of ``length`` cells."""
+    table = _axis_table(pattern, length)
+    tiles, query_slots, key_slots = len(table.queries), len(table.queries[0]), len(table.keys[0])
+    keys = max(sum(row) for tile in table.member for row in tile)
+    return AxisCost(keys=keys, scores=tiles * query_slots * key_slots, key_cells=tiles * key_slots)
 
 
 class AxisTiles(NamedTuple):

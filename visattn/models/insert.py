@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .._utils import dry_forward, human_bytes
 from ..layers.attention import GridAttentionCost, SelfAttention2d, check_heads
 from ..layers.functional import attention_matrix_bytes
+from ..layers.local import HaloAttention2d, NeighborhoodAttention2d, WindowAttention2d
 
 __all__ = ["BLOCKS", "AttentionSite", "attention_sites", "format_sites", "hooked_blocks", "insert_attention"]
 
@@ -45,6 +46,9 @@ _PRESETS: dict[str | None, Callable[..., SelfAttention2d]] = {
 #: the attention families by the name ``insert_attention(block=...)`` and ``model.attention.block`` take
 BLOCKS: dict[str, type[nn.Module]] = {
     "global": SelfAttention2d,
+    "window": WindowAttention2d,
+    "neighborhood": NeighborhoodAttention2d,
+    "halo": HaloAttention2d,
 }
 
 
@@ -370,7 +374,7 @@ def _site(path: str, kind: str, shape: tuple[int, ...], block: Any, dtype: torch
 def format_sites(sites: Sequence[AttentionSite]) -> str:
     """A Markdown table of :func:`attention_sites` rows."""
     lines = [
-        "| site | module | C × H × W | tokens | keys | weights matrix / image / head "
+        "| site | module | C × H × W | tokens | keys / query | scores / image / head "
         "| fused q,k,v,out / image / head | attention GFLOPs / image |",
         "|---|---|---|---|---|---|---|---|",
     ]
