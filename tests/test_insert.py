@@ -11,8 +11,8 @@ from torch import nn
 
 from benchmarks.insert_digits import TinyResNet, train_digits
 from visattn import SelfAttention2d, attention_sites, create_model, format_sites, insert_attention
-from visattn.models.insert import BLOCKS
 from visattn.cli import main
+from visattn.models.insert import BLOCKS
 
 # model name → sites (one top-level stage, one nested block or inner index)
 MODELS = {
