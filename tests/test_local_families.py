@@ -26,12 +26,18 @@ def opened(name: str) -> torch.nn.Module:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
-def test_compiles_as_one_graph(name):
-    block = opened(name)
+def test_compiles_as_one_graph_forward_and_backward(name):
+    block = opened(name).train()
     x = torch.randn(2, 16, 9, 11)
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), block(x))
+    eager_x, compiled_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    block(eager_x).square().sum().backward()
+    eager_grads = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    compiled(compiled_x).square().sum().backward()
+    torch.testing.assert_close(compiled_x.grad, eager_x.grad)
+    for p, grad in zip(block.parameters(), eager_grads, strict=True):
+        torch.testing.assert_close(p.grad, grad)
 
 
 @pytest.mark.slow
