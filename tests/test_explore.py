@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from visattn import HybridViT, SelfAttention2d, VisionTransformer, record_attention
+from visattn import HybridViT, SelfAttention2d, VisionTransformer, WindowAttention2d, record_attention
 from visattn.cli import main
 from visattn.data_spec import DataSpec
 from visattn.explain import explore as explore_module
@@ -150,6 +150,26 @@ def test_cnn_page_holds_the_recorded_weights(tmp_path):
         assert_quantized(layer["rows"]["maps"], with_fused(weights).numpy(), "rows")
         assert_quantized(layer["received"], with_fused(maps.received(rec, "attn")[0]).numpy(), "received")
         assert image["grad_rollout"] is None and len(image["predictions"]) == 4
+
+
+def test_a_window_block_page_holds_full_grid_rows_zero_outside_each_window(tmp_path):
+    """WindowAttention2d (window 4, shift 2) on the 6×8 grid: the page's rows are the recorded
+    full-grid rows, and a query's row is zero at every cell outside its window (windows of rows
+    and columns [0, 2), [2, 6), [6, 8) by the definition)."""
+    model = GridCNN().eval()
+    model.attn = WindowAttention2d(8, window_size=4, shift=2, num_heads=2, qk_channels=4)
+    nn.init.ones_(model.attn.gamma)
+    explore(model, pictures()[:1], tmp_path / "window.html", data_config=RGB_SPEC)
+    (image,) = read_page_data(tmp_path / "window.html")["images"]
+    (layer,) = image["layers"]
+    assert (layer["query_grid"], layer["key_grid"]) == ([6, 8], [6, 8])
+    _, rec, _ = recorded(model, pictures()[0])
+    assert_quantized(layer["rows"]["maps"], with_fused(rec["attn"].weights[0]).numpy(), "rows")
+    window = [(i + 2) // 4 for i in range(8)]  # the window index of each row / column
+    rows = dequantize(layer["rows"]["maps"]).reshape(4, 6, 8, 6, 8)  # 2 heads + mean + max, query, key
+    for qy, qx, ky, kx in np.ndindex(6, 8, 6, 8):
+        if (window[qy], window[qx]) != (window[ky], window[kx]):
+            assert (rows[:, qy, qx, ky, kx] == 0).all()
 
 
 def test_the_budget_subsamples_query_cells_and_says_so(tmp_path, monkeypatch):

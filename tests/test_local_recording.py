@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from visattn import HaloAttention2d, NeighborhoodAttention2d, WindowAttention2d, record_attention
-from visattn.explain.maps import query_map, received
+from visattn.explain.maps import compute, query_map, received
 from visattn.layers.functional import attention_matrix_bytes
 
 from .helpers import randomize
@@ -122,3 +122,10 @@ def test_the_memory_limit_counts_full_rows():
     with record_attention(block, queries=[(0, 0), (4, 5)], max_bytes=attention_matrix_bytes(2, 2, 2, 30)) as rec:
         block(x)
     assert rec[""].weights.shape == (2, 2, 2, 30)
+
+
+@pytest.mark.parametrize("method", ["rollout", "cls", "grad_rollout"])
+def test_rollout_style_methods_say_they_need_global_attention(method):
+    net, x, _ = net_and_reference("window")
+    with pytest.raises(ValueError, match="needs global attention between every pair of tokens.*query_map"):
+        compute(net, method, x)

@@ -80,9 +80,10 @@ def _token_layers(recording: AttentionRecording, method: str) -> list[tuple[str,
     if not layers:
         raise ValueError(
             f"{method} follows attention through the token layers of a Transformer "
-            "(MultiHeadAttention), and none was recorded here (recorded: "
-            f"{', '.join(recording)}); for a grid block (SelfAttention2d, a local family) use query_map "
-            "(where a point attends) or received (attention each position receives)"
+            "(MultiHeadAttention): it needs global attention between every pair of tokens, and none was "
+            f"recorded here (recorded: {', '.join(recording)}); for a grid block (SelfAttention2d, or a "
+            "local family: window, neighborhood, halo) use query_map (where a point attends) or received "
+            "(attention each position receives)"
         )
     first = layers[0][1]
     for path, r in layers:
