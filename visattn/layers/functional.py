@@ -108,22 +108,29 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 
 def _as_4d(t: Tensor) -> Tensor:
-    """Fold any leading dims into a (batch, heads, N, d) layout, the rank the fused kernels take."""
+    """A (batch, heads, N, d) layout, the rank the fused kernels take: the dims between the first
+    and the last two fold into the heads (``(B, heads, tiles, N, d)`` → ``(B, heads·tiles, N, d)``,
+    a view of a contiguous tensor), so a mask that is the same for every batch element stays one."""
     if t.dim() == 4:
         return t
     if t.dim() == 2:
         return t[None, None]
     if t.dim() == 3:
         return t[None]
-    return t.reshape(-1, t.shape[-3], t.shape[-2], t.shape[-1])
+    return t.reshape(t.shape[0], -1, t.shape[-2], t.shape[-1])
 
 
 def _mask_for_kernel(mask: Tensor, q: Tensor, nk: int) -> Tensor:
     """The mask in the form the fused kernel takes: folded like q, float masks in q's dtype.
 
     A 3-D mask beside 4-D inputs gets a leading dim: the CPU flash kernel refuses 3-D masks.
+    Beside inputs of more than 4 dims the mask keeps its own batch dim (1 when it is shared, so it
+    is not copied per batch element) and is expanded over the dims that fold into the heads.
     """
-    if q.dim() != 4:
+    if q.dim() > 4:
+        mask = mask[(None,) * (q.dim() - mask.dim())]
+        mask = _as_4d(mask.expand(mask.shape[0], *q.shape[1:-1], nk))
+    elif q.dim() != 4:
         mask = _as_4d(mask.expand(*q.shape[:-1], nk))
     elif mask.dim() < 2:
         mask = mask.expand(q.shape[-2], nk)
