@@ -21,13 +21,13 @@ import torch
 
 from visattn._io import atomic_write_text
 
-from . import bf16, grad_checkpointing, peak, precision, record, selfattention2d, training, vit
+from . import bf16, families, grad_checkpointing, peak, precision, record, selfattention2d, training, vit
 from .common import DEFAULT_OUT, Config, machine_info, results_path
 
 #: the parts in the order they run; a new part is a module with NAME, TITLE and run(config)
 PARTS: dict[str, ModuleType] = {
     module.NAME: module
-    for module in (selfattention2d, vit, peak, record, training, precision, grad_checkpointing, bf16)
+    for module in (selfattention2d, vit, peak, record, training, precision, grad_checkpointing, bf16, families)
 }
 #: settings a run takes unless the command line gives them; a suite overrides some
 DEFAULTS = {"only": None, "grids": None, "models": None, "bf16": "auto", "max_memory_gb": 6.0, "repeats": None}

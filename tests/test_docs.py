@@ -75,6 +75,12 @@ def test_the_readme_quotes_the_figures_of_the_data_files() -> None:
     assert f"{block['memory_vs_timm']:.2f}× its peak memory" in text
     ratios = [row["ratio"] for row in bench["vit"]["rows"] if "ratio" in row]
     assert f"{min(ratios):.2f}-{max(ratios):.2f}× timm's throughput" in text
+    families = {r["contender"]: r for r in _data("assets/bench/bench-families-cpu.json")["parts"]["families"]["rows"]
+                if r["grid"] == 128}  # fmt: skip
+    window, halo = families["window 7/3"], families["halo 8/3"]
+    assert f"window 7/3: {window['time_vs_global']:.3f}× its time ({window['time_vs_peer']:.2f}× timm's" in text
+    assert f"neighborhood 7: {families['neighborhood 7']['time_vs_global']:.2f}×" in text
+    assert f"halo 8/3: {halo['time_vs_global']:.2f}× ({halo['time_vs_peer']:.2f}× timm's" in text
 
 
 def test_the_manual_does_not_narrate() -> None:

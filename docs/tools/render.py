@@ -81,7 +81,7 @@ def machine_line(data: dict) -> str:
     """``**Command:** ... **Machine:** ...`` for a measurement file."""
     machine = data["machine"]
     cpu = machine["cpu"] + (f" ({machine['isa']})" if machine.get("isa") else "")
-    parts = [cpu, f"{machine['cores']} cores" if machine.get("cores") else None]
+    parts = [machine.get("gpu"), cpu, f"{machine['cores']} cores" if machine.get("cores") else None]
     if data.get("threads") is not None:
         threads = data["threads"]
         parts.append(f"{threads} thread{'s' if threads != 1 else ''}" if isinstance(threads, int) else threads)
