@@ -16,7 +16,14 @@ from visattn import create_model, record_attention
 from visattn.train.config import load_config
 from visattn.train.engine import fit
 
-TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "train.epochs=1", "train.amp=none"]
+TINY = [
+    "model.embed_dim=32",
+    "model.depth=1",
+    "model.num_heads=2",
+    "train.epochs=1",
+    "train.amp=none",
+    "train.ema_decay=0",
+]
 
 
 @pytest.fixture
