@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bf16, precision, record, selfattention2d, training, vit
+from benchmarks import bf16, families, precision, record, selfattention2d, training, vit
 from benchmarks.__main__ import PARTS, main
 from benchmarks.common import PeakMemory, peak_memory_supported
 from visattn._utils import cpu_has_native_bf16
@@ -58,6 +58,14 @@ def test_quick_suite_runs_and_writes_valid_json(tmp_path: Path) -> None:
         assert row["grid"] == "8x8" and row["forward_ms"] > 0 and row["forward_backward_ms"] > 0
         if peak_memory_supported("cpu"):
             assert isinstance(row["forward_backward_peak_bytes"], int)
+
+    families_part = doc["parts"]["families"]
+    assert {r["contender"] for r in families_part["rows"]} == set(families.CONTENDERS)
+    for row in families_part["rows"]:
+        assert row["grid"] == 8 and row["forward_backward_ms"] > 0 and row["forward_backward_gflop"] > 0
+        assert math.isclose(
+            row["time_vs_global"] * families_part["rows"][0]["forward_backward_ms"], row["forward_backward_ms"]
+        )
 
     part2 = doc["parts"]["vit"]
     timed = [r for r in part2["rows"] if r.get("ratio") is not None]
