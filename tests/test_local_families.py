@@ -10,7 +10,7 @@ from visattn import HaloAttention2d, NeighborhoodAttention2d, WindowAttention2d
 from visattn.layers.local import NeighborhoodAxis, WindowAxis
 from visattn.layers.local_kernel import AxisTiles
 
-from .helpers import randomize
+from .helpers import assert_every_parameter_gets_gradient, randomize
 
 FAMILIES = {
     "window": lambda: WindowAttention2d(16, 4, 2, num_heads=2),
@@ -22,6 +22,19 @@ FAMILIES = {
 
 def opened(name: str) -> torch.nn.Module:
     return randomize(FAMILIES[name]()).eval()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gradients_reach_every_parameter_once_the_gate_is_open(name):
+    """At creation only the gate gets a gradient (the block is x + 0·y); once it is open, all do."""
+    block, x = FAMILIES[name](), torch.randn(2, 16, 7, 6)
+    block(x).pow(2).sum().backward()
+    assert block.gamma.grad.abs().sum() > 0 and block.query.weight.grad.abs().sum() == 0
+    with torch.no_grad():
+        block.gamma.fill_(0.5)
+    block.zero_grad()
+    block(x).pow(2).sum().backward()
+    assert_every_parameter_gets_gradient(block)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from timm.models.swin_transformer import SwinTransformerBlock
 
 from visattn import WindowAttention2d
 
-from .helpers import assert_every_parameter_gets_gradient, explicit_attention, masked_dense_attention, randomize
+from .helpers import explicit_attention, masked_dense_attention, randomize
 
 
 def window_of(i: int, size: int, shift: int) -> int:
@@ -165,18 +165,6 @@ def test_autocast_and_channels_last():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = block(x)
     torch.testing.assert_close(out.float(), expected, atol=0.15, rtol=0.05)
-
-
-def test_gradients_reach_every_parameter_once_the_gate_is_open():
-    block = WindowAttention2d(16, 3, 1, num_heads=2)
-    x = torch.randn(2, 16, 5, 7)
-    block(x).pow(2).sum().backward()
-    assert block.gamma.grad.abs().sum() > 0 and block.query.weight.grad.abs().sum() == 0
-    with torch.no_grad():
-        block.gamma.fill_(0.5)
-    block.zero_grad()
-    block(x).pow(2).sum().backward()
-    assert_every_parameter_gets_gradient(block)
 
 
 def test_clear_errors():
